@@ -1,0 +1,33 @@
+#pragma once
+// CPU page scoring from summaries and CPU page selection (top-k and attention-mass threshold), so the
+// library runs end to end without a GPU and the CPU side selects its own share of pages.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "hattn/kv/host_kv_pool.hpp"
+
+namespace hattn {
+
+/// Scores of pages for the query heads of one GQA group, from the page summaries:
+///   upper[i]    = max over group heads of scale * sum_d max(q_d * min_d, q_d * max_d)  (Quest bound)
+///   estimate[i] = log(tokens_i) + log(mean over group heads of exp(scale * q . mean_i))
+/// (log of the estimated unnormalised attention mass of the page; natural log).
+/// q: [group][head_dim] fp32. pages: ids in token order; last_page_tokens valid tokens in the last.
+void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
+                     std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
+                     std::span<float> estimate);
+
+/// Positions (indices into `scores`) of the k highest scores, plus the forced positions
+/// [0, sink_pages) and [n - local_pages, n), all restricted to [begin, end); ascending, no duplicates.
+/// Ties go to the lower position. k counts the forced positions too (k < forced -> forced only).
+void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int local_pages, int begin, int end,
+                      std::vector<std::int32_t>& out);
+
+/// PSA's rule: positions by descending `log_mass` until their share of the total estimated mass
+/// (softmax over [begin, end)) reaches `threshold` in (0, 1], capped at max_pages, plus the forced
+/// positions as in cpu_select_top_k; ascending, no duplicates.
+void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_pages, int sink_pages,
+                     int local_pages, int begin, int end, std::vector<std::int32_t>& out);
+
+}  // namespace hattn

@@ -1,0 +1,51 @@
+#pragma once
+// GPU sparse paged decode (flash-decoding over the selected pages) and the LSE merge of partials
+// (DESIGN.md steps 5 and 6). Pages are read from HBM slots when cached, else straight from the
+// mapped pinned host pool (zero-copy).
+#include <cstdint>
+
+#include "hattn/core/dtype.hpp"
+#include "hattn/kernels/cuda_stream.hpp"
+
+namespace hattn::cuda {
+
+struct SparseDecodeParams {
+  const float* q = nullptr;                   ///< [batch][q_heads][head_dim] fp32, device
+  const std::int32_t* page_table = nullptr;   ///< page ids, request b at [page_indptr[b], page_indptr[b + 1])
+  const std::int32_t* page_indptr = nullptr;  ///< [batch + 1]
+  const std::int32_t* seq_len = nullptr;      ///< [batch] tokens (the last page may be partial)
+  /// Selected page positions of segment s = b * kv_heads + h at selected[selected_offset[s] + i],
+  /// i < selected_count[s], ascending.
+  const std::int32_t* selected = nullptr;
+  const std::int32_t* selected_offset = nullptr;  ///< [batch * kv_heads]
+  const std::int32_t* selected_count = nullptr;   ///< [batch * kv_heads]
+  const std::uint64_t* token_masks = nullptr;     ///< nullptr, or parallel to selected: bit t = token t attended
+  const std::int32_t* slot_of = nullptr;  ///< nullptr, or [pool_pages * kv_heads]: HBM slot of (page, head) or -1
+  const void* host_pages = nullptr;       ///< pool page arena (mapped, UVA), PageLayout HND
+  const void* hbm_slots = nullptr;        ///< [slots][2][page_size][head_dim]: K then V of one head of one page
+  int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
+  DType dtype = DType::kBFloat16;
+  float scale = 0;
+  int splits = 1;  ///< chunks per segment along its selected list (flash-decoding); partials per row
+  float* partial_out = nullptr;  ///< [splits][batch * q_heads][head_dim]
+  float* partial_lse = nullptr;  ///< [splits][batch * q_heads], natural log, -inf for an empty chunk
+};
+
+void launch_sparse_decode(const SparseDecodeParams& p, Stream stream);
+
+/// out[r] = LSE merge of partial_out[0..splits)[r] and, if extra_out is set, extra_out[r] (the CPU
+/// partials, possibly in mapped host memory). Empty partials (lse = -inf) merge to (0, -inf).
+struct MergeParams {
+  const float* partial_out = nullptr;  ///< [splits][rows][head_dim]
+  const float* partial_lse = nullptr;  ///< [splits][rows]
+  int splits = 0;
+  const float* extra_out = nullptr;  ///< nullptr or [rows][head_dim]
+  const float* extra_lse = nullptr;  ///< nullptr or [rows]
+  int rows = 0, head_dim = 0;
+  float* out = nullptr;  ///< [rows][head_dim] fp32
+  float* lse = nullptr;  ///< [rows] natural log; may be nullptr
+};
+
+void launch_merge_partials(const MergeParams& p, Stream stream);
+
+}  // namespace hattn::cuda

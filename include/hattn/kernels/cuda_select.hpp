@@ -1,0 +1,31 @@
+#pragma once
+// GPU page selection without host synchronisation (DESIGN.md step 2): per segment top-k or the
+// attention-mass threshold, with sinks and the local window forced in. Counts stay on the device.
+#include <cstddef>
+#include <cstdint>
+
+#include "hattn/kernels/cuda_stream.hpp"
+
+namespace hattn::cuda {
+
+struct SelectParams {
+  const float* scores = nullptr;              ///< segments as in ScoreParams (upper for top-k, estimate for mass)
+  const std::int32_t* page_indptr = nullptr;  ///< [batch + 1], host-planned, on the device
+  int batch = 0, kv_heads = 0;
+  const std::int32_t* budget_pages = nullptr;  ///< [batch * kv_heads] k (top-k) or page cap (mass mode)
+  float mass_threshold = 0;  ///< 0: top-k on scores; in (0, 1]: PSA mass rule on scores as log-mass
+  int sink_pages = 1, local_pages = 1;
+  /// Positions in [exclude_begin[b], exclude_end[b]) are never selected here (the CPU side owns them);
+  /// nullptr = exclude nothing. Forced pages inside the excluded range are not selected either.
+  const std::int32_t* exclude_begin = nullptr;
+  const std::int32_t* exclude_end = nullptr;
+  std::int32_t* selected = nullptr;      ///< positions, ascending, at the segment's offset
+  std::int32_t* selected_count = nullptr;  ///< [batch * kv_heads]
+  void* workspace = nullptr;             ///< select_workspace_bytes() bytes, device
+};
+
+/// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).
+std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int batch);
+void launch_select_pages(const SelectParams& p, Stream stream);
+
+}  // namespace hattn::cuda
