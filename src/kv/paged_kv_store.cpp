@@ -21,7 +21,7 @@ SeqId PagedKVStore::add_sequence() {
 const PagedKVStore::Sequence& PagedKVStore::find(SeqId seq, const char* where) const {
   std::lock_guard lock(mutex_);
   auto it = sequences_.find(seq);
-  if (it == sequences_.end()) throw InvalidArgument(detail::concat(where, ": unknown sequence id ", seq));
+  detail::require(it != sequences_.end(), where, "seq", seq, "a live sequence id");
   return *it->second;
 }
 
@@ -96,7 +96,14 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
   const std::int64_t new_length = table.length + n;
   const std::int64_t pages_needed = (new_length + ps - 1) / ps - static_cast<std::int64_t>(table.pages.size());
   // All-or-nothing: the only failure after this line would be a bad_alloc of the page table itself.
-  std::vector<PageId> fresh = pool_.allocate(pages_needed);
+  std::vector<PageId> fresh;
+  try {
+    fresh = pool_.allocate(pages_needed);
+  } catch (const OutOfCapacity& e) {
+    // Say which append failed; the pool's message says how short it was.
+    throw OutOfCapacity(detail::concat(kWhere, "(seq ", seq, ", layer ", layer, ", ", n, " tokens at length ",
+                                       table.length, "): ", e.what()));
+  }
   table.pages.insert(table.pages.end(), fresh.begin(), fresh.end());
 
   const std::size_t elem = dtype_bytes(layout.dtype);
@@ -156,7 +163,7 @@ void PagedKVStore::release(SeqId seq) {
   {
     std::lock_guard lock(mutex_);
     auto it = sequences_.find(seq);
-    if (it == sequences_.end()) throw InvalidArgument(detail::concat("PagedKVStore::release: unknown sequence id ", seq));
+    detail::require(it != sequences_.end(), "PagedKVStore::release", "seq", seq, "a live sequence id");
     s = std::move(it->second);
     sequences_.erase(it);
   }

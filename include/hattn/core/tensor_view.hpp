@@ -73,6 +73,7 @@ inline void require_tensor(const TensorView& v, const char* where, const char* n
   if (v.dtype != dtype)
     throw InvalidArgument(concat(where, ": ", name, " must have dtype ", dtype, " (got ", v.dtype, ")"));
   bool ok = v.rank == static_cast<int>(dims.size());
+  for (int k = 0; ok && k < v.rank; ++k) ok = v.shape[k] >= 0;  // a negative extent is never a shape
   int k = 0;
   for (auto d : dims) {
     if (ok && d >= 0 && v.shape[k] != d) ok = false;

@@ -20,13 +20,17 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
 
 /// Positions (indices into `scores`) of the k highest scores, plus the forced positions
 /// [0, sink_pages) and [n - local_pages, n), all restricted to [begin, end); ascending, no duplicates.
-/// Ties go to the lower position. k counts the forced positions too (k < forced -> forced only).
+/// Ties go to the lower position; NaN ranks lowest. k counts the forced positions too (k < forced ->
+/// forced only). O(n): one nth_element.
 void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int local_pages, int begin, int end,
                       std::vector<std::int32_t>& out);
 
 /// PSA's rule: positions by descending `log_mass` until their share of the total estimated mass
 /// (softmax over [begin, end)) reaches `threshold` in (0, 1], capped at max_pages, plus the forced
-/// positions as in cpu_select_top_k; ascending, no duplicates.
+/// positions as in cpu_select_top_k; ascending, no duplicates. The forced positions are attended
+/// anyway, so their mass counts toward the threshold; max_pages caps the positions added beyond
+/// them. The added positions are the fewest that reach the threshold (a prefix of the descending
+/// order, ties to the lower position). O(n) expected: repeated halving with nth_element.
 void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_pages, int sink_pages,
                      int local_pages, int begin, int end, std::vector<std::int32_t>& out);
 

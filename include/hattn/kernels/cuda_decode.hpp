@@ -33,6 +33,11 @@ struct SparseDecodeParams {
 
 void launch_sparse_decode(const SparseDecodeParams& p, Stream stream);
 
+/// Plan-time helper: splits per segment that fill the current device (about four blocks per SM in
+/// total) without chunks shorter than 8 tiles of 16 tokens. `max_selected_pages`: the longest
+/// selected list of any segment.
+int suggest_decode_splits(int segments, std::int64_t max_selected_pages, int page_size);
+
 /// out[r] = LSE merge of partial_out[0..splits)[r] and, if extra_out is set, extra_out[r] (the CPU
 /// partials, possibly in mapped host memory). Empty partials (lse = -inf) merge to (0, -inf).
 struct MergeParams {

@@ -1,6 +1,7 @@
 #pragma once
 // Exact attention in double precision: the yardstick every kernel and policy is judged by.
 // LSE is the natural log of the sum of exp(scale * q.k) over the attended keys.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -74,6 +75,15 @@ inline Partial merge(const Partial& a, const Partial& b) {
   return r;
 }
 
+/// Merges any number of partials of the same heads over pairwise disjoint key sets, left to right.
+/// No partials at all is an error: the head count would be unknown.
+inline Partial merge(std::span<const Partial> partials) {
+  detail::require(!partials.empty(), "reference::merge", "partials.size()", partials.size(), ">= 1");
+  Partial r = partials.front();
+  for (std::size_t i = 1; i < partials.size(); ++i) r = merge(r, partials[i]);
+  return r;
+}
+
 /// Exact decode attention of one sequence and layer: q is [q_heads][head_dim] (fp32), GQA group g
 /// reads KV head g / (q_heads / kv_heads). `selection`, if given, holds one HeadSelection per KV head;
 /// otherwise every token is attended. Returns out [q_heads][head_dim] and lse [q_heads].
@@ -86,6 +96,7 @@ inline Partial decode(const PagedKVStore& store, SeqId seq, int layer, std::span
                   q.size(), "q_heads * head_dim");
   detail::require(selection == nullptr || selection->size() == static_cast<std::size_t>(shape.kv_heads),
                   "reference::decode", "selection.size()", selection ? selection->size() : 0, "kv_heads");
+  detail::require(std::isfinite(scale), "reference::decode", "scale", scale, "finite");
   const auto pages = store.pages(seq, layer);
   const std::int64_t length = store.length(seq, layer);
   Partial r{std::vector<double>(static_cast<std::size_t>(shape.q_heads) * dim),
@@ -108,10 +119,17 @@ inline Partial decode(const PagedKVStore& store, SeqId seq, int layer, std::span
         for (int t = 0; t < valid(p); ++t) take(p, t);
     } else {
       const HeadSelection& sel = (*selection)[kvh];
+      detail::require(sel.token_masks.empty() || sel.token_masks.size() == sel.pages.size(), "reference::decode",
+                      "selection.token_masks.size()", sel.token_masks.size(),
+                      detail::concat("0 or pages.size() = ", sel.pages.size()).c_str());
       for (std::size_t i = 0; i < sel.pages.size(); ++i) {
         const std::int32_t p = sel.pages[i];
         detail::require(p >= 0 && p < static_cast<std::int64_t>(pages.size()), "reference::decode",
-                        "selected page index", p, "inside the page table");
+                        "selected page index", p,
+                        detail::concat("in [0, ", pages.size(), ") (the page table)").c_str());
+        // A page listed twice would count its keys twice; ascending order rules that out.
+        detail::require(i == 0 || p > sel.pages[i - 1], "reference::decode", "selected page index", p,
+                        "strictly ascending within a head's selection");
         for (int t = 0; t < valid(p); ++t)
           if (sel.token_masks.empty() || ((sel.token_masks[i] >> t) & 1u)) take(p, t);
       }
@@ -125,6 +143,20 @@ inline Partial decode(const PagedKVStore& store, SeqId seq, int layer, std::span
     }
   }
   return r;
+}
+
+/// Exact decode attention of a batch: sequence seqs[b] attends with queries q[b], where q is
+/// [batch][q_heads][head_dim] (fp32). Sequences may have any (ragged) lengths. Returns one Partial per
+/// sequence, as decode() would.
+inline std::vector<Partial> decode_batch(const PagedKVStore& store, std::span<const SeqId> seqs, int layer,
+                                         std::span<const float> q, double scale) {
+  const std::size_t per_seq = static_cast<std::size_t>(store.shape().q_heads) * store.shape().head_dim;
+  detail::require(q.size() == seqs.size() * per_seq, "reference::decode_batch", "q.size()", q.size(),
+                  detail::concat("batch * q_heads * head_dim = ", seqs.size() * per_seq).c_str());
+  std::vector<Partial> out;
+  out.reserve(seqs.size());
+  for (std::size_t b = 0; b < seqs.size(); ++b) out.push_back(decode(store, seqs[b], layer, q.subspan(b * per_seq, per_seq), scale));
+  return out;
 }
 
 }  // namespace hattn::reference

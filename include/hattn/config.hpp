@@ -1,0 +1,44 @@
+#pragma once
+// What an engine tells HybridAttention at construction: model shape, paging and memory budgets.
+#include <cstddef>
+#include <cstdint>
+#include <ostream>
+
+#include "hattn/core/model_shape.hpp"
+#include "hattn/kv/host_kv_pool.hpp"
+
+namespace hattn {
+
+/// Where a HybridAttention object computes.
+enum class Backend : std::uint8_t {
+  kAuto,  ///< the GPU (with CPU help as the scheduler decides) when built with CUDA and a device is present, else kCpu
+  kGpu,   ///< require the GPU; construction throws when there is none
+  kCpu,   ///< CPU only: queries and outputs are host tensors, run() is synchronous
+};
+
+constexpr const char* to_string(Backend b) noexcept {
+  return b == Backend::kGpu ? "gpu" : b == Backend::kCpu ? "cpu" : "auto";
+}
+
+struct Config {
+  ModelShape shape;
+  int page_size = 16;                  ///< tokens per page: 16, 32 or 64
+  std::size_t host_pool_bytes = 0;     ///< pinned host pool for every layer's KV and summaries
+  std::size_t hbm_cache_bytes = 0;     ///< HBM page cache (0: none; every GPU-side page read from host)
+  int cpu_threads = 0;                 ///< workers of the CPU side (0: one per hardware thread)
+  double avg_budget = 0.05;            ///< average share of a request's pages each head attends, in (0, 1]
+  int sink_pages = 1;                  ///< first pages always attended (attention sinks)
+  int local_pages = 2;                 ///< last pages always attended (the local window)
+  float scale = 0.0f;                  ///< logit scale; 0 = 1 / sqrt(head_dim)
+  int max_batch = 256;                 ///< most requests in one plan()
+  Backend backend = Backend::kAuto;
+  HostMemoryRequest host_memory = HostMemoryRequest::kAuto;
+
+  float logit_scale() const noexcept;
+  /// Throws InvalidArgument naming the first bad field.
+  void validate() const;
+};
+
+std::ostream& operator<<(std::ostream& os, const Config& c);
+
+}  // namespace hattn

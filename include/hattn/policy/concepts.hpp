@@ -1,0 +1,125 @@
+#pragma once
+// The three policy slots of HybridAttention as C++20 concepts, and the plain data they exchange.
+// A policy sees the step only through these structs; it never touches pools, kernels or streams.
+#include <concepts>
+#include <cstdint>
+#include <ostream>
+#include <span>
+
+#include "hattn/kv/paged_kv_store.hpp"
+
+namespace hattn {
+
+/// What a predictor believes a (layer, KV head) is.
+enum class HeadClass : std::uint8_t { kUnknown, kRetrieval, kLocal, kDiffuse };
+
+constexpr const char* to_string(HeadClass c) noexcept {
+  switch (c) {
+    case HeadClass::kRetrieval: return "retrieval";
+    case HeadClass::kLocal: return "local";
+    case HeadClass::kDiffuse: return "diffuse";
+    default: return "unknown";
+  }
+}
+
+/// A predictor's advice for one (layer, KV head).
+struct HeadAdvice {
+  HeadClass head_class = HeadClass::kUnknown;
+  /// Predicted share of a request's pages the head needs to keep its attention output (for example
+  /// the share that reached the mass threshold in recent steps); negative when unknown.
+  float expected_share = -1.0f;
+  /// Pages selected together as one unit (1 = page level; 4 = aligned runs of 4 pages).
+  int granularity_pages = 1;
+  friend bool operator==(const HeadAdvice&, const HeadAdvice&) = default;
+};
+
+/// What one step revealed about one (sequence, layer, KV head), fed back to the predictor.
+struct HeadObservation {
+  SeqId seq = -1;
+  int layer = 0;
+  int kv_head = 0;
+  int pages = 0;            ///< pages in the sequence's layer
+  int selected_pages = 0;   ///< pages the selection kept (GPU and CPU sides together)
+  int rule_budget_pages = 0;  ///< the cap the selector set
+  int forced_pages = 0;       ///< sinks + local window among them
+  bool mass_rule = false;   ///< selected_pages is the count that reached the mass threshold (if < cap)
+};
+
+/// The rule a selector sets for one segment (request, KV head); the kernels carry it out.
+struct SegmentRule {
+  int budget_pages = 0;         ///< top-k: k; mass rule: the cap. Counts sinks and local pages.
+  float mass_threshold = 0.0f;  ///< 0: top-k on the Quest bound; (0, 1]: PSA mass rule on the estimate
+  int granularity_pages = 1;
+  friend bool operator==(const SegmentRule&, const SegmentRule&) = default;
+};
+
+struct SelectInputs {
+  int layer = 0;
+  int kv_heads = 0;
+  double avg_budget = 0.05;                 ///< average share of pages per head, in (0, 1]
+  int sink_pages = 1;
+  int local_pages = 1;
+  std::span<const int> pages_per_row;       ///< [batch] pages of each request in this layer
+  std::span<const HeadAdvice> advice;       ///< [kv_heads] for this layer
+};
+struct SelectOutputs {
+  std::span<SegmentRule> rules;             ///< [batch * kv_heads], segment s = b * kv_heads + h
+};
+
+/// A page range [begin, end) of one request that the CPU computes; the GPU takes the rest.
+struct PageRange {
+  int begin = 0;
+  int end = 0;
+  int size() const noexcept { return end - begin; }
+};
+
+struct ScheduleInputs {
+  int layer = 0;
+  int kv_heads = 0;
+  int sink_pages = 1;
+  int local_pages = 1;
+  bool gpu = false;                          ///< a GPU side exists
+  double hbm_hit_rate = 0.0;                 ///< recent share of GPU-side pages found in HBM
+  double block_bytes = 0;                    ///< K and V of one head of one page
+  double summary_bytes = 0;                  ///< summary of one head of one page
+  std::span<const SeqId> rows;               ///< [batch]
+  std::span<const int> pages_per_row;        ///< [batch]
+  std::span<const SegmentRule> rules;        ///< [batch * kv_heads]
+};
+struct ScheduleOutputs {
+  std::span<PageRange> cpu_range;            ///< [batch]
+};
+
+/// Measured times of one run() of one layer, fed back to the scheduler.
+struct StepTiming {
+  std::span<const SeqId> rows;
+  double cpu_us = 0;      ///< CPU side: waiting for q excluded, scoring + selection + attention
+  double gpu_us = 0;      ///< GPU side, from events: scoring to the end of decode
+  std::int64_t cpu_pages = 0;  ///< (page, head) blocks computed on the CPU
+  std::int64_t gpu_pages = 0;
+};
+
+template <class P>
+concept HeadPredictor = requires(P p, const P& cp, int layer, int kv_head, const HeadObservation& obs) {
+  { cp.advise(layer, kv_head) } -> std::same_as<HeadAdvice>;
+  p.observe(obs);
+};
+
+template <class S>
+concept BudgetSelector = requires(S s, const SelectInputs& in, SelectOutputs& out) { s.select(in, out); };
+
+template <class S>
+concept Scheduler = requires(S s, const ScheduleInputs& in, ScheduleOutputs& out, const StepTiming& t, SeqId seq) {
+  s.schedule(in, out);
+  s.feedback(t);
+  s.reset(seq);  // a request ended or began: drop its feedback state
+};
+
+namespace detail {
+/// Pages forced into every selection of a request with n pages (sinks + local window, no overlap).
+inline int forced_pages(int n, int sink_pages, int local_pages) {
+  return std::min(n, std::max(0, sink_pages) + std::max(0, local_pages));
+}
+}  // namespace detail
+
+}  // namespace hattn

@@ -1,0 +1,16 @@
+#pragma once
+// Every page on the CPU (the SIMD kernel over host memory); the GPU, if any, only merges.
+#include "hattn/policy/concepts.hpp"
+
+namespace hattn {
+
+struct CpuOnly {
+  void schedule(const ScheduleInputs& in, ScheduleOutputs& out) {
+    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_range[b] = {0, in.pages_per_row[b]};
+  }
+  void feedback(const StepTiming& /*t*/) {}
+  void reset(SeqId /*seq*/) {}
+};
+static_assert(Scheduler<CpuOnly>);
+
+}  // namespace hattn

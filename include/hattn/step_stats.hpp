@@ -1,0 +1,38 @@
+#pragma once
+// What one run() of one layer did: where pages ran, budget used, bytes moved and times.
+#include <cstdint>
+#include <vector>
+
+#include "hattn/policy/concepts.hpp"
+
+namespace hattn {
+
+struct StepStats {
+  int layer = -1;
+  int batch = 0;
+  std::uint64_t generation = 0;        ///< 1 + the number of earlier run() calls of the engine
+  std::vector<SeqId> row_ids;          ///< [batch]
+  std::vector<int> pages_per_row;      ///< [batch] pages of each request in this layer
+  std::int64_t total_blocks = 0;       ///< (page, KV head) blocks of the batch: sum over rows of pages * kv_heads
+  std::int64_t gpu_blocks = 0;         ///< selected blocks computed on the GPU
+  std::int64_t cpu_blocks = 0;         ///< selected blocks computed on the CPU
+  std::int64_t hbm_hits = 0;           ///< GPU blocks read from the HBM cache
+  std::int64_t host_read_bytes = 0;    ///< KV bytes read from host memory (CPU side + zero-copy)
+  std::int64_t pcie_bytes = 0;         ///< bytes over PCIe (zero-copy reads + cache admission + q/partials)
+  double cpu_us = 0;                   ///< CPU side: scoring + selection + attention
+  double gpu_us = 0;                   ///< GPU side from events: first kernel to the merge
+  double caller_us = 0;                ///< time the caller's thread spent inside run()
+  /// When each side computed, in microseconds on one host clock (std::chrono::steady_clock since the
+  /// engine was built); GPU times are event times mapped onto it. 0 when the side had no work.
+  double cpu_begin_us = 0, cpu_end_us = 0, gpu_begin_us = 0, gpu_end_us = 0;
+  std::vector<int> selected_pages;     ///< [batch * kv_heads] selected pages per segment (both sides)
+  std::vector<SegmentRule> rules;      ///< [batch * kv_heads] what the selector asked for
+  std::vector<PageRange> cpu_range;    ///< [batch] what the scheduler gave the CPU
+
+  /// Share of the batch's blocks that were attended.
+  double budget_used() const noexcept {
+    return total_blocks ? static_cast<double>(gpu_blocks + cpu_blocks) / static_cast<double>(total_blocks) : 0.0;
+  }
+};
+
+}  // namespace hattn

@@ -1,0 +1,186 @@
+// CPU page scoring from summaries (Quest bound, mean-key mass estimate) and page selection (top-k and
+// PSA's mass threshold), each O(n) in the number of pages.
+#include "hattn/kernels/cpu_select.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "hattn/core/error.hpp"
+
+namespace hattn {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Descending by value, ties to the lower position; NaN ranks below everything so the order stays a
+// strict weak order whatever the scores hold.
+struct Higher {
+  const float* v;
+  bool operator()(std::int32_t a, std::int32_t b) const noexcept {
+    const float x = std::isnan(v[a]) ? kNegInf : v[a];
+    const float y = std::isnan(v[b]) ? kNegInf : v[b];
+    return x > y || (x == y && a < b);
+  }
+};
+
+void check_range(const char* where, std::size_t n, int sink_pages, int local_pages, int begin, int end) {
+  detail::require(sink_pages >= 0, where, "sink_pages", sink_pages, ">= 0");
+  detail::require(local_pages >= 0, where, "local_pages", local_pages, ">= 0");
+  detail::require(begin >= 0 && begin <= end && static_cast<std::size_t>(end) <= n, where, "[begin, end)",
+                  detail::concat("[", begin, ", ", end, ")"), detail::concat("inside [0, ", n, "]").c_str());
+}
+
+bool is_forced(std::int64_t i, std::int64_t n, int sink_pages, int local_pages) noexcept {
+  return i < sink_pages || i >= n - local_pages;
+}
+
+// Writes the non-forced positions of [begin, end) to out and returns how many; appends nothing else.
+std::size_t candidates(std::size_t n, int sink_pages, int local_pages, int begin, int end,
+                       std::vector<std::int32_t>& out) {
+  out.clear();
+  for (int i = begin; i < end; ++i)
+    if (!is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) out.push_back(i);
+  return out.size();
+}
+
+void append_forced_and_sort(std::size_t n, int sink_pages, int local_pages, int begin, int end,
+                            std::vector<std::int32_t>& out) {
+  for (int i = begin; i < end; ++i)
+    if (is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) out.push_back(i);
+  std::sort(out.begin(), out.end());
+}
+
+}  // namespace
+
+void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
+                     std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
+                     std::span<float> estimate) {
+  const PageLayout& layout = pool.layout();
+  constexpr const char* where = "cpu_score_pages";
+  const int dim = layout.head_dim;
+  detail::require(kv_head >= 0 && kv_head < layout.kv_heads, where, "kv_head", kv_head,
+                  detail::concat("in [0, ", layout.kv_heads, ")").c_str());
+  detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
+  detail::require(q.size() == static_cast<std::size_t>(group_size) * dim, where, "q.size()", q.size(),
+                  detail::concat("group_size * head_dim = ", group_size * dim).c_str());
+  detail::require(upper.size() == pages.size() && estimate.size() == pages.size(), where, "upper/estimate size",
+                  detail::concat(upper.size(), "/", estimate.size()),
+                  detail::concat("pages.size() = ", pages.size()).c_str());
+  if (pages.empty()) return;
+  detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
+                  last_page_tokens, detail::concat("in [1, ", layout.page_size, "]").c_str());
+
+  // Rows widened to fp32 once per page, then plain loops the compiler vectorises.
+  std::vector<float> rows(3 * static_cast<std::size_t>(dim));
+  float* lo = rows.data();
+  float* hi = lo + dim;
+  float* mean = hi + dim;
+  const float log_full = std::log(static_cast<float>(layout.page_size));
+  const float log_group = std::log(static_cast<float>(group_size));
+  for (std::size_t i = 0; i < pages.size(); ++i) {
+    const std::byte* s = pool.summary(pages[i]);
+    for (int d = 0; d < dim; ++d) {
+      lo[d] = load_as_float(s, layout.summary_offset(kv_head, 0) + d, layout.dtype);
+      hi[d] = load_as_float(s, layout.summary_offset(kv_head, 1) + d, layout.dtype);
+      mean[d] = load_as_float(s, layout.summary_offset(kv_head, 2) + d, layout.dtype);
+    }
+    float best = kNegInf;
+    float est_max = kNegInf;
+    float est_sum = 0.0f;
+    for (int g = 0; g < group_size; ++g) {
+      const float* qg = q.data() + static_cast<std::size_t>(g) * dim;
+      float bound = 0.0f, dot = 0.0f;
+      for (int d = 0; d < dim; ++d) {
+        bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
+        dot += qg[d] * mean[d];
+      }
+      best = std::max(best, scale * bound);
+      const float logit = scale * dot;
+      // Running log-sum-exp so no group head overflows exp.
+      if (logit > est_max) {
+        est_sum = est_sum * std::exp(est_max - logit) + 1.0f;
+        est_max = logit;
+      } else {
+        est_sum += std::exp(logit - est_max);
+      }
+    }
+    upper[i] = best;
+    const float log_tokens = i + 1 == pages.size() ? std::log(static_cast<float>(last_page_tokens)) : log_full;
+    estimate[i] = log_tokens + est_max + std::log(est_sum) - log_group;
+  }
+}
+
+void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int local_pages, int begin, int end,
+                      std::vector<std::int32_t>& out) {
+  constexpr const char* where = "cpu_select_top_k";
+  check_range(where, scores.size(), sink_pages, local_pages, begin, end);
+  detail::require(k >= 0, where, "k", k, ">= 0");
+  const std::size_t n = scores.size();
+  std::int64_t forced = 0;
+  for (int i = begin; i < end; ++i) forced += is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages);
+  const std::size_t free = candidates(n, sink_pages, local_pages, begin, end, out);
+  const std::size_t take = std::min<std::size_t>(free, static_cast<std::size_t>(std::max<std::int64_t>(0, k - forced)));
+  if (take < free) {
+    std::nth_element(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(take), out.end(), Higher{scores.data()});
+    out.resize(take);
+  }
+  append_forced_and_sort(n, sink_pages, local_pages, begin, end, out);
+}
+
+void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_pages, int sink_pages,
+                     int local_pages, int begin, int end, std::vector<std::int32_t>& out) {
+  constexpr const char* where = "cpu_select_mass";
+  check_range(where, log_mass.size(), sink_pages, local_pages, begin, end);
+  detail::require(threshold > 0.0f && threshold <= 1.0f, where, "threshold", threshold, "in (0, 1]");
+  detail::require(max_pages >= 0, where, "max_pages", max_pages, ">= 0");
+  const std::size_t n = log_mass.size();
+  const float* lm = log_mass.data();
+  // Masses relative to the largest, in double so a long tail of small pages still adds up.
+  float top = kNegInf;
+  for (int i = begin; i < end; ++i)
+    if (!std::isnan(lm[i])) top = std::max(top, lm[i]);
+  auto mass = [&](std::int32_t i) {
+    return top == kNegInf || std::isnan(lm[i]) ? 0.0 : std::exp(static_cast<double>(lm[i]) - top);
+  };
+  double total = 0.0, forced_mass = 0.0;
+  for (int i = begin; i < end; ++i) {
+    total += mass(i);
+    if (is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) forced_mass += mass(i);
+  }
+  const std::size_t free = candidates(n, sink_pages, local_pages, begin, end, out);
+  // The forced pages are attended anyway, so their mass counts; the rest is the smallest prefix of
+  // the descending order whose mass reaches what is missing. Found by repeated halving with
+  // nth_element (n + n/2 + ... comparisons), so no sort of all pages.
+  double need = static_cast<double>(threshold) * total - forced_mass;
+  // Invariant: out[0, lo) are taken and rank above out[lo, hi), which rank above out[hi, free); the
+  // answer takes between lo and hi positions.
+  std::size_t lo = 0, hi = free;
+  const Higher higher{lm};
+  while (need > 0.0 && lo < hi) {
+    if (hi - lo == 1) {
+      lo = hi;
+      break;
+    }
+    const std::size_t mid = lo + (hi - lo) / 2;
+    std::nth_element(out.begin() + static_cast<std::ptrdiff_t>(lo), out.begin() + static_cast<std::ptrdiff_t>(mid),
+                     out.begin() + static_cast<std::ptrdiff_t>(hi), higher);
+    double upper_mass = 0.0;  // of the mid - lo highest of [lo, hi)
+    for (std::size_t j = lo; j < mid; ++j) upper_mass += mass(out[j]);
+    if (upper_mass >= need) {
+      hi = mid;
+    } else {
+      need -= upper_mass;
+      lo = mid;
+    }
+  }
+  std::size_t take = lo;
+  if (take > static_cast<std::size_t>(max_pages)) {
+    std::nth_element(out.begin(), out.begin() + max_pages, out.begin() + static_cast<std::ptrdiff_t>(take), higher);
+    take = static_cast<std::size_t>(max_pages);
+  }
+  out.resize(take);
+  append_forced_and_sort(n, sink_pages, local_pages, begin, end, out);
+}
+
+}  // namespace hattn

@@ -1,0 +1,27 @@
+// The AVX2 + FMA path (with F16C for fp16 keys and values). Compiled with -mavx2 -mfma -mf16c only.
+#include <immintrin.h>
+
+#include "decode_kernel_impl.hpp"
+
+namespace hattn::detail::cpu {
+namespace {
+
+using Avx2 = xsimd::fma3<xsimd::avx2>;
+
+template <>
+struct Isa<Avx2> {
+  using B = xsimd::batch<float, Avx2>;
+  static constexpr bool kBf16Dot = false;
+  static B load(const float* p) { return B::load_unaligned(p); }
+  static B load(const bfloat16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static B load(const half_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+
+}  // namespace
+
+template void DecodePages::operator()<Avx2>(Avx2, const PageRange&) const;
+
+}  // namespace hattn::detail::cpu

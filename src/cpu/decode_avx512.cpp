@@ -1,0 +1,25 @@
+// The AVX-512 path (F, CD, DQ, BW, VL, with F16C and FMA). Compiled with those flags only.
+#include <immintrin.h>
+
+#include "decode_kernel_impl.hpp"
+
+namespace hattn::detail::cpu {
+namespace {
+
+template <>
+struct Isa<xsimd::avx512bw> {
+  using B = xsimd::batch<float, xsimd::avx512bw>;
+  static constexpr bool kBf16Dot = false;
+  static B load(const float* p) { return B::load_unaligned(p); }
+  static B load(const bfloat16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static B load(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+};
+
+}  // namespace
+
+template void DecodePages::operator()<xsimd::avx512bw>(xsimd::avx512bw, const PageRange&) const;
+
+}  // namespace hattn::detail::cpu

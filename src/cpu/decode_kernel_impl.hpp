@@ -1,0 +1,214 @@
+#pragma once
+// Definition of DecodePages for one ISA. Included only by the per-ISA source files, each of which
+// first specialises Isa<Tag> (its loads, and optionally its q.k dot product) and then instantiates
+// DecodePages::operator()<Tag>.
+//
+// Everything here has internal linkage or depends on Tag: a function compiled with AVX-512 flags must
+// never be the copy the linker keeps for the generic path. So no std algorithms and no shared inline
+// helpers are called from here; the loops are written out.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "decode_kernel.hpp"
+
+namespace hattn::detail::cpu {
+namespace {
+
+/// The primitives a path provides: `load(const T*)` of one batch of keys or values in fp32 for T in
+/// float, half_t, bfloat16_t; kBf16Dot, and when true `dot_bf16<D, NB>` (q.k of bf16 keys).
+template <class Tag>
+struct Isa;
+
+/// Query heads whose accumulators live in registers at once (4 batches; 16 registers on AVX2).
+constexpr int kHeadBlock = 4;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.693147180559945309417f;
+
+template <class Tag>
+using Batch = xsimd::batch<float, simd_arch_t<Tag>>;
+
+// Logits of one key row against query heads [h0, h0 + NB): logits[j * kMaxPageTokens] = qs_j . k,
+// where qs is the query already scaled by scale * log2(e).
+template <class Tag, int D, int NB, class T>
+inline void row_logits(const T* k, const float* qs, const std::uint16_t* q_bf16, float* logits) {
+  if constexpr (Isa<Tag>::kBf16Dot && std::is_same_v<T, bfloat16_t>) {
+    Isa<Tag>::template dot_bf16<D, NB>(reinterpret_cast<const std::uint16_t*>(k), q_bf16, logits);
+  } else {
+    using B = Batch<Tag>;
+    constexpr int S = static_cast<int>(B::size);
+    B acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = B(0.0f);
+    for (int c = 0; c < D; c += S) {
+      const B kc = Isa<Tag>::load(k + c);
+      for (int j = 0; j < NB; ++j) acc[j] = xsimd::fma(B::load_aligned(qs + j * D + c), kc, acc[j]);
+    }
+    for (int j = 0; j < NB; ++j) logits[j * kMaxPageTokens] = xsimd::hadd(acc[j]);
+  }
+}
+
+// acc[h][c .. c + S) += sum over attended tokens t of prob[h][t] * V[t][c .. c + S), for NB heads.
+template <class Tag, int D, int NB, class T>
+inline void accumulate_values(const T* v, const float* prob, std::uint64_t mask, int n_tok, float* acc) {
+  using B = Batch<Tag>;
+  constexpr int S = static_cast<int>(B::size);
+  for (int c = 0; c < D; c += S) {
+    B a[NB];
+    for (int j = 0; j < NB; ++j) a[j] = B::load_aligned(acc + j * D + c);
+    for (int t = 0; t < n_tok; ++t) {
+      if (((mask >> t) & 1u) == 0) continue;
+      const B vc = Isa<Tag>::load(v + static_cast<std::size_t>(t) * D + c);
+      for (int j = 0; j < NB; ++j) a[j] = xsimd::fma(B(prob[j * kMaxPageTokens + t]), vc, a[j]);
+    }
+    for (int j = 0; j < NB; ++j) a[j].store_aligned(acc + j * D + c);
+  }
+}
+
+// Calls f.template operator()<NB>(h0) for head blocks of kHeadBlock and a remainder.
+template <class F>
+inline void for_head_blocks(int group, F&& f) {
+  int h0 = 0;
+  for (; h0 + kHeadBlock <= group; h0 += kHeadBlock) f.template operator()<kHeadBlock>(h0);
+  switch (group - h0) {
+    case 1: f.template operator()<1>(h0); break;
+    case 2: f.template operator()<2>(h0); break;
+    case 3: f.template operator()<3>(h0); break;
+    default: break;
+  }
+}
+
+inline void prefetch_block(const std::byte* p, std::size_t bytes) {
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+template <class Tag, int D, class T>
+void decode_range(const PageRange& r) {
+  using B = Batch<Tag>;
+  constexpr int S = static_cast<int>(B::size);
+  static_assert(D % S == 0 && kMaxPageTokens % S == 0 && 16 % S == 0);
+  const int G = r.group;
+  const int P = r.page_size;
+  const std::size_t GD = static_cast<std::size_t>(G) * D;
+
+  float* acc = r.work;                          // [G][D]
+  float* logits = acc + GD;                     // [G][kMaxPageTokens]
+  float* qs = logits + static_cast<std::size_t>(G) * kMaxPageTokens;  // [G][D]
+  auto* q_bf16 = reinterpret_cast<std::uint16_t*>(qs + GD);          // [G][2][D]: high, low halves
+  float* run_max = qs + 2 * GD;                 // [G]
+  float* run_sum = run_max + (G + 15) / 16 * 16;  // [G]
+
+  for (std::size_t i = 0; i < GD; ++i) {
+    acc[i] = 0.0f;
+    qs[i] = r.q[i] * r.scale_log2;
+  }
+  for (int h = 0; h < G; ++h) {
+    run_max[h] = kNegInf;
+    run_sum[h] = 0.0f;
+  }
+  if constexpr (Isa<Tag>::kBf16Dot && std::is_same_v<T, bfloat16_t>) Isa<Tag>::template split_query<D>(qs, G, q_bf16);
+
+  const std::size_t block_bytes = static_cast<std::size_t>(P) * D * sizeof(T);
+  auto page_at = [&](int i) { return r.pages_base + static_cast<std::size_t>(r.pages[i]) * r.page_bytes; };
+  // Pages are scattered in the pool and each KV head's block is a separate 2-16 KB run, which the
+  // hardware prefetcher only picks up after a few misses: ask for the next page while on this one.
+  if (r.n_pages > 0) {
+    prefetch_block(page_at(0) + r.key_offset_bytes, block_bytes);
+    prefetch_block(page_at(0) + r.value_offset_bytes, block_bytes);
+  }
+  for (int i = 0; i < r.n_pages; ++i) {
+    const std::byte* page = page_at(i);
+    if (i + 1 < r.n_pages) {
+      prefetch_block(page_at(i + 1) + r.key_offset_bytes, block_bytes);
+      prefetch_block(page_at(i + 1) + r.value_offset_bytes, block_bytes);
+    }
+    const int n_tok = i + 1 == r.n_pages ? r.last_page_tokens : P;
+    std::uint64_t mask = n_tok >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n_tok) - 1;
+    if (r.token_masks != nullptr) mask &= r.token_masks[i];
+    if (mask == 0) continue;
+    const T* k = reinterpret_cast<const T*>(page + r.key_offset_bytes);
+    const T* v = reinterpret_cast<const T*>(page + r.value_offset_bytes);
+
+    // 1. Logits of every attended token for every head (base 2); -inf for the others.
+    for (int t = 0; t < P; ++t) {
+      if (((mask >> t) & 1u) == 0) {
+        for (int h = 0; h < G; ++h) logits[h * kMaxPageTokens + t] = kNegInf;
+        continue;
+      }
+      const T* krow = k + static_cast<std::size_t>(t) * D;
+      for_head_blocks(G, [&]<int NB>(int h0) {
+        row_logits<Tag, D, NB>(krow, qs + static_cast<std::size_t>(h0) * D, q_bf16 + static_cast<std::size_t>(h0) * 2 * D,
+                               logits + h0 * kMaxPageTokens + t);
+      });
+    }
+
+    // 2. Online softmax, once per page: rescale a head's accumulators only when its max grows.
+    for (int h = 0; h < G; ++h) {
+      float* row = logits + h * kMaxPageTokens;
+      B vmax(kNegInf);
+      for (int t = 0; t < P; t += S) vmax = xsimd::max(vmax, B::load_aligned(row + t));
+      alignas(64) float lanes[S];
+      vmax.store_aligned(lanes);
+      float page_max = lanes[0];
+      for (int s = 1; s < S; ++s) page_max = lanes[s] > page_max ? lanes[s] : page_max;
+      if (page_max > run_max[h]) {
+        const float alpha = std::exp2(run_max[h] - page_max);  // 0 on the first page (max was -inf)
+        run_sum[h] *= alpha;
+        const B va(alpha);
+        for (int c = 0; c < D; c += S) (B::load_aligned(acc + h * D + c) * va).store_aligned(acc + h * D + c);
+        run_max[h] = page_max;
+      }
+      const B vm(run_max[h]);
+      B vsum(0.0f);
+      for (int t = 0; t < P; t += S) {
+        const B p = xsimd::exp2(B::load_aligned(row + t) - vm);  // exp2(-inf) = 0 for skipped tokens
+        p.store_aligned(row + t);
+        vsum += p;
+      }
+      run_sum[h] += xsimd::hadd(vsum);
+    }
+
+    // 3. Values, weighted by the probabilities just computed.
+    for_head_blocks(G, [&]<int NB>(int h0) {
+      accumulate_values<Tag, D, NB>(v, logits + h0 * kMaxPageTokens, mask, n_tok, acc + static_cast<std::size_t>(h0) * D);
+    });
+  }
+
+  // The one place base 2 becomes natural log: lse = ln(2) * (max2 + log2(sum)).
+  for (int h = 0; h < G; ++h) {
+    float* out = r.out + static_cast<std::size_t>(h) * D;
+    if (run_sum[h] > 0.0f) {
+      const B inv(1.0f / run_sum[h]);
+      for (int c = 0; c < D; c += S) (B::load_aligned(acc + h * D + c) * inv).store_unaligned(out + c);
+      r.lse[h] = kLn2 * (run_max[h] + std::log2(run_sum[h]));
+    } else {
+      for (int c = 0; c < D; ++c) out[c] = 0.0f;
+      r.lse[h] = kNegInf;
+    }
+  }
+}
+
+template <class Tag, int D>
+void decode_range_dtype(const PageRange& r) {
+  switch (r.dtype) {
+    case DType::kFloat32: decode_range<Tag, D, float>(r); return;
+    case DType::kFloat16: decode_range<Tag, D, half_t>(r); return;
+    case DType::kBFloat16: decode_range<Tag, D, bfloat16_t>(r); return;
+  }
+}
+
+}  // namespace
+
+template <class Tag>
+void DecodePages::operator()(Tag, const PageRange& r) const {
+  // Head dim is a template parameter (it sizes the unrolled row loops); page size and group are not.
+  switch (r.head_dim) {
+    case 64: decode_range_dtype<Tag, 64>(r); return;
+    case 128: decode_range_dtype<Tag, 128>(r); return;
+    case 256: decode_range_dtype<Tag, 256>(r); return;
+    default: return;  // validated by CpuDecoder before any task starts
+  }
+}
+
+}  // namespace hattn::detail::cpu

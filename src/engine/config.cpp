@@ -1,0 +1,30 @@
+#include "hattn/config.hpp"
+
+#include <cmath>
+
+namespace hattn {
+
+float Config::logit_scale() const noexcept {
+  return scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+}
+
+void Config::validate() const {
+  shape.validate();
+  detail::require(is_supported_page_size(page_size), "Config", "page_size", page_size, "16, 32 or 64");
+  detail::require(host_pool_bytes > 0, "Config", "host_pool_bytes", host_pool_bytes, "> 0");
+  detail::require(avg_budget > 0 && avg_budget <= 1, "Config", "avg_budget", avg_budget, "in (0, 1]");
+  detail::require(sink_pages >= 0, "Config", "sink_pages", sink_pages, ">= 0");
+  detail::require(local_pages >= 0, "Config", "local_pages", local_pages, ">= 0");
+  detail::require(cpu_threads >= 0, "Config", "cpu_threads", cpu_threads, ">= 0 (0 = all hardware threads)");
+  detail::require(scale >= 0 && std::isfinite(scale), "Config", "scale", scale, ">= 0 (0 = 1/sqrt(head_dim))");
+  detail::require(max_batch >= 1, "Config", "max_batch", max_batch, ">= 1");
+}
+
+std::ostream& operator<<(std::ostream& os, const Config& c) {
+  return os << "{shape=" << c.shape << ", page_size=" << c.page_size << ", host_pool_bytes=" << c.host_pool_bytes
+            << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", cpu_threads=" << c.cpu_threads
+            << ", avg_budget=" << c.avg_budget << ", sink_pages=" << c.sink_pages << ", local_pages=" << c.local_pages
+            << ", backend=" << to_string(c.backend) << "}";
+}
+
+}  // namespace hattn

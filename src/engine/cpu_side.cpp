@@ -1,0 +1,119 @@
+#include "cpu_side.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+#include "budget_split.hpp"
+#include "hattn/kernels/cpu_select.hpp"
+
+namespace hattn::detail {
+
+CpuSide::CpuSide(const Config& config, const PagedKVStore& store, ThreadPool& threads, CpuIsa isa)
+    : config_(config), store_(store), threads_(threads), decoder_(threads, isa) {}
+
+namespace {
+
+// Widens each selected page to its aligned run of `g` pages inside [begin, end): coarse granularity
+// reads longer contiguous runs for heads whose mass is spread out.
+void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin, int end) {
+  if (g <= 1 || positions.empty()) return;
+  std::vector<std::int32_t> wide;
+  wide.reserve(positions.size() * g);
+  for (std::int32_t p : positions) {
+    const int run = p / g * g;
+    for (int i = std::max(run, begin); i < std::min(run + g, end); ++i) wide.push_back(i);
+  }
+  std::sort(wide.begin(), wide.end());
+  wide.erase(std::unique(wide.begin(), wide.end()), wide.end());
+  positions.swap(wide);
+}
+
+}  // namespace
+
+void CpuSide::select_segment(const LayerWork& work, int row, int head, const float* q, Segment& seg,
+                             int& last_tokens) {
+  const ModelShape& shape = config_.shape;
+  const int layer = work.layer;
+  const SeqId seq = work.rows[row];
+  const auto table = store_.pages(seq, layer);
+  const int n = static_cast<int>(table.size());
+  const PageRange range = work.cpu_range[row];
+  const int page_size = config_.page_size;
+  const std::int64_t length = store_.length(seq, layer);
+  const int tail_tokens = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
+  seg.positions.clear();
+  seg.pages.clear();
+  last_tokens = page_size;
+  const int begin = std::clamp(range.begin, 0, n);
+  const int end = std::clamp(range.end, begin, n);
+  if (begin == end) return;
+
+  const SegmentRule& rule = work.rules[static_cast<std::size_t>(row) * shape.kv_heads + head];
+  const int forced = forced_pages(n, config_.sink_pages, config_.local_pages);
+  const int budget = cpu_budget(rule, n, forced, end - begin);
+  if (budget <= 0 && !(begin == 0 && end == n)) return;
+
+  seg.upper.resize(static_cast<std::size_t>(n));
+  seg.estimate.resize(static_cast<std::size_t>(n));
+  const int group = shape.group_size();
+  const float* qg = q + (static_cast<std::size_t>(row) * shape.q_heads + static_cast<std::size_t>(head) * group) *
+                            shape.head_dim;
+  cpu_score_pages(store_.pool(), head, {qg, static_cast<std::size_t>(group) * shape.head_dim}, group,
+                  config_.logit_scale(), table.subspan(begin, end - begin), end == n ? tail_tokens : page_size,
+                  std::span<float>(seg.upper).subspan(begin, end - begin),
+                  std::span<float>(seg.estimate).subspan(begin, end - begin));
+  if (rule.mass_threshold > 0) {
+    // The mass rule's cap counts pages beyond the forced ones; the segment's budget counts them too.
+    const int forced_here = begin == 0 && end == n ? forced : 0;
+    cpu_select_mass(seg.estimate, rule.mass_threshold, std::max(0, budget - forced_here), config_.sink_pages,
+                    config_.local_pages, begin, end, seg.positions);
+  }
+  else
+    cpu_select_top_k(seg.upper, budget, config_.sink_pages, config_.local_pages, begin, end, seg.positions);
+  widen_to_runs(seg.positions, rule.granularity_pages, begin, end);
+  for (std::int32_t p : seg.positions) seg.pages.push_back(table[p]);
+  if (!seg.positions.empty() && seg.positions.back() == n - 1) last_tokens = tail_tokens;
+}
+
+void CpuSide::compute(const LayerWork& work, const float* q, float* out, float* lse, int* selected) {
+  const ModelShape& shape = config_.shape;
+  const int heads = shape.kv_heads;
+  const int group = shape.group_size();
+  const int batch = static_cast<int>(work.rows.size());
+  const std::size_t segments = static_cast<std::size_t>(batch) * heads;
+  if (segments_.size() < segments) segments_.resize(segments);
+  std::vector<int> last_tokens(segments, config_.page_size);
+
+  // Scoring and selection of every segment in parallel; each task owns its segment's scratch.
+  threads_.parallel_for(static_cast<std::int64_t>(segments), [&](std::int64_t s, int) {
+    select_segment(work, static_cast<int>(s / heads), static_cast<int>(s % heads), q, segments_[s], last_tokens[s]);
+  });
+
+  items_.clear();
+  for (std::size_t s = 0; s < segments; ++s) {
+    const int row = static_cast<int>(s / heads), head = static_cast<int>(s % heads);
+    selected[s] = static_cast<int>(segments_[s].pages.size());
+    const std::size_t qrow = static_cast<std::size_t>(row) * shape.q_heads + static_cast<std::size_t>(head) * group;
+    if (segments_[s].pages.empty()) {
+      std::fill(out + qrow * shape.head_dim, out + (qrow + group) * shape.head_dim, 0.0f);
+      std::fill(lse + qrow, lse + qrow + group, -std::numeric_limits<float>::infinity());
+      continue;
+    }
+    CpuDecodeItem item;
+    item.q = q + qrow * shape.head_dim;
+    item.pages = segments_[s].pages.data();
+    item.n_pages = static_cast<std::int32_t>(segments_[s].pages.size());
+    item.last_page_tokens = last_tokens[s];
+    item.kv_head = head;
+    item.out = out + qrow * shape.head_dim;
+    item.lse = lse + qrow;
+    items_.push_back(item);
+  }
+  // Longest lists first, so the tail of the step is short pieces (Fluxion's priority order).
+  std::stable_sort(items_.begin(), items_.end(),
+                   [](const CpuDecodeItem& a, const CpuDecodeItem& b) { return a.n_pages > b.n_pages; });
+  decoder_.run(store_.pool(), group, config_.logit_scale(), items_);
+}
+
+}  // namespace hattn::detail

@@ -1,0 +1,570 @@
+#include "gpu_side.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+#include "budget_split.hpp"
+#include "engine_clock.hpp"
+#include "hattn/core/cuda_check.hpp"
+#include "hattn/kernels/cuda_decode.hpp"
+#include "hattn/kernels/cuda_score.hpp"
+#include "hattn/kernels/cuda_select.hpp"
+
+namespace hattn::detail {
+namespace {
+
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(ptr_); }
+  // Grows only, at plan time; contents are not kept.
+  void reserve(std::size_t count) {
+    if (count <= size_) return;
+    cudaFree(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+    HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(count, 1) * sizeof(T)));
+    size_ = count;
+  }
+  T* get() const noexcept { return ptr_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  T* ptr_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// Pinned host memory, mapped so kernels can read it in place (the CPU partials).
+template <class T>
+class PinnedArray {
+ public:
+  PinnedArray() = default;
+  PinnedArray(const PinnedArray&) = delete;
+  ~PinnedArray() { cudaFreeHost(host_); }
+  void reserve(std::size_t count) {
+    if (count <= size_) return;
+    cudaFreeHost(host_);
+    host_ = nullptr;
+    size_ = 0;
+    HATTN_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), std::max<std::size_t>(count, 1) * sizeof(T),
+                                   cudaHostAllocMapped | cudaHostAllocPortable));
+    size_ = count;
+  }
+  T* host() const noexcept { return host_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  T* host_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+cudaStream_t native(cuda::Stream s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
+constexpr int kRing = 8;
+
+}  // namespace
+
+struct GpuSide::Impl {
+  // One run() in flight: its metadata, workspaces, CPU hand-off and pending stats.
+  struct Slot {
+    cudaEvent_t begin = nullptr, end = nullptr, q_ready = nullptr;
+    PinnedArray<std::int32_t> meta_host;
+    DeviceArray<std::int32_t> meta;
+    DeviceArray<float> upper, estimate, partial_out, partial_lse;
+    DeviceArray<std::int32_t> selected, selected_count;
+    DeviceArray<std::byte> select_workspace;
+    PinnedArray<float> q_host, cpu_out, cpu_lse;
+    PinnedArray<std::int32_t> gpu_counts;
+    std::vector<int> cpu_counts;
+    // The CPU job works on copies: the caller's Plan may be gone before the job runs.
+    std::vector<SeqId> rows;
+    std::vector<SegmentRule> rules;
+    std::vector<PageRange> ranges;
+    int layer = 0;
+    bool has_cpu = false;
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool cpu_done = true;
+    std::string cpu_error;
+    double cpu_begin_us = 0, cpu_end_us = 0;
+    bool in_flight = false;
+    StepStats pending;
+  };
+
+  const Config& config;
+  PagedKVStore& store;
+  CpuSide& cpu;
+  int sms = 132;
+  std::array<Slot, kRing> slots;
+  std::vector<StepStats> stats;  // [layers], finalized
+  std::vector<int> last_slot;    // [layers] ring index of the newest run of the layer, -1 none
+  DeviceArray<std::byte> summaries;
+  PinnedArray<std::byte> stage_keys, stage_values;
+  cudaStream_t clock_stream = nullptr;
+  cudaEvent_t anchor = nullptr;
+  double anchor_us = 0;
+  std::uint64_t runs_since_anchor = 0;
+  std::size_t planned_pages = 0;
+  int planned_batch = 0;
+
+  // The CPU side's driver thread: runs each hybrid layer's CPU work off the caller's thread.
+  std::mutex jobs_mutex;
+  std::condition_variable jobs_cv;
+  std::deque<Slot*> jobs;
+  bool stopping = false;
+  std::thread driver;
+
+  Impl(const Config& c, PagedKVStore& s, CpuSide& cs) : config(c), store(s), cpu(cs) {
+    int device = 0;
+    HATTN_CUDA_CHECK(cudaGetDevice(&device));
+    HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    require(store.pool().memory_kind() == HostMemoryKind::kPinnedMapped, "HybridAttention", "host pool memory",
+            to_string(store.pool().memory_kind()), "pinned-mapped for the GPU backend (GPU kernels read host pages)");
+    for (Slot& slot : slots) {
+      HATTN_CUDA_CHECK(cudaEventCreate(&slot.begin));
+      HATTN_CUDA_CHECK(cudaEventCreate(&slot.end));
+      HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&slot.q_ready, cudaEventDisableTiming));
+    }
+    stats.resize(static_cast<std::size_t>(config.shape.layers));
+    last_slot.assign(static_cast<std::size_t>(config.shape.layers), -1);
+    summaries.reserve(static_cast<std::size_t>(store.pool().capacity_pages()) * store.layout().summary_bytes());
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&clock_stream, cudaStreamNonBlocking));
+    HATTN_CUDA_CHECK(cudaEventCreate(&anchor));
+    reanchor();
+    driver = std::thread([this] { drive(); });
+  }
+
+  ~Impl() {
+    {
+      std::lock_guard lock(jobs_mutex);
+      stopping = true;
+    }
+    jobs_cv.notify_all();
+    driver.join();
+    cudaDeviceSynchronize();
+    for (Slot& slot : slots) {
+      cudaEventDestroy(slot.begin);
+      cudaEventDestroy(slot.end);
+      cudaEventDestroy(slot.q_ready);
+    }
+    cudaEventDestroy(anchor);
+    cudaStreamDestroy(clock_stream);
+  }
+
+  // Event times become host times through an anchor event recorded on an idle stream.
+  void reanchor() {
+    HATTN_CUDA_CHECK(cudaEventRecord(anchor, clock_stream));
+    HATTN_CUDA_CHECK(cudaEventSynchronize(anchor));
+    anchor_us = engine_clock_us();
+    runs_since_anchor = 0;
+  }
+  double host_time_of(cudaEvent_t e) const {
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, anchor, e) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return anchor_us + 1e3 * ms;
+  }
+
+  void drive() {
+    for (;;) {
+      Slot* slot = nullptr;
+      {
+        std::unique_lock lock(jobs_mutex);
+        jobs_cv.wait(lock, [&] { return stopping || !jobs.empty(); });
+        if (jobs.empty()) return;
+        slot = jobs.front();
+        jobs.pop_front();
+      }
+      std::string error;
+      try {
+        HATTN_CUDA_CHECK(cudaEventSynchronize(slot->q_ready));
+        slot->cpu_begin_us = engine_clock_us();
+        LayerWork work{slot->layer, slot->rows, slot->rules, slot->ranges};
+        cpu.compute(work, slot->q_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(), slot->cpu_counts.data());
+        slot->cpu_end_us = engine_clock_us();
+      } catch (const std::exception& e) {
+        error = e.what();
+        // An empty partial merges as nothing, so the GPU side still finishes cleanly.
+        const std::size_t rows = slot->rows.size() * static_cast<std::size_t>(config.shape.q_heads);
+        std::fill(slot->cpu_lse.host(), slot->cpu_lse.host() + rows, -std::numeric_limits<float>::infinity());
+        std::fill(slot->cpu_out.host(), slot->cpu_out.host() + rows * config.shape.head_dim, 0.0f);
+      }
+      {
+        std::lock_guard lock(slot->mutex);
+        slot->cpu_error = std::move(error);
+        slot->cpu_done = true;
+      }
+      slot->cv.notify_all();
+    }
+  }
+
+  // Stream-side gate: the merge after it reads the CPU partials.
+  static void CUDART_CB gate(void* p) {
+    Slot* slot = static_cast<Slot*>(p);
+    std::unique_lock lock(slot->mutex);
+    slot->cv.wait(lock, [&] { return slot->cpu_done; });
+  }
+
+  void wait_cpu(Slot& slot) {
+    std::unique_lock lock(slot.mutex);
+    slot.cv.wait(lock, [&] { return slot.cpu_done; });
+  }
+
+  bool done(Slot& slot) {
+    if (!slot.in_flight) return true;
+    const cudaError_t e = cudaEventQuery(slot.end);
+    if (e == cudaErrorNotReady) return false;
+    HATTN_CUDA_CHECK(e);
+    std::lock_guard lock(slot.mutex);
+    return slot.cpu_done;
+  }
+
+  void finalize(Slot& slot) {
+    if (!slot.in_flight) return;
+    HATTN_CUDA_CHECK(cudaEventSynchronize(slot.end));
+    wait_cpu(slot);
+    slot.in_flight = false;
+    StepStats& s = slot.pending;
+    const int heads = config.shape.kv_heads;
+    const PageLayout& layout = store.layout();
+    const std::int64_t block = static_cast<std::int64_t>(2 * layout.head_block_elems() * dtype_bytes(layout.dtype));
+    const std::size_t segments = static_cast<std::size_t>(s.batch) * heads;
+    s.selected_pages.assign(segments, 0);
+    for (std::size_t i = 0; i < segments; ++i) {
+      const int g = slot.gpu_counts.host()[i];
+      const int c = slot.has_cpu ? slot.cpu_counts[i] : 0;
+      s.selected_pages[i] = g + c;
+      s.gpu_blocks += g;
+      s.cpu_blocks += c;
+    }
+    float ms = 0;
+    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, slot.begin, slot.end));
+    s.gpu_us = 1e3 * ms;
+    s.gpu_begin_us = host_time_of(slot.begin);
+    s.gpu_end_us = host_time_of(slot.end);
+    if (slot.has_cpu) {
+      s.cpu_begin_us = slot.cpu_begin_us;
+      s.cpu_end_us = slot.cpu_end_us;
+      s.cpu_us = slot.cpu_end_us - slot.cpu_begin_us;
+    }
+    const std::int64_t zero_copy = s.gpu_blocks - s.hbm_hits;
+    s.host_read_bytes = (s.cpu_blocks + zero_copy) * block;
+    s.pcie_bytes = zero_copy * block;
+    stats[s.layer] = s;
+    if (!slot.cpu_error.empty()) throw Error(concat("HybridAttention: CPU side of layer ", s.layer, " failed: ", slot.cpu_error));
+  }
+
+  void prepare(std::span<const SeqId> rows) {
+    // One more page per row than now: each layer may append a token between plan() and run().
+    std::size_t pages = 0;
+    for (SeqId seq : rows)
+      for (int l = 0; l < config.shape.layers; ++l) pages = std::max(pages, store.pages(seq, l).size());
+    const std::size_t batch = rows.size();
+    const std::size_t total = batch * (pages + 1);
+    const std::size_t heads = config.shape.kv_heads;
+    const std::size_t qrows = batch * config.shape.q_heads;
+    const std::size_t dim = config.shape.head_dim;
+    const std::size_t meta = 2 * (batch + 1) + total + 4 * batch * heads + 2 * batch;
+    const std::size_t splits = split_count(static_cast<int>(batch));
+    if (total > planned_pages || static_cast<int>(batch) > planned_batch) {
+      for (Slot& slot : slots) {
+        finalize(slot);
+        slot.meta_host.reserve(meta);
+        slot.meta.reserve(meta);
+        slot.upper.reserve(total * heads);
+        slot.estimate.reserve(total * heads);
+        slot.selected.reserve(total * heads);
+        slot.selected_count.reserve(batch * heads);
+        slot.gpu_counts.reserve(batch * heads);
+        slot.cpu_counts.resize(batch * heads);
+        slot.partial_out.reserve(splits * qrows * dim);
+        slot.partial_lse.reserve(splits * qrows);
+        slot.q_host.reserve(qrows * dim);
+        slot.cpu_out.reserve(qrows * dim);
+        slot.cpu_lse.reserve(qrows);
+        slot.select_workspace.reserve(cuda::select_workspace_bytes(static_cast<std::int64_t>(total), config.shape.kv_heads,
+                                                                   static_cast<int>(batch)));
+      }
+      planned_pages = total;
+      planned_batch = static_cast<int>(batch);
+    }
+    if (++runs_since_anchor > 256) {
+      bool idle = true;
+      for (Slot& slot : slots) idle = idle && done(slot);
+      if (idle) reanchor();
+    }
+  }
+
+  int split_count(int batch) const {
+    // Two chunks per SM across the batch's segments keeps every SM busy on a dense 128K layer.
+    const int segments = std::max(1, batch * config.shape.kv_heads);
+    return std::clamp((2 * sms + segments - 1) / segments, 1, 64);
+  }
+
+  void run(const LayerWork& work, const float* q, float* out, cuda::Stream s, std::uint64_t generation,
+           double caller_begin_us) {
+    const cudaStream_t stream = native(s);
+    Slot& slot = slots[generation % kRing];
+    finalize(slot);  // waits only when the GPU is kRing runs behind
+    const ModelShape& shape = config.shape;
+    const int batch = static_cast<int>(work.rows.size());
+    const int heads = shape.kv_heads;
+    const int ps = config.page_size;
+    require(batch <= planned_batch, "HybridAttention::run", "batch", batch, "the size given to plan()");
+
+    // Metadata, packed into one pinned buffer and one copy.
+    std::int32_t* m = slot.meta_host.host();
+    std::int32_t* indptr = m;
+    std::int32_t* seq_len = indptr + batch + 1;
+    std::int32_t* table = seq_len + batch;
+    indptr[0] = 0;
+    std::vector<int> pages(static_cast<std::size_t>(batch));
+    for (int b = 0; b < batch; ++b) {
+      const auto p = store.pages(work.rows[b], work.layer);
+      pages[b] = static_cast<int>(p.size());
+      indptr[b + 1] = indptr[b] + pages[b];
+      require(static_cast<std::size_t>(indptr[b + 1]) <= planned_pages, "HybridAttention::run", "pages",
+              indptr[b + 1], "at most one page per row more than at plan()");
+      std::memcpy(table + indptr[b], p.data(), p.size() * sizeof(PageId));
+      seq_len[b] = static_cast<std::int32_t>(store.length(work.rows[b], work.layer));
+    }
+    const int total = indptr[batch];
+    std::int32_t* budget = table + total;
+    std::int32_t* excl_begin = budget + batch * heads;
+    std::int32_t* excl_end = excl_begin + batch;
+    std::int32_t* sel_offset = excl_end + batch;
+    const std::int32_t* meta_end = sel_offset + batch * heads;
+    float threshold = -1;
+    bool has_cpu = false;
+    for (int b = 0; b < batch; ++b) {
+      const int n = pages[b];
+      const PageRange r{std::clamp(work.cpu_range[b].begin, 0, n), std::clamp(work.cpu_range[b].end, 0, n)};
+      excl_begin[b] = r.begin;
+      excl_end[b] = std::max(r.begin, r.end);
+      has_cpu = has_cpu || r.size() > 0;
+      const int forced = forced_pages(n, config.sink_pages, config.local_pages);
+      for (int h = 0; h < heads; ++h) {
+        const SegmentRule& rule = work.rules[static_cast<std::size_t>(b) * heads + h];
+        budget[b * heads + h] = gpu_budget(rule, n, forced, std::max(0, r.size()));
+        sel_offset[b * heads + h] = indptr[b] * heads + h * n;
+        if (threshold < 0) threshold = rule.mass_threshold;
+        require(rule.mass_threshold == threshold, "HybridAttention::run", "rules", "mixed top-k and mass rules",
+                "one rule kind and threshold per layer on the GPU");
+      }
+    }
+    const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.meta.get(), m, meta_count * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
+    const std::int32_t* d = slot.meta.get();
+    const std::int32_t* d_indptr = d;
+    const std::int32_t* d_seq_len = d_indptr + batch + 1;
+    const std::int32_t* d_table = d_seq_len + batch;
+    const std::int32_t* d_budget = d_table + total;
+    const std::int32_t* d_excl_begin = d_budget + batch * heads;
+    const std::int32_t* d_excl_end = d_excl_begin + batch;
+    const std::int32_t* d_sel_offset = d_excl_end + batch;
+    HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
+
+    const std::size_t qrows = static_cast<std::size_t>(batch) * shape.q_heads;
+    slot.has_cpu = has_cpu;
+    if (has_cpu) {
+      HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream));
+      HATTN_CUDA_CHECK(cudaEventRecord(slot.q_ready, stream));
+      slot.rows.assign(work.rows.begin(), work.rows.end());
+      slot.rules.assign(work.rules.begin(), work.rules.end());
+      slot.ranges.assign(work.cpu_range.begin(), work.cpu_range.end());
+      slot.layer = work.layer;
+      {
+        std::lock_guard lock(slot.mutex);
+        slot.cpu_done = false;
+        slot.cpu_error.clear();
+      }
+      {
+        std::lock_guard lock(jobs_mutex);
+        jobs.push_back(&slot);
+      }
+      jobs_cv.notify_one();
+    }
+
+    const float scale = config.logit_scale();
+    cuda::ScoreParams sp;
+    sp.q = q;
+    sp.summaries = summaries.get();
+    sp.page_table = d_table;
+    sp.page_indptr = d_indptr;
+    sp.seq_len = d_seq_len;
+    sp.batch = batch;
+    sp.q_heads = shape.q_heads;
+    sp.kv_heads = heads;
+    sp.head_dim = shape.head_dim;
+    sp.page_size = ps;
+    sp.dtype = shape.kv_dtype;
+    sp.scale = scale;
+    sp.upper = slot.upper.get();
+    sp.estimate = slot.estimate.get();
+    cuda::launch_score_pages(sp, s);
+
+    cuda::SelectParams sel;
+    sel.scores = threshold > 0 ? slot.estimate.get() : slot.upper.get();
+    sel.page_indptr = d_indptr;
+    sel.batch = batch;
+    sel.kv_heads = heads;
+    sel.budget_pages = d_budget;
+    sel.mass_threshold = std::max(0.0f, threshold);
+    sel.sink_pages = config.sink_pages;
+    sel.local_pages = config.local_pages;
+    sel.exclude_begin = has_cpu ? d_excl_begin : nullptr;
+    sel.exclude_end = has_cpu ? d_excl_end : nullptr;
+    sel.selected = slot.selected.get();
+    sel.selected_count = slot.selected_count.get();
+    sel.workspace = slot.select_workspace.get();
+    cuda::launch_select_pages(sel, s);
+
+    const int splits = split_count(batch);
+    cuda::SparseDecodeParams dp;
+    dp.q = q;
+    dp.page_table = d_table;
+    dp.page_indptr = d_indptr;
+    dp.seq_len = d_seq_len;
+    dp.selected = slot.selected.get();
+    dp.selected_offset = d_sel_offset;
+    dp.selected_count = slot.selected_count.get();
+    dp.host_pages = store.pool().pages_base();
+    dp.batch = batch;
+    dp.q_heads = shape.q_heads;
+    dp.kv_heads = heads;
+    dp.head_dim = shape.head_dim;
+    dp.page_size = ps;
+    dp.dtype = shape.kv_dtype;
+    dp.scale = scale;
+    dp.splits = splits;
+    dp.partial_out = slot.partial_out.get();
+    dp.partial_lse = slot.partial_lse.get();
+    cuda::launch_sparse_decode(dp, s);
+
+    if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
+    cuda::MergeParams mp;
+    mp.partial_out = slot.partial_out.get();
+    mp.partial_lse = slot.partial_lse.get();
+    mp.splits = splits;
+    mp.extra_out = has_cpu ? slot.cpu_out.host() : nullptr;
+    mp.extra_lse = has_cpu ? slot.cpu_lse.host() : nullptr;
+    mp.rows = static_cast<int>(qrows);
+    mp.head_dim = shape.head_dim;
+    mp.out = out;
+    cuda::launch_merge_partials(mp, s);
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), slot.selected_count.get(),
+                                     static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
+                                     cudaMemcpyDeviceToHost, stream));
+    HATTN_CUDA_CHECK(cudaEventRecord(slot.end, stream));
+
+    StepStats& st = slot.pending;
+    st = StepStats{};
+    st.layer = work.layer;
+    st.batch = batch;
+    st.generation = generation;
+    st.row_ids.assign(work.rows.begin(), work.rows.end());
+    st.pages_per_row = pages;
+    for (int n : pages) st.total_blocks += static_cast<std::int64_t>(n) * heads;
+    st.rules.assign(work.rules.begin(), work.rules.end());
+    st.cpu_range.assign(work.cpu_range.begin(), work.cpu_range.end());
+    slot.in_flight = true;
+    last_slot[work.layer] = static_cast<int>(generation % kRing);
+    st.caller_us = engine_clock_us() - caller_begin_us;
+  }
+
+  const StepStats* finished(int layer) {
+    const int i = last_slot[layer];
+    if (i >= 0 && slots[i].in_flight && slots[i].pending.layer == layer) {
+      if (!done(slots[i])) return stats[layer].generation ? &stats[layer] : nullptr;
+      finalize(slots[i]);
+    }
+    return stats[layer].generation ? &stats[layer] : nullptr;
+  }
+
+  const StepStats& wait(int layer) {
+    const int i = last_slot[layer];
+    if (i >= 0 && slots[i].in_flight && slots[i].pending.layer == layer) finalize(slots[i]);
+    return stats[layer];
+  }
+};
+
+bool GpuSide::device_present(std::string& why) {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  if (e != cudaSuccess || devices == 0) {
+    why = e == cudaSuccess ? "no CUDA device" : concat("cudaGetDeviceCount: ", cudaGetErrorString(e));
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+GpuSide::GpuSide(const Config& config, PagedKVStore& store, CpuSide& cpu)
+    : impl_(std::make_unique<Impl>(config, store, cpu)) {}
+GpuSide::~GpuSide() = default;
+
+void GpuSide::stage_from_device(const TensorView& keys, const TensorView& values, cuda::Stream stream,
+                                TensorView& host_keys, TensorView& host_values) {
+  const PageLayout& l = impl_->store.layout();
+  const std::int64_t n = keys.rank > 0 ? keys.shape[0] : -1;
+  require_tensor(keys, "HybridAttention::append", "keys", l.dtype, {-1, l.kv_heads, l.head_dim});
+  require_tensor(values, "HybridAttention::append", "values", l.dtype, {n, l.kv_heads, l.head_dim});
+  require(keys.device == values.device, "HybridAttention::append", "values.device", to_string(values.device),
+          "the device of keys");
+  const std::size_t bytes = static_cast<std::size_t>(keys.numel()) * dtype_bytes(l.dtype);
+  impl_->stage_keys.reserve(bytes);
+  impl_->stage_values.reserve(bytes);
+  const cudaStream_t st = native(stream);
+  HATTN_CUDA_CHECK(cudaMemcpyAsync(impl_->stage_keys.host(), keys.data, bytes, cudaMemcpyDeviceToHost, st));
+  HATTN_CUDA_CHECK(cudaMemcpyAsync(impl_->stage_values.host(), values.data, bytes, cudaMemcpyDeviceToHost, st));
+  HATTN_CUDA_CHECK(cudaStreamSynchronize(st));
+  host_keys = keys;
+  host_keys.data = impl_->stage_keys.host();
+  host_keys.device = Device::kHost;
+  host_values = values;
+  host_values.data = impl_->stage_values.host();
+  host_values.device = Device::kHost;
+}
+
+void GpuSide::upload_summaries(std::span<const PageId> pages, cuda::Stream stream) {
+  const std::size_t sb = impl_->store.layout().summary_bytes();
+  std::size_t i = 0;
+  while (i < pages.size()) {
+    std::size_t j = i + 1;
+    while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;  // contiguous ids: one copy
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(impl_->summaries.get() + static_cast<std::size_t>(pages[i]) * sb,
+                                     impl_->store.pool().summary(pages[i]), (j - i) * sb, cudaMemcpyHostToDevice,
+                                     native(stream)));
+    i = j;
+  }
+}
+
+void GpuSide::forget_pages(std::span<const PageId> /*pages*/) {
+  // Pages may still be read by enqueued work; wait for it before they return to the pool.
+  for (auto& slot : impl_->slots) impl_->finalize(slot);
+}
+
+void GpuSide::prepare(std::span<const SeqId> rows) { impl_->prepare(rows); }
+void GpuSide::run(const LayerWork& work, const float* q, float* out, cuda::Stream stream, std::uint64_t generation,
+                  double caller_begin_us) {
+  impl_->run(work, q, out, stream, generation, caller_begin_us);
+}
+const StepStats* GpuSide::finished(int layer) { return impl_->finished(layer); }
+const StepStats& GpuSide::wait(int layer) { return impl_->wait(layer); }
+double GpuSide::hbm_hit_rate() const noexcept { return 0.0; }
+
+}  // namespace hattn::detail

@@ -1,0 +1,2 @@
+# HBM page cache (issue 6): the host model runs everywhere; the GPU cache test skips without a device.
+hattn_add_test(NAME test_kv_cache_model SOURCES ${CMAKE_CURRENT_LIST_DIR}/kv/device_kv_cache_model_test.cpp)

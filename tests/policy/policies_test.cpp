@@ -1,0 +1,160 @@
+// The shipped policies on their own: the rules they set, the classes they infer, the feedback they keep.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <vector>
+
+#include "hattn/hybrid_attention.hpp"
+
+namespace hattn {
+namespace {
+
+SelectInputs inputs(std::span<const int> pages, std::span<const HeadAdvice> advice, double budget = 0.05) {
+  return SelectInputs{0, static_cast<int>(advice.size()), budget, 1, 2, pages, advice};
+}
+
+TEST(FixedBudget, TakesCeilShareClampedToForcedAndAll) {
+  std::vector<int> pages{1000, 10, 2};
+  std::vector<HeadAdvice> advice(2);
+  std::vector<SegmentRule> rules(6);
+  SelectOutputs out{rules};
+  FixedBudget(0.05).select(inputs(pages, advice), out);
+  EXPECT_EQ(rules[0].budget_pages, 50);
+  EXPECT_EQ(rules[1].budget_pages, 50);
+  EXPECT_EQ(rules[2].budget_pages, 3);  // ceil(0.5) = 1 < 3 forced (1 sink + 2 local)
+  EXPECT_EQ(rules[4].budget_pages, 2);  // only 2 pages exist
+  EXPECT_EQ(rules[0].mass_threshold, 0.0f);
+  FixedBudget(0.0).select(inputs(pages, advice, 0.2), out);  // 0 = the config's average budget
+  EXPECT_EQ(rules[0].budget_pages, 200);
+}
+
+TEST(FixedBudget, RejectsShareOutsideUnitInterval) {
+  EXPECT_THROW(FixedBudget(1.5), InvalidArgument);
+  EXPECT_THROW(FixedBudget(-0.1), InvalidArgument);
+  try {
+    FixedBudget bad(2.0);
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("share"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("2"), std::string::npos);
+  }
+}
+
+TEST(MassThreshold, SetsThresholdAndCap) {
+  std::vector<int> pages{400};
+  std::vector<HeadAdvice> advice(3);
+  std::vector<SegmentRule> rules(3);
+  SelectOutputs out{rules};
+  MassThreshold(0.9f, 0.25).select(inputs(pages, advice), out);
+  for (const auto& r : rules) {
+    EXPECT_EQ(r.budget_pages, 100);
+    EXPECT_FLOAT_EQ(r.mass_threshold, 0.9f);
+  }
+  EXPECT_THROW(MassThreshold(0.0f), InvalidArgument);
+  EXPECT_THROW(MassThreshold(0.9f, 0.0), InvalidArgument);
+}
+
+TEST(OutputAware, KeepsTheLayerWithinTheAverageBudgetWhenHeadsAskForMore) {
+  std::vector<int> pages{1000};
+  std::vector<HeadAdvice> advice(4);
+  advice[0] = {HeadClass::kDiffuse, 0.5f, 4};
+  advice[1] = {HeadClass::kRetrieval, 0.02f, 1};
+  advice[2] = {HeadClass::kLocal, 0.003f, 1};
+  advice[3] = {HeadClass::kUnknown, -1.0f, 1};
+  std::vector<SegmentRule> rules(4);
+  SelectOutputs out{rules};
+  OutputAware().select(inputs(pages, advice, 0.05), out);
+  int sum = 0;
+  for (const auto& r : rules) sum += r.budget_pages;
+  EXPECT_LE(sum, static_cast<int>(0.05 * 1000 * 4) + 4);  // rounding up per head
+  // The diffuse head needs most and gets most; the local head gets the least.
+  EXPECT_GT(rules[0].budget_pages, rules[1].budget_pages);
+  EXPECT_GT(rules[1].budget_pages, rules[2].budget_pages);
+  EXPECT_EQ(rules[0].granularity_pages, 4);
+  for (const auto& r : rules) {
+    EXPECT_GE(r.budget_pages, 3);
+    EXPECT_GT(r.mass_threshold, 0.0f);
+  }
+}
+
+TEST(OutputAware, SharesUnusedBudgetWhenHeadsNeedLess) {
+  std::vector<int> pages{1000};
+  std::vector<HeadAdvice> advice(2, HeadAdvice{HeadClass::kRetrieval, 0.001f, 1});
+  std::vector<SegmentRule> rules(2);
+  SelectOutputs out{rules};
+  OutputAware().select(inputs(pages, advice, 0.05), out);
+  EXPECT_GE(rules[0].budget_pages + rules[1].budget_pages, 99);  // the whole average budget is available
+}
+
+TEST(OnlineHeadProfile, ClassifiesFromWhatTheMassRuleNeeded) {
+  OnlineHeadProfile p;
+  EXPECT_EQ(p.advise(0, 0).head_class, HeadClass::kUnknown);
+  for (int step = 0; step < 5; ++step) {
+    p.observe({0, 0, 0, 1000, 3, 100, 3, true});    // forced pages carried the mass: local
+    p.observe({0, 0, 1, 1000, 20, 100, 3, true});   // few pages: retrieval
+    p.observe({0, 0, 2, 1000, 300, 400, 3, true});  // many pages: diffuse
+  }
+  EXPECT_EQ(p.advise(0, 0).head_class, HeadClass::kLocal);
+  EXPECT_EQ(p.advise(0, 1).head_class, HeadClass::kRetrieval);
+  EXPECT_NEAR(p.advise(0, 1).expected_share, 0.02f, 1e-3f);
+  EXPECT_EQ(p.advise(0, 2).head_class, HeadClass::kDiffuse);
+  EXPECT_GT(p.advise(0, 2).granularity_pages, 1);
+  EXPECT_EQ(p.advise(1, 0).head_class, HeadClass::kUnknown);  // another layer learned nothing
+}
+
+TEST(OnlineHeadProfile, CappedCountsRaiseTheEstimate) {
+  OnlineHeadProfile p;
+  p.observe({0, 0, 0, 1000, 50, 100, 3, true});
+  const float before = p.advise(0, 0).expected_share;
+  p.observe({0, 0, 0, 1000, 100, 100, 3, true});  // hit the cap: needed at least this much
+  EXPECT_GT(p.advise(0, 0).expected_share, before);
+  p.observe({0, 0, 0, 1000, 100, 100, 3, false});  // top-k counts say nothing about need
+  EXPECT_THROW(p.observe({-1, -1, 0, 1000, 1, 1, 1, true}), InvalidArgument);
+}
+
+TEST(HybridGenFeedback, MovesTheShareByItsFactorsAndResetsPerRequest) {
+  HybridGenFeedback s;
+  std::vector<SeqId> rows{7};
+  std::vector<int> pages{100};
+  std::vector<SegmentRule> rules(1, SegmentRule{10, 0, 1});
+  std::vector<PageRange> ranges(1);
+  ScheduleOutputs out{ranges};
+  ScheduleInputs in{0, 1, 1, 2, true, 0.0, 8192, 768, rows, pages, rules};
+  s.schedule(in, out);
+  EXPECT_EQ(ranges[0].begin, 1);
+  EXPECT_EQ(ranges[0].end, 1 + 49);  // half of the 97 non-forced pages, rounded
+  s.feedback({rows, 10.0, 20.0, 5, 5});  // CPU faster: grow
+  EXPECT_NEAR(s.cpu_share(7), 0.6, 1e-12);
+  s.feedback({rows, 30.0, 20.0, 5, 5});  // CPU slower: shrink
+  EXPECT_NEAR(s.cpu_share(7), 0.48, 1e-12);
+  s.reset(7);
+  EXPECT_NEAR(s.cpu_share(7), 0.5, 1e-12);
+  for (int i = 0; i < 100; ++i) s.feedback({rows, 1.0, 20.0, 5, 5});
+  EXPECT_LE(s.cpu_share(7), 0.95);
+}
+
+TEST(Priority, GivesTheCpuNothingWhenTheGpuReadsFromHbm) {
+  Priority s;
+  std::vector<SeqId> rows{1};
+  std::vector<int> pages{8192};
+  std::vector<SegmentRule> rules(8, SegmentRule{410, 0, 1});
+  std::vector<PageRange> ranges(1);
+  ScheduleOutputs out{ranges};
+  ScheduleInputs hot{0, 8, 1, 2, true, 1.0, 8192, 768, rows, pages, rules};
+  s.schedule(hot, out);
+  EXPECT_EQ(ranges[0].size(), 0);
+  ScheduleInputs cold{0, 8, 1, 2, true, 0.0, 8192, 768, rows, pages, rules};
+  s.schedule(cold, out);
+  EXPECT_GT(ranges[0].size(), 0);  // zero-copy reads are slower than the CPU's DRAM reads
+  EXPECT_LT(ranges[0].size(), 8192);
+  const int cold_share = ranges[0].size();
+  // The CPU measured slower than predicted: it gets less next time.
+  s.feedback({rows, 1e4, 10.0, 100, 100});
+  s.schedule(cold, out);
+  EXPECT_LT(ranges[0].size(), cold_share);
+  ScheduleInputs no_gpu{0, 8, 1, 2, false, 0.0, 8192, 768, rows, pages, rules};
+  s.schedule(no_gpu, out);
+  EXPECT_EQ(ranges[0].size(), 8192 - 3);
+}
+
+}  // namespace
+}  // namespace hattn
