@@ -27,11 +27,11 @@ struct Segment {
   int exclude_begin, exclude_end;
   int sink_end;      // positions [0, sink_end) are forced
   int local_begin;   // positions [local_begin, n) are forced
-  bool rank_forced;  // whether forced positions compete in the ranking (mass mode) or not (top-k)
 
   __device__ bool allowed(int i) const { return i < exclude_begin || i >= exclude_end; }
   __device__ bool forced(int i) const { return i < sink_end || i >= local_begin; }
-  __device__ bool ranked(int i) const { return allowed(i) && (rank_forced || !forced(i)); }
+  // Forced positions are selected anyway: only the others compete for the budget.
+  __device__ bool ranked(int i) const { return allowed(i) && !forced(i); }
 };
 
 /// Result of a radix descent: the key of the last ranked position taken and how many positions
@@ -40,6 +40,11 @@ struct Cut {
   std::uint32_t key;
   int take_equal;
 };
+
+/// exp(score - max), the page's share of the softmax before normalisation; NaN counts as no mass.
+__device__ __forceinline__ float page_mass(float score, float max_score) {
+  return score == score ? __expf(score - max_score) : 0.0f;
+}
 
 struct SelectShared {
   int count[kBins];
@@ -149,7 +154,7 @@ __device__ Cut radix_descent(const Segment& seg, SelectShared& sh, int m, float 
       if ((k & mask) != prefix) continue;
       const int bin = (k >> shift) & (kBins - 1);
       atomicAdd(&sh.count[bin], 1);
-      if (kByMass) atomicAdd(&sh.mass[bin], __expf(s - max_score));
+      if (kByMass) atomicAdd(&sh.mass[bin], page_mass(s, max_score));
     }
     __syncthreads();
     if (threadIdx.x < detail::kWarp) pick_bin<kByMass>(sh, shift);
@@ -159,7 +164,7 @@ __device__ Cut radix_descent(const Segment& seg, SelectShared& sh, int m, float 
   Cut cut{sh.prefix, 0};
   if (kByMass) {
     // count_above counts keys strictly above the final key; take enough equal keys for the mass.
-    const float each = __expf(detail::key_value(cut.key) - max_score);
+    const float each = page_mass(detail::key_value(cut.key), max_score);
     int equal = 0;
     for (int i = threadIdx.x; i < seg.n; i += blockDim.x)
       equal += seg.ranked(i) && detail::order_key(seg.scores[i]) == cut.key;
@@ -220,8 +225,7 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
               p.exclude_begin ? p.exclude_begin[b] : 0,
               p.exclude_end ? p.exclude_end[b] : 0,
               min(max(p.sink_pages, 0), n),
-              max(n - max(p.local_pages, 0), 0),
-              by_mass};
+              max(n - max(p.local_pages, 0), 0)};
   const int budget = p.budget_pages[s];
 
   // Ranked positions and forced positions actually selected (inside the allowed range).
@@ -230,10 +234,8 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     if (!seg.allowed(i)) continue;
     forced += seg.forced(i);
-    if (seg.ranked(i)) {
-      ++ranked;
-      max_score = fmaxf(max_score, seg.scores[i]);
-    }
+    ranked += !seg.forced(i);
+    max_score = fmaxf(max_score, seg.scores[i]);  // fmaxf drops NaN
   }
   const auto add = [](int a, int c) { return a + c; };
   ranked = detail::block_reduce(ranked, add, sh.iscratch);
@@ -248,12 +250,24 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
     max_score = detail::block_reduce(max_score, [](float a, float c) { return fmaxf(a, c); }, sh.fscratch);
     take = ranked;
     if (p.mass_threshold < 1.0f && ranked > 0) {
-      float total = 0.0f;
-      for (int i = threadIdx.x; i < n; i += blockDim.x)
-        if (seg.ranked(i)) total += __expf(seg.scores[i] - max_score);
-      total = detail::block_reduce(total, [](float a, float c) { return a + c; }, sh.fscratch);
-      cut = radix_descent<true>(seg, sh, 0, p.mass_threshold * total, max_score);
-      mass_take = sh.count_above + cut.take_equal;
+      // PSA: the forced pages' mass counts toward the threshold; the ranked pages add the rest.
+      float total = 0.0f, forced_mass = 0.0f;
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (!seg.allowed(i)) continue;
+        const float w = page_mass(seg.scores[i], max_score);
+        total += w;
+        if (seg.forced(i)) forced_mass += w;
+      }
+      const auto sum = [](float a, float c) { return a + c; };
+      total = detail::block_reduce(total, sum, sh.fscratch);
+      forced_mass = detail::block_reduce(forced_mass, sum, sh.fscratch);
+      const float target = p.mass_threshold * total - forced_mass;
+      if (target <= 0.0f) {
+        mass_take = 0;
+      } else {
+        cut = radix_descent<true>(seg, sh, 0, target, max_score);
+        mass_take = sh.count_above + cut.take_equal;
+      }
       take = mass_take;
     }
     take = min(take, max(budget, 0));
@@ -263,7 +277,6 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
     mode = 0;
   } else if (take >= ranked) {
     mode = 1;
-    // In mass mode forced positions are ranked too; "all ranked" is "all allowed" either way.
   } else {
     mode = 2;
     if (take != mass_take) cut = radix_descent<false>(seg, sh, take, 0.0f, 0.0f);

@@ -38,8 +38,10 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
   }
 }
 
-/// Float bits mapped to an unsigned key with the same order (larger float, larger key).
+/// Float bits mapped to an unsigned key with the same order (larger float, larger key); NaN maps to
+/// 0, below every number, so it ranks lowest (as the CPU selection does).
 __device__ __forceinline__ std::uint32_t order_key(float f) {
+  if (f != f) return 0u;
   const std::uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }

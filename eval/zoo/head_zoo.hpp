@@ -77,6 +77,9 @@ class HeadZoo {
   /// Precomputes per-head structure (kinds, needle and distractor spans, directions) and a rotary
   /// table for positions [0, context_tokens + max_steps). Throws InvalidArgument for a bad config.
   explicit HeadZoo(ZooConfig config, int max_steps = 64);
+  ~HeadZoo();
+  HeadZoo(HeadZoo&&) noexcept;
+  HeadZoo& operator=(HeadZoo&&) noexcept;
 
   const ZooConfig& config() const noexcept { return config_; }
   /// The generated shape: the model's heads with layers = number of generated layers.

@@ -118,6 +118,13 @@ class HybridAttention {
   /// Stats of the last run() of `layer`; blocks until the enqueued work has finished.
   const StepStats& stats(int layer) { return engine_.wait_stats(layer); }
 
+  /// (page, KV head) blocks the HBM cache can hold (0 without one); times the block bytes, its HBM.
+  std::int64_t hbm_cache_blocks() const noexcept { return engine_.hbm_cache_blocks(); }
+  /// The HBM cache's hits, misses, admissions and PCIe bytes of the latest step (waits for its GPU work).
+  CacheStepStats cache_stats() { return engine_.cache_step_stats(); }
+  /// Recent share of GPU-side blocks found in the HBM cache, as the scheduler sees it.
+  double hbm_hit_rate() const noexcept { return engine_.hbm_hit_rate(); }
+
   const Config& config() const noexcept { return engine_.config(); }
   Backend backend() const noexcept { return engine_.backend(); }
   CpuIsa cpu_isa() const noexcept { return engine_.cpu_isa(); }

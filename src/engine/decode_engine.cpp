@@ -91,15 +91,9 @@ void DecodeEngine::append(SeqId seq, int layer, const TensorView& keys, const Te
 }
 
 void DecodeEngine::release(SeqId seq) {
+  require(impl_->store.contains(seq), "HybridAttention::release", "sequence id", seq, "a live sequence");
 #if HATTN_WITH_CUDA
-  if (impl_->gpu) {
-    std::vector<PageId> pages;
-    for (int l = 0; l < impl_->config.shape.layers; ++l) {
-      const auto p = impl_->store.pages(seq, l);
-      pages.insert(pages.end(), p.begin(), p.end());
-    }
-    impl_->gpu->forget_pages(pages);
-  }
+  if (impl_->gpu) impl_->gpu->release(seq);
 #endif
   impl_->store.release(seq);
 }
@@ -129,6 +123,20 @@ double DecodeEngine::hbm_hit_rate() const noexcept {
   if (impl_->gpu) return impl_->gpu->hbm_hit_rate();
 #endif
   return 0.0;
+}
+
+std::int64_t DecodeEngine::hbm_cache_blocks() const noexcept {
+#if HATTN_WITH_CUDA
+  if (impl_->gpu) return impl_->gpu->hbm_slots();
+#endif
+  return 0;
+}
+
+CacheStepStats DecodeEngine::cache_step_stats() {
+#if HATTN_WITH_CUDA
+  if (impl_->gpu) return impl_->gpu->cache_step_stats();
+#endif
+  return {};
 }
 
 void DecodeEngine::run(const LayerWork& work, const TensorView& queries, const TensorView& output,

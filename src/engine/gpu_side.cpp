@@ -17,6 +17,8 @@
 #include "hattn/kernels/cuda_decode.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kv/device_kv_cache.hpp"
+#include <unordered_map>
 
 namespace hattn::detail {
 namespace {
@@ -118,6 +120,16 @@ struct GpuSide::Impl {
   std::size_t planned_pages = 0;
   int planned_batch = 0;
 
+  // The HBM cache and the request slots it knows sequences by.
+  std::unique_ptr<DeviceKVCache> cache;
+  cudaStream_t side_stream = nullptr;
+  std::unordered_map<SeqId, std::int32_t> request_of;
+  std::vector<std::int32_t> free_requests;
+  std::uint32_t step = 0;
+  std::uint32_t steps_since_resize = 0;
+  double hit_rate = 0.0;
+  BudgetPolicy budget_policy{};
+
   // The CPU side's driver thread: runs each hybrid layer's CPU work off the caller's thread.
   std::mutex jobs_mutex;
   std::condition_variable jobs_cv;
@@ -142,7 +154,54 @@ struct GpuSide::Impl {
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&clock_stream, cudaStreamNonBlocking));
     HATTN_CUDA_CHECK(cudaEventCreate(&anchor));
     reanchor();
+    open_cache();
     driver = std::thread([this] { drive(); });
+  }
+
+  void open_cache() {
+    const PageLayout& l = store.layout();
+    const std::size_t block = 2 * l.head_block_elems() * dtype_bytes(l.dtype);
+    const std::size_t slots = config.hbm_cache_bytes / block;
+    if (slots == 0) return;
+    DeviceKVCacheConfig cc;
+    cc.slots = static_cast<std::int32_t>(std::min<std::size_t>(slots, INT32_MAX));
+    cc.max_requests = config.max_batch;
+    cc.max_batch = std::min(config.max_batch, 128);
+    const std::int64_t keys = store.pool().capacity_pages() * config.shape.kv_heads;
+    cc.max_selected = static_cast<std::int32_t>(std::clamp<std::int64_t>(keys, 1 << 16, 1 << 25));
+    cc.layers = config.shape.layers;
+    cache = std::make_unique<DeviceKVCache>(store.pool(), cc);
+    for (std::int32_t r = cc.max_requests - 1; r >= 0; --r) free_requests.push_back(r);
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream, cudaStreamNonBlocking));
+  }
+
+  // A request slot for each new row, with a share of the unbudgeted slots until the first resize.
+  void admit_rows(std::span<const SeqId> rows) {
+    if (!cache) return;
+    for (SeqId seq : rows) {
+      if (request_of.count(seq)) continue;
+      require(!free_requests.empty(), "HybridAttention::plan", "live requests", request_of.size() + 1,
+              concat("<= Config::max_batch (", config.max_batch, ")").c_str());
+      const std::int32_t r = free_requests.back();
+      std::int64_t budgeted = 0;
+      for (const auto& [s, other] : request_of) budgeted += cache->request_stats(other).budget_slots;
+      const std::int64_t free_slots = cache->config().slots - budgeted;
+      cache->open_request(r, static_cast<std::int32_t>(std::max<std::int64_t>(0, free_slots / 2)));
+      free_requests.pop_back();
+      request_of.emplace(seq, r);
+    }
+  }
+
+  // Every few steps, budgets follow each request's working set and hit rate (SPIN), and the hit
+  // rate the scheduler plans with is refreshed. Both read the cache's counters, which waits for
+  // its GPU work, so not every step.
+  void refresh_cache_view() {
+    if (!cache || ++steps_since_resize < 8) return;
+    steps_since_resize = 0;
+    const CacheStepStats s = cache->step_stats();
+    const double looked_up = static_cast<double>(s.counters.hits + s.counters.misses);
+    if (looked_up > 0) hit_rate = static_cast<double>(s.counters.hits) / looked_up;
+    cache->resize_budgets(budget_policy);
   }
 
   ~Impl() {
@@ -160,6 +219,8 @@ struct GpuSide::Impl {
     }
     cudaEventDestroy(anchor);
     cudaStreamDestroy(clock_stream);
+    cache.reset();
+    if (side_stream) cudaStreamDestroy(side_stream);
   }
 
   // Event times become host times through an anchor event recorded on an idle stream.
@@ -268,6 +329,9 @@ struct GpuSide::Impl {
   }
 
   void prepare(std::span<const SeqId> rows) {
+    admit_rows(rows);
+    refresh_cache_view();
+    ++step;
     // One more page per row than now: each layer may append a token between plan() and run().
     std::size_t pages = 0;
     for (SeqId seq : rows)
@@ -277,7 +341,7 @@ struct GpuSide::Impl {
     const std::size_t heads = config.shape.kv_heads;
     const std::size_t qrows = batch * config.shape.q_heads;
     const std::size_t dim = config.shape.head_dim;
-    const std::size_t meta = 2 * (batch + 1) + total + 4 * batch * heads + 2 * batch;
+    const std::size_t meta = 2 * (batch + 1) + total + 4 * batch * heads + 3 * batch;
     const std::size_t splits = split_count(static_cast<int>(batch));
     if (total > planned_pages || static_cast<int>(batch) > planned_batch) {
       for (Slot& slot : slots) {
@@ -346,7 +410,9 @@ struct GpuSide::Impl {
     std::int32_t* excl_begin = budget + batch * heads;
     std::int32_t* excl_end = excl_begin + batch;
     std::int32_t* sel_offset = excl_end + batch;
-    const std::int32_t* meta_end = sel_offset + batch * heads;
+    std::int32_t* request_row = sel_offset + batch * heads;
+    const std::int32_t* meta_end = request_row + batch;
+    for (int b = 0; b < batch; ++b) request_row[b] = cache ? request_of.at(work.rows[b]) : -1;
     float threshold = -1;
     bool has_cpu = false;
     for (int b = 0; b < batch; ++b) {
@@ -375,6 +441,7 @@ struct GpuSide::Impl {
     const std::int32_t* d_excl_begin = d_budget + batch * heads;
     const std::int32_t* d_excl_end = d_excl_begin + batch;
     const std::int32_t* d_sel_offset = d_excl_end + batch;
+    const std::int32_t* d_request_row = d_sel_offset + batch * heads;
     HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
 
     const std::size_t qrows = static_cast<std::size_t>(batch) * shape.q_heads;
@@ -433,6 +500,22 @@ struct GpuSide::Impl {
     sel.workspace = slot.select_workspace.get();
     cuda::launch_select_pages(sel, s);
 
+    if (cache) {
+      CacheStepParams cp;
+      cp.page_table = d_table;
+      cp.page_indptr = d_indptr;
+      cp.selected = slot.selected.get();
+      cp.selected_offset = d_sel_offset;
+      cp.selected_count = slot.selected_count.get();
+      cp.request_of_row = d_request_row;
+      cp.batch = batch;
+      cp.kv_heads = heads;
+      cp.layer = work.layer;
+      cp.step = step;
+      cp.selected_capacity = total * heads;
+      cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
+    }
+
     const int splits = split_count(batch);
     cuda::SparseDecodeParams dp;
     dp.q = q;
@@ -443,6 +526,10 @@ struct GpuSide::Impl {
     dp.selected_offset = d_sel_offset;
     dp.selected_count = slot.selected_count.get();
     dp.host_pages = store.pool().pages_base();
+    if (cache) {
+      dp.slot_of = cache->slot_of();
+      dp.hbm_slots = cache->hbm_slots();
+    }
     dp.batch = batch;
     dp.q_heads = shape.q_heads;
     dp.kv_heads = heads;
@@ -553,9 +640,14 @@ void GpuSide::upload_summaries(std::span<const PageId> pages, cuda::Stream strea
   }
 }
 
-void GpuSide::forget_pages(std::span<const PageId> /*pages*/) {
+void GpuSide::release(SeqId seq) {
   // Pages may still be read by enqueued work; wait for it before they return to the pool.
   for (auto& slot : impl_->slots) impl_->finalize(slot);
+  auto it = impl_->request_of.find(seq);
+  if (it == impl_->request_of.end()) return;
+  impl_->cache->release(it->second);
+  impl_->free_requests.push_back(it->second);
+  impl_->request_of.erase(it);
 }
 
 void GpuSide::prepare(std::span<const SeqId> rows) { impl_->prepare(rows); }
@@ -565,6 +657,8 @@ void GpuSide::run(const LayerWork& work, const float* q, float* out, cuda::Strea
 }
 const StepStats* GpuSide::finished(int layer) { return impl_->finished(layer); }
 const StepStats& GpuSide::wait(int layer) { return impl_->wait(layer); }
-double GpuSide::hbm_hit_rate() const noexcept { return 0.0; }
+double GpuSide::hbm_hit_rate() const noexcept { return impl_->hit_rate; }
+std::int64_t GpuSide::hbm_slots() const noexcept { return impl_->cache ? impl_->cache->config().slots : 0; }
+CacheStepStats GpuSide::cache_step_stats() { return impl_->cache ? impl_->cache->step_stats() : CacheStepStats{}; }
 
 }  // namespace hattn::detail

@@ -8,6 +8,7 @@
 
 #include "cpu_side.hpp"
 #include "hattn/config.hpp"
+#include "hattn/kv/cache_policy.hpp"
 #include "hattn/detail/decode_engine.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 #include "hattn/step_stats.hpp"
@@ -27,8 +28,8 @@ class GpuSide {
                          TensorView& host_keys, TensorView& host_values);
   /// Uploads the summaries of `pages` to the device mirror on `stream`.
   void upload_summaries(std::span<const PageId> pages, cuda::Stream stream);
-  /// Drops what the GPU side holds of released pages (cache slots).
-  void forget_pages(std::span<const PageId> pages);
+  /// Waits for enqueued work that may read the request's pages and drops its HBM cache slots.
+  void release(SeqId seq);
 
   void prepare(std::span<const SeqId> rows);
   void run(const LayerWork& work, const float* q, float* out, cuda::Stream stream, std::uint64_t generation,
@@ -36,6 +37,9 @@ class GpuSide {
   const StepStats* finished(int layer);
   const StepStats& wait(int layer);
   double hbm_hit_rate() const noexcept;
+  /// Blocks of the HBM cache (0 without one) and its totals of the latest step.
+  std::int64_t hbm_slots() const noexcept;
+  CacheStepStats cache_step_stats();
 
  private:
   struct Impl;

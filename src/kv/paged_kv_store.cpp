@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 namespace hattn {
 
@@ -63,22 +64,6 @@ std::span<const float> PagedKVStore::group_summaries(SeqId seq, int layer) const
   return find(seq, "PagedKVStore::group_summaries").layers[layer].groups;
 }
 
-void PagedKVStore::refresh_group(LayerTable& table, std::int64_t group) const {
-  const PageLayout& layout = pool_.layout();
-  const std::int64_t first = group * kPagesPerSummaryGroup;
-  const std::int64_t last = std::min<std::int64_t>(first + kPagesPerSummaryGroup, table.pages.size());
-  std::vector<const std::byte*> summaries;
-  std::vector<int> tokens;
-  for (std::int64_t p = first; p < last; ++p) {
-    summaries.push_back(pool_.summary(table.pages[p]));
-    tokens.push_back(static_cast<int>(std::min<std::int64_t>(layout.page_size, table.length - p * layout.page_size)));
-  }
-  const std::size_t stride = layout.summary_elems();
-  if (table.groups.size() < static_cast<std::size_t>(group + 1) * stride)
-    table.groups.resize(static_cast<std::size_t>(group + 1) * stride);
-  compute_group_summary(layout, summaries, tokens, table.groups.data() + group * stride);
-}
-
 void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const TensorView& values) {
   constexpr const char* kWhere = "PagedKVStore::append";
   check_layer(layer, kWhere);
@@ -95,7 +80,16 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
   const std::int64_t ps = layout.page_size;
   const std::int64_t new_length = table.length + n;
   const std::int64_t pages_needed = (new_length + ps - 1) / ps - static_cast<std::int64_t>(table.pages.size());
-  // All-or-nothing: the only failure after this line would be a bad_alloc of the page table itself.
+  const std::int64_t groups_after = ((new_length + ps - 1) / ps + kPagesPerSummaryGroup - 1) / kPagesPerSummaryGroup;
+  // Every allocation happens before the first write, so a failure leaves the sequence as it was.
+  const std::size_t stride = layout.summary_elems();
+  const std::size_t row_elems = static_cast<std::size_t>(layout.kv_heads) * layout.head_dim;
+  table.pages.reserve(table.pages.size() + static_cast<std::size_t>(pages_needed));
+  table.groups.reserve(static_cast<std::size_t>(groups_after) * stride);
+  table.page_min.resize(row_elems);
+  table.page_max.resize(row_elems);
+  table.page_sum.resize(row_elems);
+  table.group_sum.resize(row_elems);
   std::vector<PageId> fresh;
   try {
     fresh = pool_.allocate(pages_needed);
@@ -105,6 +99,7 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
                                        table.length, "): ", e.what()));
   }
   table.pages.insert(table.pages.end(), fresh.begin(), fresh.end());
+  table.groups.resize(static_cast<std::size_t>(groups_after) * stride);
 
   const std::size_t elem = dtype_bytes(layout.dtype);
   const std::size_t row_bytes = static_cast<std::size_t>(layout.head_dim) * elem;
@@ -120,15 +115,91 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
       std::memcpy(page + layout.value_offset(h, tok) * elem, v_src + src, row_bytes);
     }
   }
-  const std::int64_t first_page = table.length / ps;
-  table.length = new_length;
-  const std::int64_t last_page = (new_length - 1) / ps;
-  for (std::int64_t p = first_page; p <= last_page; ++p) {
-    const int tokens = static_cast<int>(std::min<std::int64_t>(ps, new_length - p * ps));
-    compute_page_summary(layout, pool_.page(table.pages[p]), tokens, pool_.summary(table.pages[p]));
+  switch (layout.dtype) {
+    case DType::kFloat32: update_summaries<float>(table, static_cast<const float*>(keys.data), n); break;
+    case DType::kFloat16: update_summaries<half_t>(table, static_cast<const half_t*>(keys.data), n); break;
+    case DType::kBFloat16: update_summaries<bfloat16_t>(table, static_cast<const bfloat16_t*>(keys.data), n); break;
   }
-  for (std::int64_t g = first_page / kPagesPerSummaryGroup; g <= last_page / kPagesPerSummaryGroup; ++g)
-    refresh_group(table, g);
+  table.length = new_length;
+}
+
+namespace {
+inline float widen(float v) noexcept { return v; }
+inline float widen(half_t v) noexcept { return to_float(v); }
+inline float widen(bfloat16_t v) noexcept { return to_float(v); }
+}  // namespace
+
+// Folds n new keys ([n][kv_heads][head_dim], starting at position table.length) into the running
+// state of the last page and the last coarse group, and publishes both after each page/group or at
+// the end of the append. The running page state is the same fp32 min/max/sum in token order that
+// compute_page_summary() computes from scratch, so both give identical bits; an append costs
+// O(new tokens), not O(page_size) or O(group size).
+template <class T>
+void PagedKVStore::update_summaries(LayerTable& table, const T* keys, std::int64_t n) {
+  const PageLayout& layout = pool_.layout();
+  const std::int64_t ps = layout.page_size;
+  const std::int64_t group_tokens = ps * kPagesPerSummaryGroup;
+  const int dim = layout.head_dim;
+  const std::size_t row_elems = static_cast<std::size_t>(layout.kv_heads) * dim;
+  float* pmin = table.page_min.data();
+  float* pmax = table.page_max.data();
+  float* psum = table.page_sum.data();
+  double* gsum = table.group_sum.data();
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t pos = table.length + i;
+    const std::int64_t page_index = pos / ps;
+    const std::int64_t group = pos / group_tokens;
+    float* g = table.groups.data() + static_cast<std::size_t>(group) * layout.summary_elems();
+    if (pos % ps == 0) {
+      std::fill(pmin, pmin + row_elems, std::numeric_limits<float>::infinity());
+      std::fill(pmax, pmax + row_elems, -std::numeric_limits<float>::infinity());
+      std::fill(psum, psum + row_elems, 0.0f);
+    }
+    if (pos % group_tokens == 0) {
+      for (int h = 0; h < layout.kv_heads; ++h) {
+        std::fill_n(g + layout.summary_offset(h, 0), dim, std::numeric_limits<float>::infinity());
+        std::fill_n(g + layout.summary_offset(h, 1), dim, -std::numeric_limits<float>::infinity());
+      }
+      std::fill(gsum, gsum + row_elems, 0.0);
+    }
+    const T* row = keys + static_cast<std::size_t>(i) * row_elems;
+    for (int h = 0; h < layout.kv_heads; ++h) {
+      float* glo = g + layout.summary_offset(h, 0);
+      float* ghi = g + layout.summary_offset(h, 1);
+      const std::size_t base = static_cast<std::size_t>(h) * dim;
+      for (int d = 0; d < dim; ++d) {
+        const float k = widen(row[base + d]);
+        pmin[base + d] = std::min(pmin[base + d], k);
+        pmax[base + d] = std::max(pmax[base + d], k);
+        psum[base + d] += k;
+        glo[d] = std::min(glo[d], k);
+        ghi[d] = std::max(ghi[d], k);
+        gsum[base + d] += k;
+      }
+    }
+    const bool last = i == n - 1;
+    if (last || pos % ps == ps - 1) {
+      const int tokens = static_cast<int>(pos % ps) + 1;
+      std::byte* out = pool_.summary(table.pages[page_index]);
+      for (int h = 0; h < layout.kv_heads; ++h) {
+        const std::size_t base = static_cast<std::size_t>(h) * dim;
+        for (int d = 0; d < dim; ++d) {
+          store_from_float(out, layout.summary_offset(h, 0) + d, layout.dtype, pmin[base + d]);
+          store_from_float(out, layout.summary_offset(h, 1) + d, layout.dtype, pmax[base + d]);
+          store_from_float(out, layout.summary_offset(h, 2) + d, layout.dtype,
+                           psum[base + d] / static_cast<float>(tokens));
+        }
+      }
+    }
+    if (last || pos % group_tokens == group_tokens - 1) {
+      const auto tokens = static_cast<double>(pos % group_tokens + 1);
+      for (int h = 0; h < layout.kv_heads; ++h) {
+        float* gmean = g + layout.summary_offset(h, 2);
+        const std::size_t base = static_cast<std::size_t>(h) * dim;
+        for (int d = 0; d < dim; ++d) gmean[d] = static_cast<float>(gsum[base + d] / tokens);
+      }
+    }
+  }
 }
 
 void PagedKVStore::read(SeqId seq, int layer, std::int64_t begin, std::int64_t n, const TensorView& keys_out,

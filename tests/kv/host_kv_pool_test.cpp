@@ -144,7 +144,7 @@ TEST(HostKVPool, RejectsBadLayoutsAndSizesNamingThem) {
 // Threads allocate and free at random, stamp their pages and check the stamps before freeing: a page
 // handed to two owners at once, or a lost id, shows up as a wrong stamp or a wrong final count.
 TEST(HostKVPool, AllocateAndFreeFromSeveralThreads) {
-  constexpr int kCapacity = 64;
+  constexpr int kCapacity = 16;  // one thread alone can want 21 pages: exhaustion happens in any interleaving
   HostKVPool pool(kLayout, kCapacity * kPerPage, HostMemoryRequest::kAligned);
   constexpr int kThreads = 6;
   std::atomic<std::int64_t> exhausted{0};
@@ -162,7 +162,7 @@ TEST(HostKVPool, AllocateAndFreeFromSeveralThreads) {
             for (PageId id : got) std::memset(pool.page(id), stamp, 64);
             held.insert(held.end(), got.begin(), got.end());
           } catch (const OutOfCapacity&) {
-            ++exhausted;  // six threads holding up to 16 pages each can exceed 64: expected
+            ++exhausted;  // expected: the pool is smaller than what the threads want
           }
         } else if (!held.empty()) {
           std::shuffle(held.begin(), held.end(), rng);

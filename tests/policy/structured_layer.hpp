@@ -36,7 +36,7 @@ inline StructuredLayer make_structured_layer(const ModelShape& shape, std::int64
   l.keys.resize(static_cast<std::size_t>(tokens) * shape.kv_heads * dim);
   l.values.resize(l.keys.size());
   for (std::int64_t t = 0; t < tokens; ++t) {
-    float align = 0.0f;
+    float align = -2.0f;  // background: the query points away from it
     if (t < 4) align = 7.0f;                                             // sinks
     else if (t >= tokens - 24) align = 4.0f;                             // local window
     for (auto n : l.needles) if (t == n) align = 9.0f;                   // needles

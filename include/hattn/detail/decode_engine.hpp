@@ -11,6 +11,7 @@
 #include "hattn/core/tensor_view.hpp"
 #include "hattn/kernels/cpu_decode.hpp"
 #include "hattn/kernels/cuda_stream.hpp"
+#include "hattn/kv/cache_policy.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 #include "hattn/policy/concepts.hpp"
 #include "hattn/step_stats.hpp"
@@ -49,6 +50,10 @@ class DecodeEngine {
   int pages(SeqId seq, int layer) const;
   /// Recent share of GPU-side blocks found in HBM (0 without a cache).
   double hbm_hit_rate() const noexcept;
+  /// (page, KV head) blocks the HBM cache holds at most (0 without one).
+  std::int64_t hbm_cache_blocks() const noexcept;
+  /// The HBM cache's totals of the latest step (waits for its GPU work); zeros without a cache.
+  CacheStepStats cache_step_stats();
 
   /// Validates q and out against the batch (cheap shape checks), then enqueues the layer.
   void run(const LayerWork& work, const TensorView& queries, const TensorView& output, cuda::Stream stream);

@@ -17,6 +17,7 @@ constexpr int kPagesPerSummaryGroup = 16;
 
 /// Recomputes the summary of one page from its first `tokens` keys. Min and max are exact in the KV
 /// dtype; the mean is accumulated in fp32 in token order and rounded once to the KV dtype.
+/// PagedKVStore keeps the same numbers incrementally, bit for bit.
 inline void compute_page_summary(const PageLayout& layout, const std::byte* page, int tokens, std::byte* summary) {
   const DType t = layout.dtype;
   const int dim = layout.head_dim;
@@ -40,8 +41,11 @@ inline void compute_page_summary(const PageLayout& layout, const std::byte* page
   }
 }
 
-/// Coarse summary of a group of pages, fp32 [kv_heads][3][head_dim]: min of mins, max of maxes,
-/// token-weighted mean of means. `tokens[i]` is the number of valid tokens of `summaries[i]`.
+/// Coarse summary of a group of pages from their fine summaries alone, fp32 [kv_heads][3][head_dim]:
+/// min of mins, max of maxes, token-weighted mean of means. `tokens[i]` is the number of valid tokens
+/// of `summaries[i]`. For a holder of fine summaries only (e.g. a device cache); min and max equal
+/// PagedKVStore::group_summaries() exactly, the mean within one rounding of the KV dtype (the store
+/// accumulates its coarse mean from the keys themselves).
 inline void compute_group_summary(const PageLayout& layout, std::span<const std::byte* const> summaries,
                                   std::span<const int> tokens, float* out) {
   const int dim = layout.head_dim;

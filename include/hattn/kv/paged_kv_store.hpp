@@ -28,7 +28,9 @@ class PagedKVStore {
   SeqId add_sequence();
   /// Appends `keys` and `values`, host tensors [n_tokens, kv_heads, head_dim] in the KV dtype (the
   /// layout attention projections produce). All pages needed are taken before anything is written:
-  /// on OutOfCapacity or bad input the sequence is unchanged.
+  /// on OutOfCapacity or bad input the sequence is unchanged. Fine and coarse summaries of the
+  /// touched pages are current when it returns. Appends to different sequences may run concurrently;
+  /// appends to one sequence must not overlap each other or readers of that sequence.
   void append(SeqId seq, int layer, const TensorView& keys, const TensorView& values);
   /// Copies tokens [begin, begin + n) back into host tensors [n, kv_heads, head_dim].
   void read(SeqId seq, int layer, std::int64_t begin, std::int64_t n, const TensorView& keys_out,
@@ -39,9 +41,13 @@ class PagedKVStore {
   bool contains(SeqId seq) const;
   std::int64_t length(SeqId seq, int layer) const;
   /// Page ids of `layer` in token order; page i holds tokens [i * page_size, (i + 1) * page_size).
+  /// The span is valid until the next append to this (seq, layer).
   std::span<const PageId> pages(SeqId seq, int layer) const;
   /// Coarse summaries of `layer`, fp32 [groups][kv_heads][3][head_dim], group g covering pages
-  /// [g * kPagesPerSummaryGroup, (g + 1) * kPagesPerSummaryGroup).
+  /// [g * kPagesPerSummaryGroup, (g + 1) * kPagesPerSummaryGroup): element-wise min and max of the
+  /// group's keys (exact) and their mean (accumulated in double, rounded once to fp32).
+  /// Fine summaries (per page, in the KV dtype) are in pool().summary(page): see compute_page_summary.
+  /// The span is valid until the next append to this (seq, layer).
   std::span<const float> group_summaries(SeqId seq, int layer) const;
   std::vector<SeqId> sequences() const;
 
@@ -55,6 +61,10 @@ class PagedKVStore {
     std::vector<PageId> pages;
     std::int64_t length = 0;
     std::vector<float> groups;  // [groups][kv_heads][3][head_dim]
+    // Running state of the last page (fp32, as compute_page_summary accumulates) and of the last
+    // coarse group (double sum), each [kv_heads][head_dim]: appends cost O(new tokens).
+    std::vector<float> page_min, page_max, page_sum;
+    std::vector<double> group_sum;
   };
   struct Sequence {
     std::vector<LayerTable> layers;
@@ -63,7 +73,8 @@ class PagedKVStore {
   const Sequence& find(SeqId seq, const char* where) const;
   Sequence& find(SeqId seq, const char* where);
   void check_layer(int layer, const char* where) const;
-  void refresh_group(LayerTable& table, std::int64_t group) const;
+  template <class T>
+  void update_summaries(LayerTable& table, const T* keys, std::int64_t n);
 
   ModelShape shape_;
   HostKVPool pool_;

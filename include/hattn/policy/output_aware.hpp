@@ -51,7 +51,7 @@ class OutputAware {
       const double free_need = sum_need - static_cast<double>(forced) * in.kv_heads;
       const double factor = free_need > 0 ? free_total / free_need : 0.0;
       for (int h = 0; h < in.kv_heads; ++h) {
-        const double extra = (need_[h] - forced) * factor;
+        const double extra = free_need > 0 ? (need_[h] - forced) * factor : free_total / in.kv_heads;
         const int cap = std::clamp(static_cast<int>(std::ceil(forced + extra)), forced, n);
         out.rules[b * in.kv_heads + h] =
             SegmentRule{cap, tuning_.mass_threshold, std::max(1, in.advice[h].granularity_pages)};

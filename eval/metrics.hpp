@@ -1,0 +1,226 @@
+#pragma once
+// Accuracy metrics of one decode step of one layer against exact attention: output relative L2
+// error, LSE error, attention-mass recall of the selected pages, needle hit, budget used.
+//
+// The exact side is computed here in double over the same bf16 keys and values the object stores
+// (tests check it equals reference::decode); it also yields each page's exact share of the softmax
+// mass, which reference::decode does not expose. The selected pages of a run are replayed with the
+// kernels' own CPU scoring and selection (cpu_score_pages, cpu_select_top_k / cpu_select_mass, the
+// widening to aligned runs) under the rules the plan carried, and checked against the counts the
+// object reports in StepStats::selected_pages.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "hattn/core/dtype.hpp"
+#include "hattn/core/error.hpp"
+#include "hattn/core/model_shape.hpp"
+#include "hattn/kernels/cpu_select.hpp"
+#include "hattn/kv/paged_kv_store.hpp"
+#include "hattn/policy/concepts.hpp"
+
+namespace hattn::eval {
+
+/// Exact attention of one query over every token of one layer.
+struct ExactLayer {
+  int pages = 0;                  ///< pages of page_size tokens (the last may be partial)
+  std::vector<double> out;        ///< [q_heads][head_dim]
+  std::vector<double> lse;        ///< [q_heads], natural log of sum exp(scale * q.k)
+  std::vector<double> page_mass;  ///< [q_heads][pages]: each page's share of the softmax mass
+};
+
+/// keys, values: [n][kv_heads][head_dim] bf16 (the zoo's and the engine's append layout); q:
+/// [q_heads][head_dim] fp32. Accumulates in double; KV heads run on up to `threads` threads.
+inline ExactLayer exact_layer(std::span<const bfloat16_t> keys, std::span<const bfloat16_t> values, std::int64_t n,
+                              const ModelShape& shape, std::span<const float> q, double scale, int page_size,
+                              int threads = 0) {
+  const int dim = shape.head_dim, heads = shape.kv_heads, group = shape.group_size();
+  const std::size_t need = static_cast<std::size_t>(n) * heads * dim;
+  detail::require(keys.size() >= need && values.size() >= need, "exact_layer", "keys/values size",
+                  std::min(keys.size(), values.size()), detail::concat(">= n * kv_heads * head_dim = ", need).c_str());
+  detail::require(q.size() == static_cast<std::size_t>(shape.q_heads) * dim, "exact_layer", "q.size()", q.size(),
+                  "q_heads * head_dim");
+  detail::require(page_size > 0, "exact_layer", "page_size", page_size, "> 0");
+  ExactLayer r;
+  r.pages = static_cast<int>((n + page_size - 1) / page_size);
+  r.out.assign(static_cast<std::size_t>(shape.q_heads) * dim, 0.0);
+  r.lse.assign(static_cast<std::size_t>(shape.q_heads), -std::numeric_limits<double>::infinity());
+  r.page_mass.assign(static_cast<std::size_t>(shape.q_heads) * r.pages, 0.0);
+  auto one_head = [&](int kvh) {
+    std::vector<double> logits(static_cast<std::size_t>(n));
+    for (int g = 0; g < group; ++g) {
+      const int qh = kvh * group + g;
+      const float* qv = &q[static_cast<std::size_t>(qh) * dim];
+      double m = -std::numeric_limits<double>::infinity();
+      for (std::int64_t i = 0; i < n; ++i) {
+        const bfloat16_t* k = &keys[(static_cast<std::size_t>(i) * heads + kvh) * dim];
+        double s = 0;
+        for (int d = 0; d < dim; ++d) s += static_cast<double>(qv[d]) * to_float(k[d]);
+        logits[i] = s * scale;
+        m = std::max(m, logits[i]);
+      }
+      if (n == 0) continue;
+      double sum = 0;
+      double* out = &r.out[static_cast<std::size_t>(qh) * dim];
+      double* mass = &r.page_mass[static_cast<std::size_t>(qh) * r.pages];
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double p = std::exp(logits[i] - m);
+        sum += p;
+        mass[i / page_size] += p;
+        const bfloat16_t* v = &values[(static_cast<std::size_t>(i) * heads + kvh) * dim];
+        for (int d = 0; d < dim; ++d) out[d] += p * to_float(v[d]);
+      }
+      for (int d = 0; d < dim; ++d) out[d] /= sum;
+      for (int p = 0; p < r.pages; ++p) mass[p] /= sum;
+      r.lse[qh] = m + std::log(sum);
+    }
+  };
+  const int workers = std::max(1, std::min(heads, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency())));
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w)
+    pool.emplace_back([&, w] {
+      for (int h = w; h < heads; h += workers) one_head(h);
+    });
+  for (int h = 0; h < heads; h += workers) one_head(h);
+  for (auto& t : pool) t.join();
+  return r;
+}
+
+/// ||out - ref|| / ||ref|| over one row of head_dim values (0 when both are zero).
+inline double relative_l2(std::span<const float> out, std::span<const double> ref) {
+  detail::require(out.size() == ref.size(), "relative_l2", "out.size()", out.size(),
+                  detail::concat("ref.size() = ", ref.size()).c_str());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double e = static_cast<double>(out[i]) - ref[i];
+    num += e * e;
+    den += ref[i] * ref[i];
+  }
+  if (den == 0) return num == 0 ? 0.0 : std::numeric_limits<double>::infinity();
+  return std::sqrt(num / den);
+}
+
+/// Exact softmax mass of the selected pages: sum of page_mass over `selected` (page positions).
+inline double mass_recall(std::span<const double> page_mass, std::span<const std::int32_t> selected) {
+  double s = 0;
+  for (std::int32_t p : selected) {
+    detail::require(p >= 0 && static_cast<std::size_t>(p) < page_mass.size(), "mass_recall", "selected page", p,
+                    detail::concat("in [0, ", page_mass.size(), ")").c_str());
+    s += page_mass[static_cast<std::size_t>(p)];
+  }
+  return s;
+}
+
+/// LSE error of attending only the selected set: |lse(selected) - lse(all)| = -log(mass recall),
+/// natural log. Infinite when nothing was selected.
+inline double lse_error_of_recall(double recall) {
+  return recall > 0 ? std::abs(std::log(std::min(1.0, recall))) : std::numeric_limits<double>::infinity();
+}
+
+/// Whether every page holding a token of [begin, begin + length) is among `selected` (ascending).
+inline bool needle_hit(std::span<const std::int32_t> selected, std::int64_t begin, int length, int page_size) {
+  const auto first = static_cast<std::int32_t>(begin / page_size);
+  const auto last = static_cast<std::int32_t>((begin + length - 1) / page_size);
+  for (std::int32_t p = first; p <= last; ++p)
+    if (!std::binary_search(selected.begin(), selected.end(), p)) return false;
+  return true;
+}
+
+/// Widens each selected page to its aligned run of `g` pages inside [begin, end), as the engine
+/// does for coarse-granularity heads.
+inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin, int end) {
+  if (g <= 1 || positions.empty()) return;
+  std::vector<std::int32_t> wide;
+  for (std::int32_t p : positions) {
+    const int run = p / g * g;
+    for (int i = std::max(run, begin); i < std::min(run + g, end); ++i) wide.push_back(i);
+  }
+  std::sort(wide.begin(), wide.end());
+  wide.erase(std::unique(wide.begin(), wide.end()), wide.end());
+  positions.swap(wide);
+}
+
+/// Replays the selection of one segment (request, KV head) under `rule`: the pages (positions in the
+/// page table, ascending) the rule picks from the page summaries with the CPU kernels. With
+/// cpu_range = the whole table this is exactly what the CPU backend selects. With a split range
+/// (GPU backend) the CPU side's part is replayed exactly and the GPU side's part by the same rule
+/// over the complement with the GPU's share of the budget (budget split as src/engine does it), which
+/// the harness checks against the counts the object reports.
+inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, SeqId seq, int layer, int kv_head,
+                                                  std::span<const float> q_group, float scale,
+                                                  const SegmentRule& rule, int sink_pages, int local_pages,
+                                                  PageRange cpu_range) {
+  const ModelShape& shape = store.shape();
+  const auto table = store.pages(seq, layer);
+  const int n = static_cast<int>(table.size());
+  const int page_size = store.layout().page_size;
+  const std::int64_t length = store.length(seq, layer);
+  const int tail = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
+  std::vector<float> upper(static_cast<std::size_t>(n)), estimate(static_cast<std::size_t>(n));
+  cpu_score_pages(store.pool(), kv_head, q_group, shape.group_size(), scale, table, tail, upper, estimate);
+  const int forced = detail::forced_pages(n, sink_pages, local_pages);
+  const int begin = std::clamp(cpu_range.begin, 0, n), end = std::clamp(cpu_range.end, begin, n);
+  auto select = [&](std::span<const float> up, std::span<const float> est, int budget, int b, int e) {
+    std::vector<std::int32_t> out;
+    if (rule.mass_threshold > 0)
+      cpu_select_mass(est, rule.mass_threshold, budget, sink_pages, local_pages, b, e, out);
+    else
+      cpu_select_top_k(up, budget, sink_pages, local_pages, b, e, out);
+    widen_to_runs(out, rule.granularity_pages, b, e);
+    return out;
+  };
+  if (begin == 0 && end == n) return select(upper, estimate, rule.budget_pages, 0, n);
+  // Budget split between the sides: forced pages stay with the GPU, the rest follows page shares.
+  const int cpu_pages = end - begin;
+  int cpu_budget = 0;
+  if (cpu_pages > 0) {
+    const int free_budget = std::max(0, rule.budget_pages - forced);
+    const double share = static_cast<double>(cpu_pages) / std::max(1, n - forced);
+    cpu_budget = std::clamp(static_cast<int>(std::lround(free_budget * share)), 0, cpu_pages);
+  }
+  const int gpu_budget = std::max(0, rule.budget_pages - cpu_budget);
+  std::vector<std::int32_t> result;
+  if (cpu_pages > 0 && cpu_budget > 0) result = select(upper, estimate, cpu_budget, begin, end);
+  // The GPU side: the same rule over the pages outside the CPU range.
+  std::vector<float> up2 = upper, est2 = estimate;
+  for (int p = begin; p < end; ++p) {
+    up2[p] = -std::numeric_limits<float>::infinity();
+    est2[p] = -std::numeric_limits<float>::infinity();
+  }
+  std::vector<std::int32_t> gpu = select(up2, est2, gpu_budget, 0, n);
+  gpu.erase(std::remove_if(gpu.begin(), gpu.end(), [&](std::int32_t p) { return p >= begin && p < end; }), gpu.end());
+  result.insert(result.end(), gpu.begin(), gpu.end());
+  std::sort(result.begin(), result.end());
+  result.erase(std::unique(result.begin(), result.end()), result.end());
+  return result;
+}
+
+/// Running means of the metrics over (step, layer, head) samples.
+struct MetricSums {
+  double output_error = 0;  ///< sum of per-query-head relative L2 errors
+  double lse_error = 0;     ///< sum of per-query-head |lse(selected) - lse(all)|
+  double mass_recall = 0;   ///< sum of per-query-head mass recall
+  double budget = 0;        ///< sum of per-segment selected share of pages
+  std::int64_t q_samples = 0, segments = 0;
+  std::int64_t needles = 0, needle_hits = 0;
+  std::int64_t replay_checked = 0, replay_matched = 0;  ///< segments whose replayed count matched the object's
+
+  void add(const MetricSums& o) {
+    output_error += o.output_error, lse_error += o.lse_error, mass_recall += o.mass_recall, budget += o.budget;
+    q_samples += o.q_samples, segments += o.segments, needles += o.needles, needle_hits += o.needle_hits;
+    replay_checked += o.replay_checked, replay_matched += o.replay_matched;
+  }
+  double mean_output_error() const { return q_samples ? output_error / q_samples : 0; }
+  double mean_lse_error() const { return q_samples ? lse_error / q_samples : 0; }
+  double mean_mass_recall() const { return q_samples ? mass_recall / q_samples : 0; }
+  double mean_budget() const { return segments ? budget / segments : 0; }
+  /// -1 when no needle was looked for.
+  double needle_hit_rate() const { return needles ? static_cast<double>(needle_hits) / needles : -1; }
+  double replay_match_rate() const { return replay_checked ? static_cast<double>(replay_matched) / replay_checked : -1; }
+};
+
+}  // namespace hattn::eval

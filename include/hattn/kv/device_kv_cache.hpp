@@ -1,0 +1,137 @@
+#pragma once
+// The HBM page cache (DESIGN.md data model and step 7; SPIN's locality-aware KV manager, PSA's
+// unified GPU memory): a fixed pool of slots in HBM shared by every sequence and layer, each slot
+// one (page, KV head) block [2][page_size][head_dim] (K then V), so heads that select different
+// pages do not drag each other's blocks in. Replacement is a bucketed LRU run by GPU kernels
+// without host synchronisation; each request has a budget of slots that it never exceeds.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "hattn/kernels/cuda_stream.hpp"
+#include "hattn/kv/cache_model.hpp"
+#include "hattn/kv/cache_policy.hpp"
+#include "hattn/kv/device_kv_cache_kernels.hpp"
+#include "hattn/kv/host_kv_pool.hpp"
+
+#if HATTN_WITH_CUDA
+
+struct CUevent_st;
+
+namespace hattn {
+
+/// Sizes of a DeviceKVCache. Every number is fixed for the cache's life.
+struct DeviceKVCacheConfig {
+  std::int32_t slots = 0;            ///< HBM slots (one block each): slots x block_bytes of HBM
+  std::int32_t max_requests = 256;   ///< request slot indices are [0, max_requests)
+  int max_batch = 64;                ///< rows per step call, at most 128
+  std::int32_t max_selected = 1 << 16;  ///< entries of `selected` per call (workspace)
+  int layers = 1;                    ///< layers sharing the cache; step() checks its layer argument
+};
+
+/// One call of DeviceKVCache::step: the selection of one layer for a batch, device arrays in the
+/// SparseDecodeParams convention (include/hattn/kernels/cuda_decode.hpp).
+struct CacheStepParams {
+  const std::int32_t* page_table = nullptr;   ///< page ids, row b at [page_indptr[b], page_indptr[b + 1])
+  const std::int32_t* page_indptr = nullptr;  ///< [batch + 1]
+  /// Selected page positions of segment s = b * kv_heads + h at selected[selected_offset[s] + i],
+  /// i < selected_count[s], distinct within a segment.
+  const std::int32_t* selected = nullptr;
+  const std::int32_t* selected_offset = nullptr;  ///< [batch * kv_heads]
+  const std::int32_t* selected_count = nullptr;   ///< [batch * kv_heads]
+  const std::int32_t* request_of_row = nullptr;   ///< [batch] open request of each row, each at most once
+  int batch = 0;
+  int kv_heads = 0;
+  int layer = 0;
+  std::uint32_t step = 0;         ///< decode step number, the same for every layer of a step; never goes back
+  std::int32_t selected_capacity = 0;  ///< entries of `selected` (host value), <= max_selected
+};
+
+/// Device times of the last step() call when timing is on (events on the side stream).
+struct CacheStepTiming {
+  float maintenance_us = 0;  ///< lookup, plan, eviction, claims and publication
+  float gather_us = 0;       ///< the gather of admitted blocks (PCIe)
+};
+
+/// See the file comment. Host-side operations (open, budgets, pins, invalidate, release, stats)
+/// wait for the cache's GPU work and may block; step() never does.
+class DeviceKVCache {
+ public:
+  /// `pool` must be pinned and mapped (the gather reads it from the GPU) and outlive the cache.
+  DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& config);
+  ~DeviceKVCache();
+  DeviceKVCache(const DeviceKVCache&) = delete;
+  DeviceKVCache& operator=(const DeviceKVCache&) = delete;
+
+  void open_request(std::int32_t request, std::int32_t budget_slots);
+  /// Resizes a budget; a shrink evicts at once. Throws InvalidArgument for a closed request, a
+  /// budget larger than the pool, budgets summing past the pool, or fewer slots than pinned blocks.
+  void set_budget(std::int32_t request, std::int32_t budget_slots);
+  /// Sets every open request's budget from what it showed since the last resize (plan_budgets):
+  /// its selected blocks per step x the policy's multiple. Returns the budgets [max_requests] (-1 closed).
+  std::vector<std::int32_t> resize_budgets(const BudgetPolicy& policy);
+  /// Pins every KV head's block of `pages` (sinks, local window: complete pages only) for `request`;
+  /// blocks not cached are gathered now. Throws OutOfCapacity past the budget.
+  void pin(std::int32_t request, std::span<const PageId> pages);
+  void unpin(std::int32_t request, std::span<const PageId> pages);
+  /// Drops the cached blocks of `pages` that `request` owns (pages about to be freed or rewritten).
+  void invalidate(std::int32_t request, std::span<const PageId> pages);
+  /// Drops every block of `request` and closes it; its slots are free when this returns.
+  void release(std::int32_t request);
+
+  /// One layer of one decode step, after selection, before that layer's decode on
+  /// `compute_stream`: counts hits and misses, refreshes stamps, evicts whole age buckets and
+  /// gathers the misses into claimed slots on `side_stream`, overlapped with the decode. slot_of()
+  /// points only at fully gathered slots, and the next step() makes `compute_stream` wait for this
+  /// call's side work, so no decode reads a slot while it is rewritten. Enqueue order on
+  /// compute_stream must be: selection, step(), decode. Throws InvalidArgument for host arguments
+  /// (layer, batch, kv_heads, step, capacity) before enqueuing anything; a row naming a request
+  /// that is not open is skipped on the device and reported by the next host-side call.
+  void step(const CacheStepParams& params, cuda::Stream compute_stream, cuda::Stream side_stream);
+
+  /// Waits for the cache's GPU work; throws InvalidArgument if a step saw a bad row (then cleared).
+  void synchronize();
+  RequestCacheStats request_stats(std::int32_t request);
+  /// Totals of the latest step number.
+  CacheStepStats step_stats();
+  /// Copy of the device state (for tests and tools).
+  CacheState download_state();
+  std::vector<std::int32_t> download_slot_of();
+  void set_timing(bool on) noexcept { timing_ = on; }
+  /// Times of the last step() (synchronises); zeros unless timing is on.
+  CacheStepTiming last_timing();
+
+  /// [pool_pages * kv_heads] slot of (page, head) or -1, for SparseDecodeParams::slot_of.
+  const std::int32_t* slot_of() const noexcept { return view_.slot_of; }
+  /// [slots][2][page_size][head_dim], for SparseDecodeParams::hbm_slots.
+  const void* hbm_slots() const noexcept { return hbm_slots_; }
+  const CacheShape& shape() const noexcept { return shape_; }
+  const DeviceKVCacheConfig& config() const noexcept { return config_; }
+
+ private:
+  template <class Op>
+  void control(std::int32_t request, Op&& op);
+  void upload_state(const CacheState& state);
+  void check_error();
+  void destroy() noexcept;
+
+  const HostKVPool& pool_;
+  DeviceKVCacheConfig config_;
+  CacheShape shape_;
+  detail::CacheDeviceView view_{};
+  void* hbm_slots_ = nullptr;
+  std::vector<void*> allocations_;
+  cuda::Stream own_stream_ = nullptr;
+  CUevent_st* selected_ready_ = nullptr;
+  CUevent_st* side_done_ = nullptr;
+  CUevent_st* timing_events_[4] = {};
+  bool side_pending_ = false;
+  bool timing_ = false;
+  bool timed_ = false;
+  std::uint32_t last_step_ = 0;
+  std::vector<detail::DeviceRequestCounters> stats_at_resize_;
+};
+
+}  // namespace hattn
+
+#endif  // HATTN_WITH_CUDA

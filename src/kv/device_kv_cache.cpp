@@ -1,0 +1,423 @@
+// Host side of the HBM page cache: allocation, the step's launch sequence and its events, and the
+// rare host-side operations, which run through CacheModel on a downloaded copy of the device state
+// so that the two share one implementation of budgets, pins and release.
+#include "hattn/kv/device_kv_cache.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include "hattn/core/cuda_check.hpp"
+#include "hattn/kernels/cuda_gather.hpp"
+
+namespace hattn {
+namespace {
+
+template <class T>
+void copy_to_host(std::vector<T>& dst, const T* src, std::size_t n) {
+  dst.resize(n);
+  if (n) HATTN_CUDA_CHECK(cudaMemcpy(dst.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost));
+}
+
+template <class T>
+void copy_to_device(T* dst, const std::vector<T>& src) {
+  if (!src.empty()) HATTN_CUDA_CHECK(cudaMemcpy(dst, src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+}  // namespace
+
+DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& config) : pool_(pool), config_(config) {
+  constexpr const char* where = "DeviceKVCache";
+  detail::require(pool.memory_kind() == HostMemoryKind::kPinnedMapped, where, "pool memory", to_string(pool.memory_kind()),
+                  "pinned-mapped (the gather reads pages from the GPU)");
+  detail::require(config.max_batch > 0 && config.max_batch <= 128, where, "max_batch", config.max_batch, "in [1, 128]");
+  detail::require(config.max_selected > 0, where, "max_selected", config.max_selected, "> 0");
+  detail::require(config.layers > 0, where, "layers", config.layers, "> 0");
+  const auto& layout = pool.layout();
+  detail::require(pool.capacity_pages() <= std::numeric_limits<std::int32_t>::max(), where, "pool pages",
+                  pool.capacity_pages(), "< 2^31");
+  shape_ = CacheShape{.slots = config.slots,
+                      .max_requests = config.max_requests,
+                      .pool_pages = static_cast<std::int32_t>(pool.capacity_pages()),
+                      .kv_heads = layout.kv_heads,
+                      .block_bytes = static_cast<std::int64_t>(2 * layout.head_block_elems() * dtype_bytes(layout.dtype))};
+  shape_.validate();
+
+  auto alloc = [&](auto*& ptr, std::size_t count) {
+    void* p = nullptr;
+    HATTN_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(*ptr)));
+    allocations_.push_back(p);
+    ptr = static_cast<std::remove_reference_t<decltype(ptr)>>(p);
+  };
+  const auto S = static_cast<std::size_t>(shape_.slots), R = static_cast<std::size_t>(shape_.max_requests);
+  const auto B = static_cast<std::size_t>(config.max_batch), H = static_cast<std::size_t>(shape_.kv_heads);
+  const auto N = static_cast<std::size_t>(config.max_selected);
+  try {
+    HATTN_CUDA_CHECK(cudaMalloc(&hbm_slots_, S * static_cast<std::size_t>(shape_.block_bytes)));
+    auto& v = view_;
+    alloc(v.slot_key, S), alloc(v.slot_request, S), alloc(v.slot_stamp, S), alloc(v.slot_pinned, S);
+    alloc(v.free_stack, S), alloc(v.slot_of, static_cast<std::size_t>(shape_.keys()));
+    alloc(v.budget, R), alloc(v.used, R), alloc(v.pinned, R), alloc(v.row_of_request, R), alloc(v.request_stats, R);
+    alloc(v.step_stats, 1), alloc(v.scalars, 1);
+    alloc(v.seg_hits, B * H), alloc(v.seg_misses, B * H), alloc(v.seg_bypass, B * H), alloc(v.miss_key, N);
+    alloc(v.row_request, B), alloc(v.row_fresh, B), alloc(v.row_hist, B * kCacheAgeBuckets);
+    alloc(v.row_evict_from, B), alloc(v.row_quota, B);
+    alloc(v.gather_page, N), alloc(v.gather_head, N), alloc(v.gather_slot, N), alloc(v.gather_key, N);
+    v.slots = shape_.slots, v.max_requests = shape_.max_requests, v.max_batch = config.max_batch;
+    v.kv_heads = shape_.kv_heads, v.max_selected = config.max_selected, v.block_bytes = shape_.block_bytes;
+
+    HATTN_CUDA_CHECK(cudaMemset(v.slot_of, 0xff, static_cast<std::size_t>(shape_.keys()) * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.row_of_request, 0xff, R * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.row_hist, 0, B * kCacheAgeBuckets * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.row_fresh, 0, B * sizeof(std::int32_t)));
+    const std::vector<detail::DeviceRequestCounters> zero_stats(R);
+    copy_to_device(v.request_stats, zero_stats);
+    stats_at_resize_ = zero_stats;
+    const CacheStepStats first{};
+    HATTN_CUDA_CHECK(cudaMemcpy(v.step_stats, &first, sizeof(first), cudaMemcpyHostToDevice));
+    const detail::CacheScalars scalars{};
+    HATTN_CUDA_CHECK(cudaMemcpy(v.scalars, &scalars, sizeof(scalars), cudaMemcpyHostToDevice));
+    upload_state(CacheState::empty(shape_));
+
+    cudaStream_t s = nullptr;
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    own_stream_ = s;
+    cudaEvent_t e = nullptr;
+    HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    selected_ready_ = e;
+    HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    side_done_ = e;
+    for (auto& t : timing_events_) {
+      HATTN_CUDA_CHECK(cudaEventCreate(&e));
+      t = e;
+    }
+  } catch (...) {
+    destroy();
+    throw;
+  }
+}
+
+DeviceKVCache::~DeviceKVCache() { destroy(); }
+
+void DeviceKVCache::destroy() noexcept {
+  // Must not throw; outstanding work is waited for so nothing writes freed memory.
+  if (side_done_ && side_pending_) cudaEventSynchronize(side_done_);
+  for (auto* t : timing_events_)
+    if (t) cudaEventDestroy(t);
+  if (selected_ready_) cudaEventDestroy(selected_ready_);
+  if (side_done_) cudaEventDestroy(side_done_);
+  if (own_stream_) cudaStreamDestroy(own_stream_);
+  for (void* p : allocations_) cudaFree(p);
+  if (hbm_slots_) cudaFree(hbm_slots_);
+  allocations_.clear();
+  hbm_slots_ = nullptr;
+  own_stream_ = nullptr;
+  selected_ready_ = side_done_ = nullptr;
+  for (auto& t : timing_events_) t = nullptr;
+}
+
+void DeviceKVCache::upload_state(const CacheState& st) {
+  auto& v = view_;
+  copy_to_device(v.slot_key, st.slot_key);
+  copy_to_device(v.slot_request, st.slot_request);
+  copy_to_device(v.slot_stamp, st.slot_stamp);
+  copy_to_device(v.slot_pinned, st.slot_pinned);
+  copy_to_device(v.free_stack, st.free_stack);
+  copy_to_device(v.budget, st.budget);
+  copy_to_device(v.used, st.used);
+  copy_to_device(v.pinned, st.pinned);
+  HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->free_top, &st.free_top, sizeof(st.free_top), cudaMemcpyHostToDevice));
+}
+
+CacheState DeviceKVCache::download_state() {
+  synchronize();
+  CacheState st;
+  const auto S = static_cast<std::size_t>(shape_.slots), R = static_cast<std::size_t>(shape_.max_requests);
+  copy_to_host(st.slot_key, view_.slot_key, S);
+  copy_to_host(st.slot_request, view_.slot_request, S);
+  copy_to_host(st.slot_stamp, view_.slot_stamp, S);
+  copy_to_host(st.slot_pinned, view_.slot_pinned, S);
+  copy_to_host(st.free_stack, view_.free_stack, S);
+  copy_to_host(st.budget, view_.budget, R);
+  copy_to_host(st.used, view_.used, R);
+  copy_to_host(st.pinned, view_.pinned, R);
+  HATTN_CUDA_CHECK(cudaMemcpy(&st.free_top, &view_.scalars->free_top, sizeof(st.free_top), cudaMemcpyDeviceToHost));
+  return st;
+}
+
+std::vector<std::int32_t> DeviceKVCache::download_slot_of() {
+  synchronize();
+  std::vector<std::int32_t> out;
+  copy_to_host(out, view_.slot_of, static_cast<std::size_t>(shape_.keys()));
+  return out;
+}
+
+void DeviceKVCache::check_error() {
+  detail::CacheScalars sc{};
+  HATTN_CUDA_CHECK(cudaMemcpy(&sc, view_.scalars, sizeof(sc), cudaMemcpyDeviceToHost));
+  if (sc.error == 0) return;
+  const int zero = 0;
+  HATTN_CUDA_CHECK(cudaMemcpy(&view_.scalars->error, &zero, sizeof(zero), cudaMemcpyHostToDevice));
+  if (sc.error == 1)
+    throw InvalidArgument(detail::concat("DeviceKVCache::step: request_of_row[", sc.error_row, "] must be an open request in [0, ",
+                                         shape_.max_requests, ") (got ", sc.error_value, "); the row was skipped"));
+  throw Error("DeviceKVCache::step: the free-slot stack ran dry (budgets summed past the pool); blocks were not admitted");
+}
+
+void DeviceKVCache::synchronize() {
+  if (side_pending_) {
+    HATTN_CUDA_CHECK(cudaEventSynchronize(side_done_));
+    side_pending_ = false;
+  }
+  HATTN_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
+  check_error();
+}
+
+template <class Op>
+void DeviceKVCache::control(std::int32_t request, Op&& op) {
+  CacheModel model(shape_, download_state(), last_step_);
+  const CacheState before = model.state();
+  std::vector<BlockFill> fills = op(model);  // throws before anything on the device changed
+  const CacheState& after = model.state();
+
+  std::vector<BlockKey> keys;
+  std::vector<std::int32_t> values;
+  for (std::int32_t s = 0; s < shape_.slots; ++s)
+    if (before.slot_key[s] >= 0 && before.slot_key[s] != after.slot_key[s]) {
+      keys.push_back(before.slot_key[s]);
+      values.push_back(-1);
+    }
+  upload_state(after);
+  // Counters of what the operation evicted or gathered, added to the request's lifetime ones.
+  if (request >= 0) {
+    detail::DeviceRequestCounters rc{};
+    HATTN_CUDA_CHECK(cudaMemcpy(&rc, view_.request_stats + request, sizeof(rc), cudaMemcpyDeviceToHost));
+    rc.counters += model.request_stats(request).counters;
+    HATTN_CUDA_CHECK(cudaMemcpy(view_.request_stats + request, &rc, sizeof(rc), cudaMemcpyHostToDevice));
+  }
+  const auto n_clear = keys.size();
+  std::vector<std::int32_t> pages, heads, slots;
+  for (const auto& f : fills) {
+    keys.push_back(f.key);
+    values.push_back(f.slot);
+    pages.push_back(f.key / shape_.kv_heads);
+    heads.push_back(f.key % shape_.kv_heads);
+    slots.push_back(f.slot);
+  }
+  if (keys.empty()) return;
+  // One scratch allocation per operation: these calls are rare and may synchronise.
+  const auto n = keys.size();
+  void* raw = nullptr;
+  HATTN_CUDA_CHECK(cudaMalloc(&raw, (2 * n + 3 * pages.size() + 1) * sizeof(std::int32_t)));
+  auto* scratch = static_cast<std::int32_t*>(raw);
+  auto fail_safe = [&](auto&& fn) {
+    try {
+      fn();
+    } catch (...) {
+      cudaFree(scratch);
+      throw;
+    }
+  };
+  fail_safe([&] {
+    HATTN_CUDA_CHECK(cudaMemcpy(scratch, keys.data(), n * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    HATTN_CUDA_CHECK(cudaMemcpy(scratch + n, values.data(), n * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    detail::launch_cache_scatter(view_.slot_of, scratch, scratch + n, static_cast<int>(n_clear), own_stream_);
+    if (!pages.empty()) {
+      auto* dp = scratch + 2 * n;
+      const auto m = pages.size();
+      HATTN_CUDA_CHECK(cudaMemcpy(dp, pages.data(), m * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+      HATTN_CUDA_CHECK(cudaMemcpy(dp + m, heads.data(), m * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+      HATTN_CUDA_CHECK(cudaMemcpy(dp + 2 * m, slots.data(), m * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+      const auto& layout = pool_.layout();
+      cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = dp, .heads = dp + m,
+                           .slots = dp + 2 * m, .count = nullptr, .n = static_cast<int>(m), .kv_heads = layout.kv_heads,
+                           .page_size = layout.page_size, .head_dim = layout.head_dim, .dtype = layout.dtype};
+      cuda::launch_gather_pages(g, own_stream_);
+      // Published only after the gather, in stream order.
+      detail::launch_cache_scatter(view_.slot_of, scratch + n_clear, scratch + n + n_clear,
+                                   static_cast<int>(n - n_clear), own_stream_);
+    }
+    HATTN_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
+  });
+  HATTN_CUDA_CHECK(cudaFree(scratch));
+}
+
+void DeviceKVCache::open_request(std::int32_t request, std::int32_t budget_slots) {
+  control(-1, [&](CacheModel& m) {
+    m.open_request(request, budget_slots);
+    return std::vector<BlockFill>{};
+  });
+  const detail::DeviceRequestCounters zero{};
+  HATTN_CUDA_CHECK(cudaMemcpy(view_.request_stats + request, &zero, sizeof(zero), cudaMemcpyHostToDevice));
+  stats_at_resize_[static_cast<std::size_t>(request)] = zero;
+}
+
+void DeviceKVCache::set_budget(std::int32_t request, std::int32_t budget_slots) {
+  control(request, [&](CacheModel& m) {
+    m.set_budget(request, budget_slots);
+    return std::vector<BlockFill>{};
+  });
+}
+
+std::vector<std::int32_t> DeviceKVCache::resize_budgets(const BudgetPolicy& policy) {
+  synchronize();
+  const auto R = static_cast<std::size_t>(shape_.max_requests);
+  std::vector<detail::DeviceRequestCounters> now;
+  copy_to_host(now, view_.request_stats, R);
+  const CacheState st = download_state();
+  std::vector<std::int32_t> open;
+  std::vector<RequestDemand> demands;
+  for (std::size_t r = 0; r < R; ++r) {
+    if (st.budget[r] < 0) continue;
+    const auto& a = now[r].counters;
+    const auto& b = stats_at_resize_[r].counters;
+    const auto steps = now[r].steps - stats_at_resize_[r].steps;
+    const auto hits = a.hits - b.hits, misses = a.misses - b.misses, bypass = a.bypass - b.bypass;
+    RequestDemand d{.blocks_per_step = steps > 0 ? static_cast<double>(hits + misses + bypass) / static_cast<double>(steps) : 0.0,
+                    .hit_rate = hits + misses > 0 ? static_cast<double>(hits) / static_cast<double>(hits + misses) : 1.0,
+                    .pinned_slots = st.pinned[r]};
+    open.push_back(static_cast<std::int32_t>(r));
+    demands.push_back(d);
+  }
+  const auto planned = plan_budgets(demands, shape_.slots, policy);
+  control(-1, [&](CacheModel& m) {
+    for (int pass = 0; pass < 2; ++pass)  // shrinks first, so the sum never passes the pool
+      for (std::size_t i = 0; i < open.size(); ++i) {
+        const bool shrink = planned[i] < m.state().budget[open[i]];
+        if (shrink == (pass == 0)) m.set_budget(open[i], planned[i]);
+      }
+    return std::vector<BlockFill>{};
+  });
+  stats_at_resize_ = now;
+  std::vector<std::int32_t> out(R, -1);
+  for (std::size_t i = 0; i < open.size(); ++i) out[static_cast<std::size_t>(open[i])] = planned[i];
+  return out;
+}
+
+namespace {
+std::vector<BlockKey> keys_of(std::span<const PageId> pages, int kv_heads) {
+  std::vector<BlockKey> keys;
+  keys.reserve(pages.size() * static_cast<std::size_t>(kv_heads));
+  for (auto p : pages)
+    for (int h = 0; h < kv_heads; ++h) keys.push_back(p * kv_heads + h);
+  return keys;
+}
+}  // namespace
+
+void DeviceKVCache::pin(std::int32_t request, std::span<const PageId> pages) {
+  for (auto p : pages)
+    detail::require(p >= 0 && p < shape_.pool_pages, "DeviceKVCache::pin", "page", p, "a page id of the pool");
+  const auto keys = keys_of(pages, shape_.kv_heads);
+  control(request, [&](CacheModel& m) { return m.pin(request, keys); });
+}
+
+void DeviceKVCache::unpin(std::int32_t request, std::span<const PageId> pages) {
+  for (auto p : pages)
+    detail::require(p >= 0 && p < shape_.pool_pages, "DeviceKVCache::unpin", "page", p, "a page id of the pool");
+  const auto keys = keys_of(pages, shape_.kv_heads);
+  control(request, [&](CacheModel& m) {
+    m.unpin(request, keys);
+    return std::vector<BlockFill>{};
+  });
+}
+
+void DeviceKVCache::invalidate(std::int32_t request, std::span<const PageId> pages) {
+  for (auto p : pages)
+    detail::require(p >= 0 && p < shape_.pool_pages, "DeviceKVCache::invalidate", "page", p, "a page id of the pool");
+  const auto keys = keys_of(pages, shape_.kv_heads);
+  control(request, [&](CacheModel& m) {
+    m.invalidate(request, keys);
+    return std::vector<BlockFill>{};
+  });
+}
+
+void DeviceKVCache::release(std::int32_t request) {
+  control(-1, [&](CacheModel& m) {
+    m.release(request);
+    return std::vector<BlockFill>{};
+  });
+}
+
+void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::Stream side) {
+  constexpr const char* where = "DeviceKVCache::step";
+  detail::require(p.layer >= 0 && p.layer < config_.layers, where, "layer", p.layer,
+                  detail::concat("in [0, layers = ", config_.layers, ")").c_str());
+  detail::require(p.batch >= 0 && p.batch <= config_.max_batch, where, "batch", p.batch,
+                  detail::concat("in [0, max_batch = ", config_.max_batch, "]").c_str());
+  detail::require(p.kv_heads == shape_.kv_heads, where, "kv_heads", p.kv_heads,
+                  detail::concat("the pool's ", shape_.kv_heads).c_str());
+  detail::require(p.step >= last_step_, where, "step", p.step, detail::concat(">= the last step ", last_step_).c_str());
+  detail::require(p.selected_capacity >= 0 && p.selected_capacity <= config_.max_selected, where, "selected_capacity",
+                  p.selected_capacity, detail::concat("in [0, max_selected = ", config_.max_selected, "]").c_str());
+  if (p.batch > 0)
+    detail::require(p.page_table && p.page_indptr && p.selected && p.selected_offset && p.selected_count && p.request_of_row,
+                    where, "device arrays", "a null pointer", "all set");
+  if (side == compute) side = own_stream_;  // the overlap needs two streams
+  last_step_ = p.step;
+  if (p.batch == 0) return;
+
+  // The previous call's evictions and gathers must be finished before this layer's decode reads slot_of.
+  if (side_pending_) HATTN_CUDA_CHECK(cudaStreamWaitEvent(compute, side_done_, 0));
+  HATTN_CUDA_CHECK(cudaEventRecord(selected_ready_, compute));
+  HATTN_CUDA_CHECK(cudaStreamWaitEvent(side, selected_ready_, 0));
+
+  const detail::CacheCallArgs a{.page_table = p.page_table, .page_indptr = p.page_indptr, .selected = p.selected,
+                                .selected_offset = p.selected_offset, .selected_count = p.selected_count,
+                                .request_of_row = p.request_of_row, .batch = p.batch, .step = p.step};
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[0], side));
+  detail::launch_cache_lookup(view_, a, side);
+  detail::launch_cache_plan(view_, a, side);
+  detail::launch_cache_evict(view_, a, side);
+  detail::launch_cache_admit(view_, a, side);
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[1], side));
+  const auto& layout = pool_.layout();
+  const cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
+                             .heads = view_.gather_head, .slots = view_.gather_slot, .count = &view_.scalars->gather_count,
+                             .n = config_.max_selected, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
+                             .head_dim = layout.head_dim, .dtype = layout.dtype};
+  cuda::launch_gather_pages(g, side);
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
+  detail::launch_cache_publish(view_, a, side);
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[3], side));
+  HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
+  side_pending_ = true;
+  timed_ = timing_;
+}
+
+CacheStepTiming DeviceKVCache::last_timing() {
+  synchronize();
+  if (!timed_) return {};
+  float a = 0, b = 0, c = 0;
+  HATTN_CUDA_CHECK(cudaEventElapsedTime(&a, timing_events_[0], timing_events_[1]));
+  HATTN_CUDA_CHECK(cudaEventElapsedTime(&b, timing_events_[1], timing_events_[2]));
+  HATTN_CUDA_CHECK(cudaEventElapsedTime(&c, timing_events_[2], timing_events_[3]));
+  return {.maintenance_us = 1000.0f * (a + c), .gather_us = 1000.0f * b};
+}
+
+RequestCacheStats DeviceKVCache::request_stats(std::int32_t request) {
+  detail::require(request >= 0 && request < shape_.max_requests, "DeviceKVCache::request_stats", "request", request,
+                  detail::concat("in [0, ", shape_.max_requests, ")").c_str());
+  synchronize();
+  detail::DeviceRequestCounters rc{};
+  HATTN_CUDA_CHECK(cudaMemcpy(&rc, view_.request_stats + request, sizeof(rc), cudaMemcpyDeviceToHost));
+  RequestCacheStats out{.counters = rc.counters, .steps = rc.steps};
+  std::int32_t v[3] = {};
+  HATTN_CUDA_CHECK(cudaMemcpy(&v[0], view_.budget + request, sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+  HATTN_CUDA_CHECK(cudaMemcpy(&v[1], view_.used + request, sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+  HATTN_CUDA_CHECK(cudaMemcpy(&v[2], view_.pinned + request, sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+  out.budget_slots = std::max(v[0], 0);
+  out.used_slots = v[1];
+  out.pinned_slots = v[2];
+  return out;
+}
+
+CacheStepStats DeviceKVCache::step_stats() {
+  synchronize();
+  CacheStepStats s{};
+  HATTN_CUDA_CHECK(cudaMemcpy(&s, view_.step_stats, sizeof(s), cudaMemcpyDeviceToHost));
+  return s;
+}
+
+}  // namespace hattn

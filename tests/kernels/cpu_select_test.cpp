@@ -1,0 +1,186 @@
+// CPU scoring and selection: the Quest bound really bounds q.k and matches its formula, the mean-key
+// estimate matches its formula, top-k equals a brute-force sort, forced pages are always present,
+// and the mass rule reaches its threshold with the fewest pages.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "hattn/kernels/cpu_select.hpp"
+#include "hattn/kv/paged_kv_store.hpp"
+
+namespace hattn {
+namespace {
+
+bool forced(int i, int n, int sink, int local) { return i < sink || i >= n - local; }
+
+std::vector<std::int32_t> brute_top_k(const std::vector<float>& s, int k, int sink, int local, int begin, int end) {
+  const int n = static_cast<int>(s.size());
+  std::vector<std::int32_t> cand, out;
+  for (int i = begin; i < end; ++i) (forced(i, n, sink, local) ? out : cand).push_back(i);
+  std::stable_sort(cand.begin(), cand.end(), [&](int a, int b) { return s[a] > s[b]; });
+  const int take = std::clamp(k - static_cast<int>(out.size()), 0, static_cast<int>(cand.size()));
+  out.insert(out.end(), cand.begin(), cand.begin() + take);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST(CpuSelectTopK, EqualsBruteForceSortWithTiesAndForcedPages) {
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 400; ++trial) {
+    const int n = std::uniform_int_distribution<int>(0, 300)(rng);
+    std::vector<float> s(static_cast<std::size_t>(n));
+    // Few distinct values, so ties are common and the lower position must win.
+    for (float& x : s) x = static_cast<float>(std::uniform_int_distribution<int>(-5, 5)(rng));
+    const int k = std::uniform_int_distribution<int>(0, n + 3)(rng);
+    const int sink = std::uniform_int_distribution<int>(0, 4)(rng);
+    const int local = std::uniform_int_distribution<int>(0, 4)(rng);
+    const int begin = n ? std::uniform_int_distribution<int>(0, n / 3)(rng) : 0;
+    const int end = n ? std::uniform_int_distribution<int>(begin, n)(rng) : 0;
+    std::vector<std::int32_t> got;
+    cpu_select_top_k(s, k, sink, local, begin, end, got);
+    ASSERT_EQ(got, brute_top_k(s, k, sink, local, begin, end))
+        << "n " << n << " k " << k << " sink " << sink << " local " << local << " [" << begin << ", " << end << ")";
+    for (int i = begin; i < end; ++i)
+      if (forced(i, n, sink, local)) ASSERT_TRUE(std::binary_search(got.begin(), got.end(), i)) << "forced " << i;
+  }
+}
+
+TEST(CpuSelectTopK, NanScoresRankLowestAndArgumentsAreChecked) {
+  std::vector<float> s = {1.0f, std::nanf(""), 3.0f, 2.0f};
+  std::vector<std::int32_t> got;
+  cpu_select_top_k(s, 3, 0, 0, 0, 4, got);
+  EXPECT_EQ(got, (std::vector<std::int32_t>{0, 2, 3}));
+  EXPECT_THROW(cpu_select_top_k(s, -1, 0, 0, 0, 4, got), InvalidArgument);
+  EXPECT_THROW(cpu_select_top_k(s, 1, 0, 0, 2, 5, got), InvalidArgument);
+  EXPECT_THROW(cpu_select_top_k(s, 1, -1, 0, 0, 4, got), InvalidArgument);
+}
+
+double share(const std::vector<float>& lm, const std::vector<std::int32_t>& sel, int begin, int end) {
+  double top = -INFINITY;
+  for (int i = begin; i < end; ++i) top = std::max(top, static_cast<double>(lm[i]));
+  double total = 0, part = 0;
+  for (int i = begin; i < end; ++i) total += std::exp(lm[i] - top);
+  for (int i : sel) part += std::exp(lm[i] - top);
+  return part / total;
+}
+
+TEST(CpuSelectMass, ReachesTheThresholdWithTheFewestPages) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 400; ++trial) {
+    const int n = std::uniform_int_distribution<int>(1, 400)(rng);
+    std::vector<float> lm(static_cast<std::size_t>(n));
+    // Peaked log-masses (a few heavy pages among many light ones), as attention mass is.
+    for (float& x : lm) x = static_cast<float>(std::normal_distribution<double>(0, 2.5)(rng));
+    const float threshold = std::uniform_real_distribution<float>(0.05f, 1.0f)(rng);
+    const int sink = std::uniform_int_distribution<int>(0, 2)(rng);
+    const int local = std::uniform_int_distribution<int>(0, 3)(rng);
+    const int begin = 0, end = n;
+    std::vector<std::int32_t> got;
+    cpu_select_mass(lm, threshold, n, sink, local, begin, end, got);
+    ASSERT_TRUE(std::is_sorted(got.begin(), got.end()));
+    ASSERT_EQ(std::adjacent_find(got.begin(), got.end()), got.end());
+    for (int i = begin; i < end; ++i)
+      if (forced(i, n, sink, local)) ASSERT_TRUE(std::binary_search(got.begin(), got.end(), i)) << "forced " << i;
+    ASSERT_GE(share(lm, got, begin, end), threshold * (1 - 1e-9)) << "trial " << trial;
+    // Fewest: the added pages are the highest non-forced ones, and dropping the lowest of them
+    // falls below the threshold.
+    std::vector<std::int32_t> added;
+    for (int i : got)
+      if (!forced(i, n, sink, local)) added.push_back(i);
+    if (added.empty()) continue;
+    const auto lowest = *std::min_element(added.begin(), added.end(), [&](int a, int b) {
+      return lm[a] < lm[b] || (lm[a] == lm[b] && a > b);
+    });
+    for (int i = begin; i < end; ++i)
+      if (!forced(i, n, sink, local) && !std::binary_search(got.begin(), got.end(), i))
+        ASSERT_LE(lm[i], lm[lowest]) << "page " << i << " outranks selected page " << lowest;
+    std::vector<std::int32_t> fewer;
+    for (int i : got)
+      if (i != lowest) fewer.push_back(i);
+    EXPECT_LT(share(lm, fewer, begin, end), threshold * (1 + 1e-9)) << "trial " << trial << ": not the fewest";
+  }
+}
+
+TEST(CpuSelectMass, CapAndSubrangeAndFullThreshold) {
+  std::vector<float> lm = {0, 5, 1, 4, 2, 3, 0, 0};
+  std::vector<std::int32_t> got;
+  cpu_select_mass(lm, 1.0f, 2, 0, 0, 0, 8, got);  // would need all 8; the cap keeps the top 2
+  EXPECT_EQ(got, (std::vector<std::int32_t>{1, 3}));
+  cpu_select_mass(lm, 0.5f, 10, 1, 1, 2, 6, got);  // inside [2, 6): no forced page is in range
+  // Masses e^1, e^4, e^2, e^3: e^4 alone is 64% of the range.
+  EXPECT_EQ(got, (std::vector<std::int32_t>{3}));
+  cpu_select_mass(lm, 1.0f, 10, 0, 0, 0, 8, got);
+  EXPECT_EQ(got.size(), 8u);
+  EXPECT_THROW(cpu_select_mass(lm, 0.0f, 10, 0, 0, 0, 8, got), InvalidArgument);
+  EXPECT_THROW(cpu_select_mass(lm, 1.5f, 10, 0, 0, 0, 8, got), InvalidArgument);
+}
+
+// Scores from real summaries: a layer with a planted key per page range.
+TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
+  for (DType dtype : {DType::kBFloat16, DType::kFloat32}) {
+    const ModelShape shape{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .kv_dtype = dtype};
+    const int P = 16, len = 16 * 20 + 7;
+    PagedKVStore store(shape, P, 4 << 20, HostMemoryRequest::kAligned);
+    const SeqId s = store.add_sequence();
+    std::mt19937 rng(5);
+    std::normal_distribution<double> n(0, 1);
+    const std::size_t elems = static_cast<std::size_t>(len) * 2 * 64;
+    std::vector<std::byte> kb(elems * dtype_bytes(dtype)), vb(kb.size());
+    for (std::size_t i = 0; i < elems; ++i) {
+      store_from_float(kb.data(), i, dtype, static_cast<float>(n(rng) * (i % 97 == 0 ? 6 : 1)));
+      store_from_float(vb.data(), i, dtype, static_cast<float>(n(rng)));
+    }
+    store.append(s, 0, TensorView::contiguous(kb.data(), dtype, {len, 2, 64}),
+                 TensorView::contiguous(vb.data(), dtype, {len, 2, 64}));
+    const auto pages = store.pages(s, 0);
+    const PageLayout& layout = store.layout();
+    const int G = 4;
+    std::vector<float> q(static_cast<std::size_t>(G) * 64);
+    for (float& x : q) x = static_cast<float>(n(rng));
+    const float scale = 0.125f;
+    for (int kvh = 0; kvh < 2; ++kvh) {
+      std::vector<float> upper(pages.size()), est(pages.size());
+      const int last_tokens = len - (static_cast<int>(pages.size()) - 1) * P;
+      cpu_score_pages(store.pool(), kvh, q, G, scale, pages, last_tokens, upper, est);
+      for (std::size_t p = 0; p < pages.size(); ++p) {
+        const std::byte* sum = store.pool().summary(pages[p]);
+        const std::byte* page = store.pool().page(pages[p]);
+        const int tokens = p + 1 == pages.size() ? last_tokens : P;
+        double bound = -INFINITY, true_max = -INFINITY, mean_exp = 0;
+        for (int g = 0; g < G; ++g) {
+          double b = 0, dm = 0;
+          for (int d = 0; d < 64; ++d) {
+            const double qd = q[g * 64 + d];
+            b += std::max(qd * load_as_float(sum, layout.summary_offset(kvh, 0) + d, dtype),
+                          qd * load_as_float(sum, layout.summary_offset(kvh, 1) + d, dtype));
+            dm += qd * load_as_float(sum, layout.summary_offset(kvh, 2) + d, dtype);
+          }
+          bound = std::max(bound, scale * b);
+          mean_exp += std::exp(scale * dm) / G;
+          for (int t = 0; t < tokens; ++t) {
+            double dot = 0;
+            for (int d = 0; d < 64; ++d) dot += q[g * 64 + d] * load_as_float(page, layout.key_offset(kvh, t) + d, dtype);
+            true_max = std::max(true_max, scale * dot);
+          }
+        }
+        ASSERT_NEAR(upper[p], bound, 1e-4 * (1 + std::abs(bound))) << "page " << p;
+        ASSERT_GE(upper[p] + 1e-4 * (1 + std::abs(bound)), true_max) << "the Quest bound must bound q.k, page " << p;
+        const double expect_est = std::log(static_cast<double>(tokens)) + std::log(mean_exp);
+        ASSERT_NEAR(est[p], expect_est, 1e-4 * (1 + std::abs(expect_est))) << "page " << p;
+      }
+    }
+    std::vector<float> wrong(1);
+    std::vector<float> upper(pages.size()), est(pages.size());
+    EXPECT_THROW(cpu_score_pages(store.pool(), 0, wrong, G, scale, pages, 7, upper, est), InvalidArgument);
+    EXPECT_THROW(cpu_score_pages(store.pool(), 2, q, G, scale, pages, 7, upper, est), InvalidArgument);
+    EXPECT_THROW(cpu_score_pages(store.pool(), 0, q, G, scale, pages, 0, upper, est), InvalidArgument);
+  }
+}
+
+}  // namespace
+}  // namespace hattn

@@ -1,0 +1,272 @@
+// GPU page scoring against a host evaluation of the same formulas, and GPU selection (top-k and the
+// PSA mass rule) against a host brute force of the same rule.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "cuda_test_support.hpp"
+#include "hattn/kernels/cuda_score.hpp"
+#include "hattn/kernels/cuda_select.hpp"
+
+namespace hattn::test {
+namespace {
+
+// ---- selection brute force: the rule of cpu_select_top_k / cpu_select_mass over the allowed set
+// [0, n) minus [exclude_begin, exclude_end). Ties go to the lower position.
+struct Rule {
+  int sink, local, exclude_begin, exclude_end;
+  bool allowed(int i) const { return i < exclude_begin || i >= exclude_end; }
+  bool forced(int i, int n) const { return i < sink || i >= n - local; }
+};
+
+std::vector<int> by_descending(const std::vector<float>& s, const std::vector<int>& idx) {
+  std::vector<int> order = idx;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return s[a] > s[b]; });
+  return order;
+}
+
+std::vector<std::int32_t> finish(std::vector<char>& take, const std::vector<float>& s, const Rule& r) {
+  const int n = static_cast<int>(s.size());
+  std::vector<std::int32_t> out;
+  for (int i = 0; i < n; ++i)
+    if (r.allowed(i) && (take[i] || r.forced(i, n))) out.push_back(i);
+  return out;
+}
+
+std::vector<std::int32_t> brute_top_k(const std::vector<float>& s, int k, const Rule& r) {
+  const int n = static_cast<int>(s.size());
+  std::vector<int> ranked;
+  int forced = 0;
+  for (int i = 0; i < n; ++i) {
+    if (!r.allowed(i)) continue;
+    if (r.forced(i, n)) ++forced;
+    else ranked.push_back(i);
+  }
+  std::vector<char> take(n, 0);
+  const auto order = by_descending(s, ranked);
+  for (int j = 0; j < std::min<int>(std::max(k - forced, 0), static_cast<int>(order.size())); ++j) take[order[j]] = 1;
+  return finish(take, s, r);
+}
+
+/// PSA rule as cpu_select_mass documents it: forced pages' mass counts toward the threshold, the
+/// fewest other pages (descending, ties to the lower position) are added until the share reaches the
+/// threshold, at most `cap` of them. Also returns the smallest distance between a prefix share and
+/// the threshold, so tests can skip inputs where fp32 and double sums could disagree.
+std::vector<std::int32_t> brute_mass(const std::vector<float>& s, float threshold, int cap, const Rule& r,
+                                     double* margin = nullptr) {
+  const int n = static_cast<int>(s.size());
+  std::vector<int> ranked;
+  double mx = -INFINITY, total = 0, cum = 0;
+  for (int i = 0; i < n; ++i)
+    if (r.allowed(i)) mx = std::max<double>(mx, s[i]);
+  for (int i = 0; i < n; ++i) {
+    if (!r.allowed(i)) continue;
+    total += std::exp(s[i] - mx);
+    if (r.forced(i, n)) cum += std::exp(s[i] - mx);
+    else ranked.push_back(i);
+  }
+  const auto order = by_descending(s, ranked);
+  std::vector<char> take(n, 0);
+  double closest = total > 0 ? std::abs(cum / total - threshold) : 1.0;
+  int taken = 0;
+  for (int i : order) {
+    if (taken >= cap) break;
+    if (threshold < 1.0f && cum >= threshold * total) break;
+    take[i] = 1;
+    ++taken;
+    cum += std::exp(s[i] - mx);
+    closest = std::min(closest, std::abs(cum / total - threshold));
+  }
+  if (margin) *margin = closest;
+  return finish(take, s, r);
+}
+
+struct SelectCase {
+  std::vector<int> pages;  // per request
+  int kv_heads;
+};
+
+void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t seed, bool with_exclude,
+                bool with_ties) {
+  const int batch = static_cast<int>(c.pages.size());
+  std::vector<std::int32_t> indptr{0};
+  for (int n : c.pages) indptr.push_back(indptr.back() + n);
+  const std::int64_t total = static_cast<std::int64_t>(indptr.back()) * c.kv_heads;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> scores(total);
+  for (auto& x : scores) x = with_ties ? std::round(normal(rng)) : normal(rng);
+  std::vector<std::int32_t> budget, eb, ee;
+  for (int b = 0; b < batch; ++b) {
+    const int n = c.pages[b];
+    eb.push_back(with_exclude ? n / 4 : 0);
+    ee.push_back(with_exclude ? n / 2 : 0);
+    for (int h = 0; h < c.kv_heads; ++h) budget.push_back(std::max(1, (n * (5 + 10 * h)) / 100));
+  }
+  cuda::SelectParams p;
+  DeviceBuffer<float> d_scores(scores);
+  DeviceBuffer<std::int32_t> d_indptr(indptr), d_budget(budget), d_eb(eb), d_ee(ee);
+  DeviceBuffer<std::int32_t> d_selected(static_cast<std::size_t>(total)), d_count(static_cast<std::size_t>(batch) * c.kv_heads);
+  const std::size_t ws_bytes = cuda::select_workspace_bytes(indptr.back(), c.kv_heads, batch);
+  DeviceBuffer<std::byte> ws(ws_bytes);
+  p.scores = d_scores.get();
+  p.page_indptr = d_indptr.get();
+  p.batch = batch;
+  p.kv_heads = c.kv_heads;
+  p.budget_pages = d_budget.get();
+  p.mass_threshold = mass ? threshold : 0.0f;
+  p.sink_pages = 2;
+  p.local_pages = 3;
+  p.exclude_begin = with_exclude ? d_eb.get() : nullptr;
+  p.exclude_end = with_exclude ? d_ee.get() : nullptr;
+  p.selected = d_selected.get();
+  p.selected_count = d_count.get();
+  p.workspace = ws.get();
+  cuda::launch_select_pages(p, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto sel = d_selected.download();
+  const auto cnt = d_count.download();
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const int n = c.pages[b];
+      const std::int64_t off = static_cast<std::int64_t>(indptr[b]) * c.kv_heads + static_cast<std::int64_t>(h) * n;
+      std::vector<float> seg(scores.begin() + off, scores.begin() + off + n);
+      const Rule rule{2, 3, eb[b], ee[b]};
+      const int k = budget[b * c.kv_heads + h];
+      double margin = 1;
+      const auto want = mass ? brute_mass(seg, threshold, k, rule, &margin) : brute_top_k(seg, k, rule);
+      if (mass && margin < 1e-4) continue;  // fp32 vs double sums may legitimately disagree here
+      const int got_n = cnt[b * c.kv_heads + h];
+      std::vector<std::int32_t> got(sel.begin() + off, sel.begin() + off + std::max(got_n, 0));
+      EXPECT_EQ(got, want) << "request " << b << " head " << h << " n " << n << " k " << k;
+    }
+}
+
+TEST(CudaSelect, TopKMatchesBruteForce) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const SelectCase c{{1, 7, 300, 2048, 5000}, 3};
+  for (bool ex : {false, true})
+    for (bool ties : {false, true}) run_select(c, false, 0, 1 + ex + 2 * ties, ex, ties);
+}
+
+TEST(CudaSelect, MassThresholdMatchesBruteForce) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const SelectCase c{{1, 9, 400, 3000}, 2};
+  for (float t : {0.5f, 0.9f, 0.99f, 1.0f})
+    for (bool ex : {false, true})
+      for (bool ties : {false, true}) run_select(c, true, t, 17 + ex + 2 * ties, ex, ties);
+}
+
+TEST(CudaSelect, MillionTokenSegmentNeedsNoWorkspace) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  // 1M tokens of 16-token pages: 65536 pages per segment; selection memory stays O(pages).
+  EXPECT_EQ(cuda::select_workspace_bytes(65536, 8, 1), 0u);
+  run_select(SelectCase{{65536}, 2}, false, 0, 5, false, false);
+  run_select(SelectCase{{65536}, 2}, true, 0.8f, 6, true, false);
+}
+
+// ---- scoring
+struct ScoreCase {
+  DType dtype;
+  int dim, page_size, group;
+};
+
+class CudaScore : public ::testing::TestWithParam<ScoreCase> {};
+
+TEST_P(CudaScore, MatchesHostEvaluationOfSummaries) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const auto c = GetParam();
+  const ModelShape shape{1, 2 * c.group, 2, c.dim, c.dtype};
+  StructuredLayer layer(shape, c.page_size, {c.page_size * 30 + 5, c.page_size * 3, 2}, 42u);
+  const PageLayout& lay = layer.store.layout();
+  const int batch = 3, kvh = 2, qh = shape.q_heads;
+  std::vector<std::int32_t> page_table, indptr{0}, seq_len;
+  std::vector<float> q;
+  for (int b = 0; b < batch; ++b) {
+    auto pages = layer.store.pages(layer.seqs[b], 0);
+    page_table.insert(page_table.end(), pages.begin(), pages.end());
+    indptr.push_back(static_cast<std::int32_t>(page_table.size()));
+    seq_len.push_back(static_cast<std::int32_t>(layer.length(b)));
+    q.insert(q.end(), layer.queries[b].begin(), layer.queries[b].end());
+  }
+  const std::size_t summary_bytes = static_cast<std::size_t>(layer.store.pool().capacity_pages()) * lay.summary_bytes();
+  std::vector<std::byte> summaries(layer.store.pool().summaries_base(),
+                                   layer.store.pool().summaries_base() + summary_bytes);
+  DeviceBuffer<std::byte> d_sum(summaries);
+  DeviceBuffer<float> d_q(q);
+  DeviceBuffer<std::int32_t> d_pt(page_table), d_ip(indptr), d_len(seq_len);
+  const std::size_t total = page_table.size() * kvh;
+  DeviceBuffer<float> up(total), est(total);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.dim));
+  cuda::ScoreParams p;
+  p.q = d_q.get();
+  p.summaries = d_sum.get();
+  p.page_table = d_pt.get();
+  p.page_indptr = d_ip.get();
+  p.seq_len = d_len.get();
+  p.batch = batch;
+  p.q_heads = qh;
+  p.kv_heads = kvh;
+  p.head_dim = c.dim;
+  p.page_size = c.page_size;
+  p.dtype = c.dtype;
+  p.scale = scale;
+  p.upper = up.get();
+  p.estimate = est.get();
+  cuda::launch_score_pages(p, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got_up = up.download(), got_est = est.download();
+  for (int b = 0; b < batch; ++b) {
+    const int n = indptr[b + 1] - indptr[b];
+    for (int h = 0; h < kvh; ++h)
+      for (int i = 0; i < n; ++i) {
+        const std::byte* s = layer.store.pool().summary(page_table[indptr[b] + i]);
+        double best = -INFINITY, mean_exp = 0;
+        for (int g = 0; g < c.group; ++g) {
+          const float* qq = &q[(static_cast<std::size_t>(b) * qh + h * c.group + g) * c.dim];
+          double u = 0, dot = 0;
+          for (int d = 0; d < c.dim; ++d) {
+            const double lo = load_as_float(s, lay.summary_offset(h, 0) + d, c.dtype);
+            const double hi = load_as_float(s, lay.summary_offset(h, 1) + d, c.dtype);
+            const double mean = load_as_float(s, lay.summary_offset(h, 2) + d, c.dtype);
+            u += std::max(qq[d] * lo, qq[d] * hi);
+            dot += qq[d] * mean;
+          }
+          best = std::max(best, scale * u);
+          mean_exp += std::exp(scale * dot) / c.group;
+        }
+        const int tokens = std::min<int>(c.page_size, seq_len[b] - i * c.page_size);
+        const double want_est = std::log(static_cast<double>(tokens)) + std::log(mean_exp);
+        const std::size_t at = static_cast<std::size_t>(indptr[b]) * kvh + static_cast<std::size_t>(h) * n + i;
+        // fp32 sums of head_dim products of unit-scale values: ~1e-5 relative.
+        EXPECT_NEAR(got_up[at], best, 1e-3 * std::max(1.0, std::abs(best))) << "b " << b << " h " << h << " i " << i;
+        EXPECT_NEAR(got_est[at], want_est, 1e-3 * std::max(1.0, std::abs(want_est)))
+            << "b " << b << " h " << h << " i " << i;
+      }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypeDimPageGroup, CudaScore,
+                         ::testing::Values(ScoreCase{DType::kBFloat16, 128, 16, 4}, ScoreCase{DType::kFloat16, 64, 32, 1},
+                                           ScoreCase{DType::kBFloat16, 256, 64, 8}, ScoreCase{DType::kFloat16, 128, 16, 8},
+                                           ScoreCase{DType::kBFloat16, 64, 16, 3}));
+
+TEST(CudaScore, RejectsUnsupportedValues) {
+  cuda::ScoreParams p;
+  p.batch = 1;
+  p.q_heads = 4;
+  p.kv_heads = 3;
+  p.page_size = 16;
+  EXPECT_THROW(cuda::launch_score_pages(p, nullptr), InvalidArgument);
+  cuda::SelectParams s;
+  s.batch = 1;
+  s.kv_heads = 1;
+  s.mass_threshold = 1.5f;
+  EXPECT_THROW(cuda::launch_select_pages(s, nullptr), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace hattn::test

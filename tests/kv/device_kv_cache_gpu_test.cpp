@@ -1,0 +1,322 @@
+// DeviceKVCache on the GPU against its host model, call by call: the same hits, misses, owners,
+// budgets and statistics, every cached slot byte-equal to its host block, release freeing every slot.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <random>
+
+#include "hattn/core/cuda_check.hpp"
+#include "hattn/kv/device_kv_cache.hpp"
+
+namespace hattn {
+namespace {
+
+bool have_device() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define REQUIRE_DEVICE() \
+  if (!have_device()) GTEST_SKIP() << "no CUDA device"
+
+/// Device copies of one call's CSR arrays.
+struct DeviceCall {
+  std::vector<std::int32_t*> bufs;
+  ~DeviceCall() {
+    for (auto* p : bufs) cudaFree(p);
+  }
+  const std::int32_t* put(const std::vector<std::int32_t>& v) {
+    void* raw = nullptr;
+    HATTN_CUDA_CHECK(cudaMalloc(&raw, std::max<std::size_t>(v.size(), 1) * sizeof(std::int32_t)));
+    auto* p = static_cast<std::int32_t*>(raw);
+    if (!v.empty()) HATTN_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    bufs.push_back(p);
+    return p;
+  }
+};
+
+/// Random sequences over a real pinned pool: appends, selections, budgets, pins, releases.
+class CacheHarness {
+ public:
+  static constexpr int kLayers = 2;
+  PageLayout layout{.page_size = 16, .kv_heads = 2, .head_dim = 64, .dtype = DType::kBFloat16};
+  HostKVPool pool{layout, 6000 * (layout.page_bytes() + layout.summary_bytes())};
+  DeviceKVCacheConfig config{.slots = 600, .max_requests = 16, .max_batch = 16, .max_selected = 8192, .layers = kLayers};
+  DeviceKVCache cache{pool, config};
+  CacheModel model{cache.shape(), CacheReplacement::kBucketedLru};
+  std::mt19937_64 rng;
+  cudaStream_t compute = nullptr, side = nullptr;
+
+  struct Seq {
+    bool open = false;
+    std::int64_t tokens = 0;
+    std::vector<PageId> pages[kLayers];
+  };
+  std::vector<Seq> seqs;
+
+  explicit CacheHarness(std::uint64_t seed) : rng(seed), seqs(static_cast<std::size_t>(config.max_requests)) {
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking));
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  }
+  ~CacheHarness() {
+    cudaStreamSynchronize(compute);
+    cudaStreamDestroy(compute);
+    cudaStreamDestroy(side);
+  }
+
+  int uni(int n) { return std::uniform_int_distribution<int>(0, n - 1)(rng); }
+
+  void scribble(PageId p, int from_token) {  // writes tokens [from_token, page_size) of every head
+    auto* page = pool.page(p);
+    const std::size_t e = dtype_bytes(layout.dtype);
+    for (int h = 0; h < layout.kv_heads; ++h)
+      for (int t = from_token; t < layout.page_size; ++t)
+        for (std::size_t off : {layout.key_offset(h, t), layout.value_offset(h, t)})
+          for (int d = 0; d < layout.head_dim * static_cast<int>(e); ++d)
+            page[off * e + d] = static_cast<std::byte>(rng() & 0xff);
+  }
+
+  void append(int r, int n_tokens) {
+    auto& s = seqs[r];
+    for (int i = 0; i < n_tokens; ++i) {
+      const int in_page = static_cast<int>(s.tokens % layout.page_size);
+      for (int l = 0; l < kLayers; ++l) {
+        if (in_page == 0) s.pages[l].push_back(pool.allocate(1)[0]);
+        scribble(s.pages[l].back(), in_page);  // the last page is rewritten: it must never be cached
+      }
+      ++s.tokens;
+    }
+  }
+
+  std::int64_t budgets() const {
+    std::int64_t sum = 0;
+    for (auto b : model.state().budget) sum += std::max(b, 0);
+    return sum;
+  }
+
+  void open(int r) {
+    const auto room = static_cast<std::int32_t>(config.slots - budgets());
+    if (room <= 0) return;
+    const auto b = std::min(room, 24 + uni(80));
+    cache.open_request(r, b);
+    model.open_request(r, b);
+    seqs[r].open = true;
+    append(r, 16 * (2 + uni(20)) + uni(16));
+  }
+
+  void release(int r) {
+    cache.release(r);
+    model.release(r);
+    auto& s = seqs[r];
+    for (auto& pages : s.pages) {
+      pool.free(pages);
+      pages.clear();
+    }
+    s = Seq{};
+    const auto st = cache.download_state();
+    for (std::int32_t i = 0; i < config.slots; ++i) ASSERT_NE(st.slot_request[i], r) << "slot " << i;
+    ASSERT_EQ(st.used[r], 0);
+  }
+
+  /// One call for `layer` with a random batch; `bad_row` adds a row naming a closed request.
+  void call(std::uint32_t t, int layer, bool bad_row = false) {
+    std::vector<std::int32_t> page_table, indptr{0}, selected, offset, count, request_of_row;
+    std::vector<CacheAccess> rows;
+    std::vector<int> order;
+    for (int r = 0; r < config.max_requests; ++r)
+      if (seqs[r].open && uni(4) != 0) order.push_back(r);
+    std::shuffle(order.begin(), order.end(), rng);
+    int closed = -1;
+    if (bad_row)
+      for (int r = 0; r < config.max_requests; ++r)
+        if (!seqs[r].open) closed = r;
+    if (closed >= 0) order.insert(order.begin() + uni(static_cast<int>(order.size()) + 1), closed);
+    for (int r : order) {
+      const auto& pages = seqs[r].pages[layer];
+      page_table.insert(page_table.end(), pages.begin(), pages.end());
+      if (pages.empty()) page_table.push_back(0);  // the closed row: one dummy page
+      indptr.push_back(static_cast<std::int32_t>(page_table.size()));
+      request_of_row.push_back(r);
+      const int n = std::max<int>(static_cast<int>(pages.size()), 1);
+      CacheAccess row{.request = r, .keys = {}, .bypass = 0};
+      for (int h = 0; h < layout.kv_heads; ++h) {
+        offset.push_back(static_cast<std::int32_t>(selected.size()));
+        for (int pos = 0; pos < n; ++pos) {
+          const bool hot = pos < 2 || pos >= n - 2 || (pos * 5 + h + static_cast<int>(t) / 40) % 6 == 0;
+          if (!(hot ? uni(5) != 0 : uni(12) == 0)) continue;
+          selected.push_back(pos);
+          if (pos == n - 1) ++row.bypass;
+          else row.keys.push_back(pages[pos] * layout.kv_heads + h);
+        }
+        count.push_back(static_cast<std::int32_t>(selected.size()) - offset.back());
+      }
+      if (r != closed) rows.push_back(std::move(row));
+    }
+    DeviceCall d;
+    CacheStepParams p{.page_table = d.put(page_table), .page_indptr = d.put(indptr), .selected = d.put(selected),
+                      .selected_offset = d.put(offset), .selected_count = d.put(count),
+                      .request_of_row = d.put(request_of_row), .batch = static_cast<int>(order.size()),
+                      .kv_heads = layout.kv_heads, .layer = layer, .step = t,
+                      .selected_capacity = static_cast<std::int32_t>(selected.size())};
+    cache.step(p, compute, side);
+    model.step(t, rows);
+    if (closed >= 0) {
+      EXPECT_THROW(cache.synchronize(), InvalidArgument);
+    } else {
+      cache.synchronize();
+    }
+    HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
+  }
+
+  /// The GPU state equals the model's (owners, stamps, budgets; slot numbers may differ) and every
+  /// cached slot holds its host block byte for byte.
+  void check(const char* when) {
+    SCOPED_TRACE(when);
+    const auto st = cache.download_state();
+    ASSERT_NO_THROW(CacheModel(cache.shape(), st, model.last_step()));  // one owner per slot, free stack, counts
+    const auto& ms = model.state();
+    EXPECT_EQ(st.budget, ms.budget);
+    EXPECT_EQ(st.used, ms.used);
+    EXPECT_EQ(st.pinned, ms.pinned);
+    EXPECT_EQ(st.free_top, ms.free_top);
+    std::map<BlockKey, std::tuple<std::int32_t, std::uint32_t, int>> gpu, host;
+    for (std::int32_t s = 0; s < config.slots; ++s) {
+      if (st.slot_key[s] >= 0) gpu[st.slot_key[s]] = {st.slot_request[s], st.slot_stamp[s], st.slot_pinned[s]};
+      if (ms.slot_key[s] >= 0) host[ms.slot_key[s]] = {ms.slot_request[s], ms.slot_stamp[s], ms.slot_pinned[s]};
+    }
+    ASSERT_EQ(gpu, host);
+    for (std::int32_t r = 0; r < config.max_requests; ++r) ASSERT_LE(st.used[r], std::max(st.budget[r], 0));
+
+    const auto slot_of = cache.download_slot_of();
+    std::int64_t mapped = 0;
+    for (auto v : slot_of) mapped += v >= 0;
+    ASSERT_EQ(mapped, static_cast<std::int64_t>(gpu.size()));
+    const auto bytes = static_cast<std::size_t>(cache.shape().block_bytes);
+    std::vector<std::byte> slots(static_cast<std::size_t>(config.slots) * bytes);
+    HATTN_CUDA_CHECK(cudaMemcpy(slots.data(), cache.hbm_slots(), slots.size(), cudaMemcpyDeviceToHost));
+    const std::size_t e = dtype_bytes(layout.dtype), half = bytes / 2;
+    for (std::int32_t s = 0; s < config.slots; ++s) {
+      const auto k = st.slot_key[s];
+      if (k < 0) continue;
+      ASSERT_EQ(slot_of[k], s);
+      const PageId page = k / layout.kv_heads;
+      const int h = k % layout.kv_heads;
+      ASSERT_TRUE(pool.is_allocated(page));
+      const auto* src = pool.page(page);
+      ASSERT_EQ(std::memcmp(slots.data() + s * bytes, src + layout.key_offset(h, 0) * e, half), 0) << "K of slot " << s;
+      ASSERT_EQ(std::memcmp(slots.data() + s * bytes + half, src + layout.value_offset(h, 0) * e, half), 0)
+          << "V of slot " << s;
+    }
+    const auto gs = cache.step_stats();
+    if (gs.step == model.step_stats().step) EXPECT_EQ(gs.counters, model.step_stats().counters);
+  }
+};
+
+TEST(DeviceKVCache, StressMatchesModelAndHostBytes) {
+  REQUIRE_DEVICE();
+  CacheHarness hx(20261123);
+  std::int64_t releases = 0, admitted = 0, hits = 0;
+  for (std::uint32_t t = 0; t < 1500; ++t) {
+    const int r = hx.uni(hx.config.max_requests);
+    if (!hx.seqs[r].open) {
+      if (hx.uni(2) == 0) hx.open(r);
+    } else if (hx.uni(30) == 0) {
+      hx.release(r);
+      ++releases;
+    } else if (hx.uni(15) == 0) {
+      const auto others = hx.budgets() - hx.model.state().budget[r];
+      const auto b = std::max<std::int64_t>(hx.model.state().pinned[r], hx.uni(120));
+      if (b + others <= hx.config.slots) {
+        hx.cache.set_budget(r, static_cast<std::int32_t>(b));
+        hx.model.set_budget(r, static_cast<std::int32_t>(b));
+      }
+    } else if (hx.uni(10) == 0 && hx.seqs[r].pages[0].size() > 1) {
+      const std::vector<PageId> sink{hx.seqs[r].pages[0][0]};  // complete: sequences start with >= 2 pages
+      const std::vector<BlockKey> keys{sink[0] * 2, sink[0] * 2 + 1};
+      const auto s = hx.model.slot_of(keys[0]);
+      if (s >= 0 && hx.model.state().slot_pinned[s] && hx.model.state().slot_pinned[hx.model.slot_of(keys[1])]) {
+        hx.cache.unpin(r, sink);
+        hx.model.unpin(r, keys);
+      } else if (hx.model.state().pinned[r] + 2 <= hx.model.state().budget[r]) {
+        hx.cache.pin(r, sink);
+        hx.model.pin(r, keys);
+      }
+    }
+    for (int q = 0; q < hx.config.max_requests; ++q)
+      if (hx.seqs[q].open && hx.uni(3) == 0) hx.append(q, 1 + hx.uni(6));
+    for (int l = 0; l < CacheHarness::kLayers; ++l) {
+      hx.call(t, l);
+      hx.check("after a call");
+      if (HasFatalFailure() || HasFailure()) return;
+      admitted += hx.model.step_stats().counters.admitted;
+    }
+    hits += hx.model.step_stats().counters.hits;
+  }
+  EXPECT_GT(releases, 10);
+  EXPECT_GT(admitted, 1000);
+  EXPECT_GT(hits, 1000);
+  for (int q = 0; q < hx.config.max_requests; ++q)
+    if (hx.seqs[q].open) hx.release(q);
+  const auto st = hx.cache.download_state();
+  EXPECT_EQ(st.free_top, hx.config.slots);
+  const auto slot_of = hx.cache.download_slot_of();
+  EXPECT_TRUE(std::all_of(slot_of.begin(), slot_of.end(), [](auto v) { return v < 0; }));
+}
+
+TEST(DeviceKVCache, BadInputIsReportedAndLeavesCacheConsistent) {
+  REQUIRE_DEVICE();
+  CacheHarness hx(5);
+  for (int r = 0; r < 4; ++r) hx.open(r);
+  hx.call(0, 0);
+  hx.call(1, 1, /*bad_row=*/true);  // the closed request's row is skipped, the error reported
+  hx.check("after a bad row");
+  hx.call(2, 0);
+  hx.check("after the next call");
+  CacheStepParams p{.batch = 1, .kv_heads = 2, .layer = CacheHarness::kLayers, .step = 3};
+  EXPECT_THROW(hx.cache.step(p, hx.compute, hx.side), InvalidArgument);  // layer out of range
+  p.layer = 0;
+  p.kv_heads = 3;
+  EXPECT_THROW(hx.cache.step(p, hx.compute, hx.side), InvalidArgument);
+  EXPECT_THROW(hx.cache.set_budget(0, hx.config.slots + 1), InvalidArgument);  // larger than the pool
+  EXPECT_THROW(hx.cache.set_budget(9, 4), InvalidArgument);                  // not open
+  EXPECT_THROW(hx.cache.release(12), InvalidArgument);
+  EXPECT_THROW(hx.cache.request_stats(99), InvalidArgument);
+  hx.check("after rejected calls");
+}
+
+TEST(DeviceKVCache, ResizeBudgetsFollowsWorkingSet) {
+  REQUIRE_DEVICE();
+  CacheHarness hx(9);
+  for (int r = 0; r < 3; ++r) hx.open(r);
+  for (std::uint32_t t = 0; t < 40; ++t)
+    for (int l = 0; l < CacheHarness::kLayers; ++l) hx.call(t, l);
+  const BudgetPolicy policy{.working_set_multiple = 2.0, .low_hit_rate = 0.0, .boost = 1.0, .min_slots = 8};
+  std::vector<RequestCacheStats> before;
+  for (int r = 0; r < 3; ++r) before.push_back(hx.cache.request_stats(r));
+  const auto budgets = hx.cache.resize_budgets(policy);
+  std::vector<double> want;
+  double want_sum = 0;
+  for (int r = 0; r < 3; ++r) {
+    const auto& c = before[r].counters;
+    const double per_step = static_cast<double>(c.hits + c.misses + c.bypass) / static_cast<double>(before[r].steps);
+    want.push_back(std::max(std::ceil(2.0 * per_step), 8.0));
+    want_sum += want.back();
+  }
+  std::int64_t sum = 0;
+  for (int r = 0; r < 3; ++r) {
+    if (want_sum <= hx.config.slots) EXPECT_EQ(budgets[r], static_cast<std::int32_t>(want[r])) << "request " << r;
+    const auto st = hx.cache.request_stats(r);
+    EXPECT_EQ(st.budget_slots, budgets[r]);
+    EXPECT_LE(st.used_slots, st.budget_slots);
+    sum += budgets[r];
+  }
+  EXPECT_LE(sum, hx.config.slots);
+  EXPECT_EQ(budgets[5], -1);
+}
+
+}  // namespace
+}  // namespace hattn
