@@ -4,6 +4,7 @@
 // the two call by call. No stage waits for the host: counts, thresholds and quotas stay on the device.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "detail/block_scan.cuh"
@@ -18,7 +19,7 @@ using cuda::detail::kWarp;
 
 constexpr int kLookupThreads = 128;
 constexpr int kSlotThreads = 256;
-constexpr int kSlotsPerThread = 4;  // 100K slots -> ~100 blocks: one wave on an H100's 132 SMs
+constexpr int kSlotsPerThread = 4;  // 100K slots -> 98 blocks: one wave on an H100's 132 SMs
 
 __device__ __forceinline__ void add64(std::int64_t* p, std::int64_t v) {
   if (v != 0) atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
@@ -28,6 +29,34 @@ __device__ __forceinline__ int block_sum(int v, int* scratch) {
   int total;
   block_exclusive_sum(v, scratch, total);
   return total;
+}
+
+// What the slot scans need of the kSlotsPerThread slots of a thread (block k-major, so each load
+// is coalesced). Loads are issued level by level: owners, then rows and the rest, so a thread waits
+// for two round trips instead of two per slot.
+struct SlotView {
+  int slot[kSlotsPerThread];
+  int row[kSlotsPerThread];  // batch row of the owner in this call, -1 if none or free
+  std::uint32_t stamp[kSlotsPerThread];
+  BlockKey key[kSlotsPerThread];
+  std::uint8_t pinned[kSlotsPerThread];
+};
+
+__device__ __forceinline__ void load_slots(const CacheDeviceView& v, SlotView& sv) {
+  int owner[kSlotsPerThread];
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    sv.slot[k] = (blockIdx.x * kSlotsPerThread + k) * blockDim.x + threadIdx.x;
+    owner[k] = sv.slot[k] < v.slots ? v.slot_request[sv.slot[k]] : -1;
+  }
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    sv.row[k] = owner[k] >= 0 ? v.row_of_request[owner[k]] : -1;
+    const bool live = owner[k] >= 0;
+    sv.stamp[k] = live ? v.slot_stamp[sv.slot[k]] : 0u;
+    sv.key[k] = live ? v.slot_key[sv.slot[k]] : -1;
+    sv.pinned[k] = live ? v.slot_pinned[sv.slot[k]] : std::uint8_t{1};
+  }
 }
 
 // One block per segment s = b * H + h.
@@ -69,7 +98,7 @@ __global__ void __launch_bounds__(kLookupThreads) CacheLookupKernel(const __grid
         key = a.page_table[base + pos] * v.kv_heads + h;
         const int slot = v.slot_of[key];
         if (slot >= 0) {
-          v.slot_stamp[slot] = a.step;
+          v.slot_stamp[slot] = a.now;
           ++hits;
         } else {
           miss = 1;
@@ -90,33 +119,67 @@ __global__ void __launch_bounds__(kLookupThreads) CacheLookupKernel(const __grid
   }
 }
 
-__device__ void plan_row(const CacheDeviceView& v, const CacheCallArgs& a, int b) {
+// One warp plans one row. `hist` and `fresh` are the row's totals staged in shared memory. The
+// threshold is the largest class c with (blocks in classes >= c) >= need: each lane sums ten
+// classes, a warp scan finds the lane holding the threshold, and that lane walks its ten.
+__device__ void plan_row(const CacheDeviceView& v, const CacheCallArgs& a, int b, const int* hist, int fresh) {
+  const int lane = threadIdx.x % kWarp;
   const int r = v.row_request[b];
-  int* hist = v.row_hist + b * kCacheAgeBuckets;
   if (r < 0) {
-    v.row_quota[b] = 0;
-    v.row_evict_from[b] = kCacheAgeBuckets;
+    if (lane == 0) {
+      v.row_quota[b] = 0;
+      v.row_evict_from[b] = kCacheEvictionClasses;
+    }
     return;
   }
+  // Loads are issued together (lanes over heads, then reductions): this runs on one block after
+  // the grid, so its latency chain adds straight to the step.
   int hits = 0, misses = 0, bypass = 0;
-  for (int h = 0; h < v.kv_heads; ++h) {
+  for (int h = lane; h < v.kv_heads; h += kWarp) {
     hits += v.seg_hits[b * v.kv_heads + h];
     misses += v.seg_misses[b * v.kv_heads + h];
     bypass += v.seg_bypass[b * v.kv_heads + h];
   }
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    hits += __shfl_xor_sync(0xffffffffu, hits, off);
+    misses += __shfl_xor_sync(0xffffffffu, misses, off);
+    bypass += __shfl_xor_sync(0xffffffffu, bypass, off);
+  }
   const int budget = v.budget[r];
-  const int fresh = *static_cast<volatile int*>(v.row_fresh + b);
   const int room = max(budget - v.pinned[r] - fresh, 0);
   const int admit = min(misses, room);
   const int need = v.used[r] + admit - budget;
-  int from = kCacheAgeBuckets, evicted = 0;
-  while (evicted < need && from > 0) evicted += *static_cast<volatile int*>(hist + --from);
-  v.row_evict_from[b] = need > 0 ? from : kCacheAgeBuckets;
-  if (need <= 0) evicted = 0;
+
+  constexpr int kPerLane = (kCacheEvictionClasses + kWarp - 1) / kWarp;
+  const int hi = max(kCacheEvictionClasses - lane * kPerLane, 0);
+  const int lo = max(hi - kPerLane, 0);
+  int sum = 0;
+  for (int c = lo; c < hi; ++c) sum += hist[c];
+  const int incl = cuda::detail::warp_inclusive_sum(sum);
+  int from = kCacheEvictionClasses, evicted = 0;
+  if (need > 0) {
+    const unsigned enough = __ballot_sync(0xffffffffu, incl >= need);
+    if (enough == 0) {
+      from = 0;
+      evicted = __shfl_sync(0xffffffffu, incl, kWarp - 1);
+    } else {
+      const int owner = __ffs(enough) - 1;
+      if (lane == owner) {
+        int acc = incl - sum, c = hi;
+        while (acc < need) acc += hist[--c];
+        from = c;
+        evicted = acc;
+      }
+      from = __shfl_sync(0xffffffffu, from, owner);
+      evicted = __shfl_sync(0xffffffffu, evicted, owner);
+    }
+  }
+  if (lane != 0) return;
+  v.row_evict_from[b] = from;
   v.row_quota[b] = admit;
   v.used[r] += admit - evicted;
 
-  DeviceRequestCounters& rc = v.request_stats[r];
+  DeviceRequestCounters rc = v.request_stats[r];
   const std::int64_t bytes = static_cast<std::int64_t>(admit) * v.block_bytes;
   rc.counters.hits += hits;
   rc.counters.misses += misses;
@@ -128,6 +191,7 @@ __device__ void plan_row(const CacheDeviceView& v, const CacheCallArgs& a, int b
     rc.last_step = a.step;
     ++rc.steps;
   }
+  v.request_stats[r] = rc;
   CacheCounters& sc = v.step_stats->counters;
   add64(&sc.hits, hits);
   add64(&sc.misses, misses);
@@ -140,25 +204,27 @@ __device__ void plan_row(const CacheDeviceView& v, const CacheCallArgs& a, int b
 // Grid over slots, then the last block to finish plans every row (one thread each).
 __global__ void __launch_bounds__(kSlotThreads) CachePlanKernel(const __grid_constant__ CacheDeviceView v,
                                                                 const __grid_constant__ CacheCallArgs a) {
-  extern __shared__ int smem[];  // [batch][kCacheAgeBuckets] histogram, then [batch] fresh
+  extern __shared__ int smem[];  // [batch][kCacheEvictionClasses] histogram, then [batch] fresh
+  constexpr int C = kCacheEvictionClasses;
   int* sh_hist = smem;
-  int* sh_fresh = smem + a.batch * kCacheAgeBuckets;
-  for (int i = threadIdx.x; i < a.batch * (kCacheAgeBuckets + 1); i += blockDim.x) smem[i] = 0;
+  int* sh_fresh = smem + a.batch * C;
+  for (int i = threadIdx.x; i < a.batch * (C + 1); i += blockDim.x) smem[i] = 0;
   __syncthreads();
-  for (int slot = blockIdx.x * blockDim.x + threadIdx.x; slot < v.slots; slot += gridDim.x * blockDim.x) {
-    const int r = v.slot_request[slot];
-    if (r < 0) continue;
-    const int b = v.row_of_request[r];
-    if (b < 0 || v.slot_pinned[slot]) continue;
-    const std::uint32_t stamp = v.slot_stamp[slot];
-    if (stamp == a.step) atomicAdd(&sh_fresh[b], 1);
-    else atomicAdd(&sh_hist[b * kCacheAgeBuckets + cache_age_bucket(a.step - stamp)], 1);
+  {
+    SlotView sv;
+    load_slots(v, sv);
+#pragma unroll
+    for (int k = 0; k < kSlotsPerThread; ++k) {
+      if (sv.row[k] < 0 || sv.pinned[k]) continue;
+      if (sv.stamp[k] == a.now) atomicAdd(&sh_fresh[sv.row[k]], 1);
+      else atomicAdd(&sh_hist[sv.row[k] * C + cache_eviction_class(a.now - sv.stamp[k], sv.key[k], a.age_width)], 1);
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < a.batch * (kCacheAgeBuckets + 1); i += blockDim.x)
+  for (int i = threadIdx.x; i < a.batch * (C + 1); i += blockDim.x)
     if (smem[i] != 0) {
-      if (i < a.batch * kCacheAgeBuckets) atomicAdd(&v.row_hist[i], smem[i]);
-      else atomicAdd(&v.row_fresh[i - a.batch * kCacheAgeBuckets], smem[i]);
+      if (i < a.batch * C) atomicAdd(&v.row_hist[i], smem[i]);
+      else atomicAdd(&v.row_fresh[i - a.batch * C], smem[i]);
     }
   __threadfence();
   __syncthreads();
@@ -167,29 +233,32 @@ __global__ void __launch_bounds__(kSlotThreads) CachePlanKernel(const __grid_con
   __syncthreads();
   if (!last) return;
   __threadfence();
+  for (int i = threadIdx.x; i < a.batch * (C + 1); i += blockDim.x)
+    smem[i] = i < a.batch * C ? static_cast<volatile int*>(v.row_hist)[i]
+                              : static_cast<volatile int*>(v.row_fresh)[i - a.batch * C];
   if (threadIdx.x == 0 && v.step_stats->step != a.step) {
     v.step_stats->step = a.step;
     v.step_stats->counters = CacheCounters{};
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < a.batch; b += blockDim.x) plan_row(v, a, b);
+  for (int b = threadIdx.x / kWarp; b < a.batch; b += blockDim.x / kWarp) plan_row(v, a, b, sh_hist + b * C, sh_fresh[b]);
   __syncthreads();
   // Leave the histograms zeroed for the next call.
-  for (int i = threadIdx.x; i < a.batch * kCacheAgeBuckets; i += blockDim.x) v.row_hist[i] = 0;
+  for (int i = threadIdx.x; i < a.batch * C; i += blockDim.x) v.row_hist[i] = 0;
   for (int b = threadIdx.x; b < a.batch; b += blockDim.x) v.row_fresh[b] = 0;
   if (threadIdx.x == 0) v.scalars->blocks_done = 0;
 }
 
 __global__ void __launch_bounds__(kSlotThreads) CacheEvictKernel(const __grid_constant__ CacheDeviceView v,
                                                                  const __grid_constant__ CacheCallArgs a) {
-  for (int slot = blockIdx.x * blockDim.x + threadIdx.x; slot < v.slots; slot += gridDim.x * blockDim.x) {
-    const int r = v.slot_request[slot];
-    if (r < 0) continue;
-    const int b = v.row_of_request[r];
-    if (b < 0 || v.slot_pinned[slot]) continue;
-    const std::uint32_t stamp = v.slot_stamp[slot];
-    if (stamp == a.step || cache_age_bucket(a.step - stamp) < v.row_evict_from[b]) continue;
-    v.slot_of[v.slot_key[slot]] = -1;
+  SlotView sv;
+  load_slots(v, sv);
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    if (sv.row[k] < 0 || sv.pinned[k] || sv.stamp[k] == a.now) continue;
+    if (cache_eviction_class(a.now - sv.stamp[k], sv.key[k], a.age_width) < v.row_evict_from[sv.row[k]]) continue;
+    const int slot = sv.slot[k];
+    v.slot_of[sv.key[k]] = -1;
     v.slot_key[slot] = -1;
     v.slot_request[slot] = -1;
     v.free_stack[atomicAdd(&v.scalars->free_top, 1)] = slot;
@@ -203,8 +272,16 @@ __global__ void __launch_bounds__(kLookupThreads) CacheAdmitKernel(const __grid_
   const int b = s / v.kv_heads, h = s % v.kv_heads;
   const int r = v.row_request[b];
   if (r < 0) return;
-  int prefix = 0;
-  for (int k = 0; k < h; ++k) prefix += v.seg_misses[b * v.kv_heads + k];
+  // Misses of the row's earlier segments, loaded by one warp at once rather than one by one.
+  __shared__ int sh_prefix;
+  if (threadIdx.x < kWarp) {
+    int x = 0;
+    for (int k = threadIdx.x; k < h; k += kWarp) x += v.seg_misses[b * v.kv_heads + k];
+    for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (threadIdx.x == 0) sh_prefix = x;
+  }
+  __syncthreads();
+  const int prefix = sh_prefix;
   const int quota = v.row_quota[b];
   const int cnt = min(v.seg_misses[s], quota - prefix);
   if (cnt <= 0) return;
@@ -237,7 +314,7 @@ __global__ void __launch_bounds__(kLookupThreads) CacheAdmitKernel(const __grid_
     const int slot = v.free_stack[idx];
     v.slot_key[slot] = key;
     v.slot_request[slot] = r;
-    v.slot_stamp[slot] = a.step;
+    v.slot_stamp[slot] = a.now;
     v.slot_pinned[slot] = 0;
     v.gather_page[g] = key / v.kv_heads;
     v.gather_head[g] = key % v.kv_heads;
@@ -272,7 +349,15 @@ void launch_cache_lookup(const CacheDeviceView& v, const CacheCallArgs& a, cuda:
 }
 
 void launch_cache_plan(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream) {
-  const auto smem = static_cast<std::size_t>(a.batch) * (kCacheAgeBuckets + 1) * sizeof(int);
+  const auto smem = static_cast<std::size_t>(a.batch) * (kCacheEvictionClasses + 1) * sizeof(int);
+  if (smem > 48 * 1024) {  // more than 37 rows: opt in to the larger shared memory (Hopper: 227 KB)
+    static const bool opted = [&] {
+      HATTN_CUDA_CHECK(cudaFuncSetAttribute(CachePlanKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(128 * (kCacheEvictionClasses + 1) * sizeof(int))));
+      return true;
+    }();
+    (void)opted;
+  }
   CachePlanKernel<<<slot_blocks(v), kSlotThreads, smem, stream>>>(v, a);
   HATTN_CUDA_CHECK_LAUNCH();
 }
@@ -288,8 +373,9 @@ void launch_cache_admit(const CacheDeviceView& v, const CacheCallArgs& a, cuda::
 }
 
 void launch_cache_publish(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream) {
-  // The count is on the device: enough threads for the worst case, idle ones exit at once.
-  const int blocks = (v.max_selected + 255) / 256;
+  // The count is on the device: a grid-stride loop over at most 64K threads covers any count
+  // without launching a block per 256 entries of a large max_selected.
+  const int blocks = std::min((a.capacity + 255) / 256, 256);
   CachePublishKernel<<<blocks < 1 ? 1 : blocks, 256, 0, stream>>>(v, a);
   HATTN_CUDA_CHECK_LAUNCH();
 }

@@ -38,33 +38,48 @@ __global__ void __launch_bounds__(kThreads) ScorePagesKernel(const __grid_consta
 
   const int lane_in_page = threadIdx.x % kLanesPerPage;
   const int pages_per_block = blockDim.x / kLanesPerPage;
+  const int stride = gridDim.x * pages_per_block;
   const long long out_base = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(h) * n;
-  // Round the trip count up so every lane of a page group runs the shuffles together.
-  for (int base = blockIdx.x * pages_per_block; base < n; base += gridDim.x * pages_per_block) {
-    const int i = base + threadIdx.x / kLanesPerPage;
-    const bool live = i < n;
-    float lo[kDimsPerLane], hi[kDimsPerLane], mean[kDimsPerLane];
-    if (live) {
-      const int page = p.page_table[first + i];
-      const T* s = static_cast<const T*>(p.summaries) + (static_cast<long long>(page) * p.kv_heads + h) * 3 * D +
-                   lane_in_page * kDimsPerLane;
+  const bool want_upper = p.upper != nullptr, want_estimate = p.estimate != nullptr;
+  // Raw rows of the next page are loaded before the current one is scored (software pipelining),
+  // so each lane keeps two pages of loads in flight.
+  uint4 raw[3][kLoads] = {};
+  auto load = [&](int i) {
+    if (i >= n) return;
+    const int page = p.page_table[first + i];
+    const uint4* s = reinterpret_cast<const uint4*>(static_cast<const T*>(p.summaries) +
+                                                    (static_cast<long long>(page) * p.kv_heads + h) * 3 * D +
+                                                    lane_in_page * kDimsPerLane);
 #pragma unroll
-      for (int l = 0; l < kLoads; ++l) {
-        float f[8];
-        detail::unpack8<T>(*reinterpret_cast<const uint4*>(s + l * 8), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) lo[l * 8 + e] = f[e];
-        detail::unpack8<T>(*reinterpret_cast<const uint4*>(s + D + l * 8), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) hi[l * 8 + e] = f[e];
-        detail::unpack8<T>(*reinterpret_cast<const uint4*>(s + 2 * D + l * 8), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) mean[l * 8 + e] = f[e];
+    for (int l = 0; l < kLoads; ++l) {
+      if (want_upper) {
+        raw[0][l] = s[l];
+        raw[1][l] = s[D / 8 + l];
       }
-    } else {
-#pragma unroll
-      for (int e = 0; e < kDimsPerLane; ++e) lo[e] = hi[e] = mean[e] = 0.0f;
+      if (want_estimate) raw[2][l] = s[2 * D / 8 + l];
     }
+  };
+  int i = blockIdx.x * pages_per_block + static_cast<int>(threadIdx.x) / kLanesPerPage;
+  const int first_i = i - static_cast<int>(threadIdx.x) / kLanesPerPage;
+  load(i);
+  // Trip count from the block's first page so every lane of a warp runs the shuffles together.
+  for (int base = first_i; base < n; base += stride, i += stride) {
+    float lo[kDimsPerLane], hi[kDimsPerLane], mean[kDimsPerLane];
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      float f[8];
+      detail::unpack8<T>(raw[0][l], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) lo[l * 8 + e] = f[e];
+      detail::unpack8<T>(raw[1][l], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) hi[l * 8 + e] = f[e];
+      detail::unpack8<T>(raw[2][l], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) mean[l * 8 + e] = f[e];
+    }
+    const bool live = i < n;
+    load(i + stride);
     float best_upper = -INFINITY;
     float est_max = -INFINITY, est_sum = 0.0f;
     for (int g = 0; g < group; ++g) {
@@ -93,8 +108,8 @@ __global__ void __launch_bounds__(kThreads) ScorePagesKernel(const __grid_consta
     }
     if (live && lane_in_page == 0) {
       const int tokens = min(p.page_size, len - i * p.page_size);
-      p.upper[out_base + i] = best_upper;
-      p.estimate[out_base + i] = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
+      if (want_upper) p.upper[out_base + i] = best_upper;
+      if (want_estimate) p.estimate[out_base + i] = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
     }
   }
 }
@@ -109,12 +124,16 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
   hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
                          p.page_size, "16, 32 or 64");
   if (p.batch == 0) return;
-  hattn::detail::require(p.q && p.summaries && p.page_table && p.page_indptr && p.seq_len && p.upper && p.estimate,
-                         kWhere, "pointers", "null", "all set");
+  hattn::detail::require(p.q && p.summaries && p.page_table && p.page_indptr && p.seq_len, kWhere, "pointers",
+                         "null", "all set");
+  hattn::detail::require(p.upper != nullptr || p.estimate != nullptr, kWhere, "upper/estimate", "both null",
+                         "at least one set");
   const int segments = p.batch * p.kv_heads;
   hattn::detail::require(segments <= 65535, kWhere, "batch * kv_heads", segments, "<= 65535");
-  // Enough blocks to fill an H100 (132 SMs) at batch 1; larger batches need fewer per segment.
-  const int blocks_per_segment = std::max(1, std::min(64, 1024 / segments));
+  // About 4 pages per lane group at 16-token pages and 128K tokens: enough blocks to fill an H100
+  // (132 SMs) at batch 1, each looping long enough for the prefetch to pay; fewer per segment at
+  // larger batches.
+  const int blocks_per_segment = std::max(1, std::min(64, 512 / segments));
   const std::size_t smem = static_cast<std::size_t>(p.q_heads / p.kv_heads) * p.head_dim * sizeof(float);
   hattn::detail::require(smem <= 48 * 1024, kWhere, "group_size * head_dim", smem / sizeof(float), "<= 12288");
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {

@@ -2,13 +2,14 @@
 // (request, KV head) segment, split into `splits` chunks along the selected list. A block owns one
 // chunk and streams it in tiles of 16 tokens (K and V of one KV head) through a cp.async pipeline
 // in shared memory, so each tile is read from HBM or host memory once for every query head of the
-// GQA group. Threads: kTx lanes cover the head dim with 16-byte vectors, `group` rows of them one
-// query head each, `tz` copies of that split the tile's tokens; their softmax states merge at the end.
+// GQA group. Threads: kTx lanes cover the head dim, 16 dims each, `group` rows of them one query
+// head each, `tz` copies of that split the tile's tokens; their softmax states merge at the end.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "detail/cp_async.cuh"
 #include "detail/dispatch.cuh"
@@ -26,8 +27,27 @@ constexpr int kStages = 4;
 // Pages whose addresses a block resolves at once (selected -> page id -> HBM slot or host page).
 constexpr int kMetaPages = 64;
 constexpr int kTargetThreads = 128;
-// Caps registers at 128 per thread (s[16], acc, q and one unpacked row stay in registers); limits
-// group_size * head_dim to 4096 (a group of 32 at dim 128).
+// Token rows of a tile are split among at most 4 thread groups, so each group walks its rows in
+// chunks of kRowChunk = 4 with no run-time guard inside a chunk: the four rows' loads, dot products
+// and shuffles interleave (ILP), which a guarded loop over 16 rows did not allow.
+constexpr int kMaxTz = 4;
+// Head dims per thread, a template parameter of the kernel: 16 (two 16-byte vectors per row) reduces
+// a dot product over head_dim / 16 lanes (3 shuffles at dim 128, each serving 16 products) but needs
+// more registers than 8. The default comes from kDefaultDimsPerThread; the environment variable
+// HATTN_DECODE_DIMS_PER_THREAD=8|16 overrides it for tuning runs.
+constexpr int kDefaultDimsPerThread = 16;
+
+int dims_per_thread() {
+  static const int value = [] {
+    const char* env = std::getenv("HATTN_DECODE_DIMS_PER_THREAD");
+    if (env != nullptr && std::atoi(env) == 8) return 8;
+    if (env != nullptr && std::atoi(env) == 16) return 16;
+    return kDefaultDimsPerThread;
+  }();
+  return value;
+}
+constexpr int kRowChunk = 4;
+// Caps registers at 128 per thread; limits group_size * head_dim to 8192 (a group of 64 at dim 128).
 constexpr int kMaxThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -39,14 +59,14 @@ struct PageRef {
 };
 
 struct Shape {
-  int kTx;  // lanes per query head (head_dim / 8)
+  int kTx;  // lanes per query head (head_dim / dims per thread)
   int group, tz, threads;
 };
 
-Shape decode_shape(int head_dim, int group) {
-  Shape s{head_dim / 8, group, 1, 0};
+Shape decode_shape(int head_dim, int group, int dims_per_thread) {
+  Shape s{head_dim / dims_per_thread, group, 1, 0};
   const int per_row = s.kTx * group;
-  while (s.tz < kTileTokens && per_row * s.tz * 2 <= kTargetThreads) s.tz *= 2;
+  while (s.tz < kMaxTz && per_row * s.tz * 2 <= kTargetThreads) s.tz *= 2;
   s.threads = (per_row * s.tz + 31) / 32 * 32;
   return s;
 }
@@ -58,15 +78,16 @@ std::size_t decode_smem_bytes(const Shape& s) {
   return std::max(stages, reduce) + kMetaPages * sizeof(PageRef);
 }
 
-template <class T, int D>
+template <class T, int D, int kDimsPerThread>
 __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_constant__ SparseDecodeParams p) {
-  constexpr int kTx = D / 8;                     // lanes per row, 16 bytes each
-  constexpr int kTileVecs = kTileTokens * kTx;   // uint4 per K (or V) tile
+  constexpr int kTx = D / kDimsPerThread;         // lanes per query head and row
+  constexpr int kRowVecs = D / 8;                  // uint4 per K (or V) row
+  constexpr int kTileVecs = kTileTokens * kRowVecs;  // uint4 per K (or V) tile
   const int group = p.q_heads / p.kv_heads;
   const int per_row = kTx * group;
   const int tz = [&] {
     int t = 1;
-    while (t < kTileTokens && per_row * t * 2 <= kTargetThreads) t *= 2;
+    while (t < kMaxTz && per_row * t * 2 <= kTargetThreads) t *= 2;
     return t;
   }();
   const int tid = threadIdx.x;
@@ -90,7 +111,8 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
   const int page_first = p.page_indptr[b];
   const int len = p.seq_len[b];
   const int P = p.page_size;
-  const int tiles_per_page = P / kTileTokens;
+  const int tiles_per_page = P / kTileTokens;  // 1, 2 or 4
+  const int tpp_shift = tiles_per_page == 1 ? 0 : tiles_per_page == 2 ? 1 : 2;
   const long long head_elems = static_cast<long long>(P) * D;
 
   extern __shared__ uint4 smem[];
@@ -100,15 +122,15 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
   auto* meta = reinterpret_cast<PageRef*>(reinterpret_cast<char*>(smem) + max(stage_bytes, reduce_bytes));
 
   // This thread's query slice, pre-scaled so logits come out in base 2.
-  float q[8];
+  float q[kDimsPerThread];
   {
-    const float* src = p.q + (static_cast<long long>(b) * p.q_heads + h * group + g) * D + tx * 8;
+    const float* src = p.q + (static_cast<long long>(b) * p.q_heads + h * group + g) * D + tx * kDimsPerThread;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) q[e] = computes ? src[e] * p.scale * kLog2e : 0.0f;
+    for (int e = 0; e < kDimsPerThread; ++e) q[e] = computes ? src[e] * p.scale * kLog2e : 0.0f;
   }
-  float m = -INFINITY, l = 0.0f, acc[8];
+  float m = -INFINITY, l = 0.0f, acc[kDimsPerThread];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+  for (int e = 0; e < kDimsPerThread; ++e) acc[e] = 0.0f;
 
   const std::size_t page_elems = 2 * static_cast<std::size_t>(p.kv_heads) * head_elems;
   for (int batch_begin = begin; batch_begin < end; batch_begin += kMetaPages) {
@@ -138,15 +160,15 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
     const int n_tiles = n_pages * tiles_per_page;
     auto issue = [&](int tile) {
       if (tile < n_tiles) {
-        const PageRef ref = meta[tile / tiles_per_page];
-        const int sub = tile % tiles_per_page;
+        const PageRef ref = meta[tile >> tpp_shift];
+        const int sub = tile & (tiles_per_page - 1);
         const std::uint64_t tile_mask = (ref.mask >> (sub * kTileTokens)) & 0xffffull;
         // Rows past the last attended token are zero-filled, never read (a partial page's tail).
         const int rows = tile_mask == 0 ? 0 : 64 - __clzll(static_cast<long long>(tile_mask));
         uint4* dst = stages + (tile % kStages) * 2 * kTileVecs;
         for (int c = tid; c < 2 * kTileVecs; c += blockDim.x) {
           const int kv = c / kTileVecs;
-          const int r = (c / kTx) % kTileTokens;
+          const int r = (c / kRowVecs) % kTileTokens;
           const uint4* src = (kv ? ref.v : ref.k) + sub * kTileVecs;
           const bool live = r < rows;
           detail::cp_async_16(dst + c, live ? src + (c % kTileVecs) : src, live);
@@ -156,54 +178,69 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
     };
     for (int t = 0; t < kStages - 1; ++t) issue(t);
     for (int tile = 0; tile < n_tiles; ++tile) {
-      issue(tile + kStages - 1);
-      detail::cp_async_wait<kStages - 1>();
+      // One barrier per tile: it publishes this tile's data and certifies that every thread is done
+      // with the previous tile, whose stage the next issue reuses.
+      detail::cp_async_wait<kStages - 2>();
       __syncthreads();
+      issue(tile + kStages - 1);
       if (computes) {
-        const PageRef& ref = meta[tile / tiles_per_page];
+        const PageRef& ref = meta[tile >> tpp_shift];
         const std::uint32_t tile_mask =
-            static_cast<std::uint32_t>((ref.mask >> ((tile % tiles_per_page) * kTileTokens)) & 0xffffull);
+            static_cast<std::uint32_t>((ref.mask >> ((tile & (tiles_per_page - 1)) * kTileTokens)) & 0xffffull);
         const uint4* kt = stages + (tile % kStages) * 2 * kTileVecs;
         const uint4* vt = kt + kTileVecs;
-        float s[kTileTokens];
-        float tile_max = -INFINITY;
+        for (int c0 = 0; c0 < rows_per_z; c0 += kRowChunk) {
+          float s[kRowChunk];
 #pragma unroll
-        for (int j = 0; j < kTileTokens; ++j) {
-          if (j < rows_per_z) {
-            const int r = z + j * tz;
+          for (int j = 0; j < kRowChunk; ++j) {
+            const int r = z + (c0 + j) * tz;
             float kf[8];
-            detail::unpack8<T>(kt[r * kTx + tx], kf);
-            float dot = 0.0f;
+            float d0 = 0.0f, d1 = 0.0f;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) dot = fmaf(q[e], kf[e], dot);
+            for (int v = 0; v < kDimsPerThread / 8; ++v) {
+              detail::unpack8<T>(kt[r * kRowVecs + tx * (kDimsPerThread / 8) + v], kf);
 #pragma unroll
-            for (int off = kTx / 2; off > 0; off /= 2) dot += __shfl_xor_sync(lanes_mask, dot, off);
-            s[j] = ((tile_mask >> r) & 1u) ? dot : -INFINITY;
-            tile_max = fmaxf(tile_max, s[j]);
+              for (int e = 0; e < 8; e += 2) {
+                d0 = fmaf(q[v * 8 + e], kf[e], d0);
+                d1 = fmaf(q[v * 8 + e + 1], kf[e + 1], d1);
+              }
+            }
+            s[j] = d0 + d1;
           }
-        }
-        const float m_new = fmaxf(m, tile_max);
-        if (m_new != -INFINITY) {
+#pragma unroll
+          for (int off = kTx / 2; off > 0; off /= 2) {
+#pragma unroll
+            for (int j = 0; j < kRowChunk; ++j) s[j] += __shfl_xor_sync(lanes_mask, s[j], off);
+          }
+          float chunk_max = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kRowChunk; ++j) {
+            const int r = z + (c0 + j) * tz;
+            s[j] = ((tile_mask >> r) & 1u) ? s[j] : -INFINITY;
+            chunk_max = fmaxf(chunk_max, s[j]);
+          }
+          const float m_new = fmaxf(m, chunk_max);
+          if (m_new == -INFINITY) continue;  // nothing attended yet
           const float alpha = exp2f(m - m_new);
           l *= alpha;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] *= alpha;
+          for (int e = 0; e < kDimsPerThread; ++e) acc[e] *= alpha;
 #pragma unroll
-          for (int j = 0; j < kTileTokens; ++j) {
-            if (j < rows_per_z) {
-              const int r = z + j * tz;
-              const float pr = exp2f(s[j] - m_new);
-              l += pr;
+          for (int j = 0; j < kRowChunk; ++j) {
+            const int r = z + (c0 + j) * tz;
+            const float pr = exp2f(s[j] - m_new);
+            l += pr;
+#pragma unroll
+            for (int v = 0; v < kDimsPerThread / 8; ++v) {
               float vf[8];
-              detail::unpack8<T>(vt[r * kTx + tx], vf);
+              detail::unpack8<T>(vt[r * kRowVecs + tx * (kDimsPerThread / 8) + v], vf);
 #pragma unroll
-              for (int e = 0; e < 8; ++e) acc[e] = fmaf(pr, vf[e], acc[e]);
+              for (int e = 0; e < 8; ++e) acc[v * 8 + e] = fmaf(pr, vf[e], acc[v * 8 + e]);
             }
           }
           m = m_new;
         }
       }
-      __syncthreads();  // the stage is free for the tile issued next
     }
   }
   detail::cp_async_wait<0>();
@@ -214,7 +251,7 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
   if (computes) {
     float* row = red + (static_cast<std::size_t>(z) * group + g) * (D + 2);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) row[tx * 8 + e] = acc[e];
+    for (int e = 0; e < kDimsPerThread; ++e) row[tx * kDimsPerThread + e] = acc[e];
     if (tx == 0) {
       row[D] = m;
       row[D + 1] = l;
@@ -224,39 +261,40 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
   if (computes && z == 0) {
     float mm = -INFINITY;
     for (int zz = 0; zz < tz; ++zz) mm = fmaxf(mm, red[(static_cast<std::size_t>(zz) * group + g) * (D + 2) + D]);
-    float ll = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float ll = 0.0f, o[kDimsPerThread] = {};
     if (mm != -INFINITY) {
       for (int zz = 0; zz < tz; ++zz) {
         const float* row = red + (static_cast<std::size_t>(zz) * group + g) * (D + 2);
         const float w = exp2f(row[D] - mm);  // 0 for a state that saw nothing
         ll += w * row[D + 1];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = fmaf(w, row[tx * 8 + e], o[e]);
+        for (int e = 0; e < kDimsPerThread; ++e) o[e] = fmaf(w, row[tx * kDimsPerThread + e], o[e]);
       }
     }
     const int rows = p.batch * p.q_heads;
     const long long out_row = static_cast<long long>(split) * rows + static_cast<long long>(b) * p.q_heads + h * group + g;
     const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-    float4* dst = reinterpret_cast<float4*>(p.partial_out + out_row * D + tx * 8);
-    dst[0] = make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
-    dst[1] = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
+    float4* dst = reinterpret_cast<float4*>(p.partial_out + out_row * D + tx * kDimsPerThread);
+#pragma unroll
+    for (int v = 0; v < kDimsPerThread / 4; ++v)
+      dst[v] = make_float4(o[4 * v] * inv, o[4 * v + 1] * inv, o[4 * v + 2] * inv, o[4 * v + 3] * inv);
     if (tx == 0) p.partial_lse[out_row] = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
 }
 
-template <class T, int D>
+template <class T, int D, int kDimsPerThread>
 void launch(const SparseDecodeParams& p, Stream stream) {
-  const Shape s = decode_shape(D, p.q_heads / p.kv_heads);
-  hattn::detail::require(s.threads <= kMaxThreads, "launch_sparse_decode", "group_size * head_dim / 8",
+  const Shape s = decode_shape(D, p.q_heads / p.kv_heads, kDimsPerThread);
+  hattn::detail::require(s.threads <= kMaxThreads, "launch_sparse_decode", "group_size * head_dim / 16",
                          s.kTx * s.group, "<= 512");
   const std::size_t smem = decode_smem_bytes<T, D>(s);
   static const bool raised = [] {
-    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SparseDecodeKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          200 * 1024));
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SparseDecodeKernel<T, D, kDimsPerThread>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     return true;
   }();
   (void)raised;
-  SparseDecodeKernel<T, D><<<dim3(p.splits, p.batch * p.kv_heads), s.threads, smem, stream>>>(p);
+  SparseDecodeKernel<T, D, kDimsPerThread><<<dim3(p.splits, p.batch * p.kv_heads), s.threads, smem, stream>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -264,13 +302,22 @@ void launch(const SparseDecodeParams& p, Stream stream) {
 
 int suggest_decode_splits(int segments, std::int64_t max_selected_pages, int page_size) {
   hattn::detail::require(segments > 0, "suggest_decode_splits", "segments", segments, "> 0");
-  int device = 0, sms = 0;
+  int device = 0, sms = 0, resident = 0;
   HATTN_CUDA_CHECK(cudaGetDevice(&device));
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  // About four blocks per SM in total, and no chunk shorter than 8 tiles (the pipeline's depth and
-  // the partials' merge cost would then dominate).
+  // One full wave of the common instantiation (bf16, dim 128, group 4): every block is resident at
+  // once, so no second wave leaves SMs idle at the tail.
+  using T = __nv_bfloat16;
+  const int dpt = dims_per_thread();
+  const Shape shape = decode_shape(128, 4, dpt);
+  const auto kernel = dpt == 8 ? SparseDecodeKernel<T, 128, 8> : SparseDecodeKernel<T, 128, 16>;
+  HATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, shape.threads,
+                                                                 decode_smem_bytes<T, 128>(shape)));
+  const std::int64_t wave = static_cast<std::int64_t>(std::max(resident, 1)) * sms;
+  // No chunk shorter than 8 tiles: the pipeline's fill and the merge would then dominate.
   const std::int64_t tiles = max_selected_pages * (page_size / kTileTokens);
-  const std::int64_t by_device = (4LL * sms + segments - 1) / segments;
+  const std::int64_t by_device = std::max<std::int64_t>(1, wave / segments);
   const std::int64_t by_length = std::max<std::int64_t>(1, tiles / 8);
   return static_cast<int>(std::clamp<std::int64_t>(std::min(by_device, by_length), 1, 1024));
 }
@@ -294,7 +341,10 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
   hattn::detail::require(p.slot_of == nullptr || p.hbm_slots != nullptr, kWhere, "hbm_slots", "null",
                          "set when slot_of is");
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
-    detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() { launch<T, D>(p, stream); });
+    detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
+      if (dims_per_thread() == 8) launch<T, D, 8>(p, stream);
+      else launch<T, D, 16>(p, stream);
+    });
   });
 }
 

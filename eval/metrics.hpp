@@ -166,8 +166,11 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   const int begin = std::clamp(cpu_range.begin, 0, n), end = std::clamp(cpu_range.end, begin, n);
   auto select = [&](std::span<const float> up, std::span<const float> est, int budget, int b, int e) {
     std::vector<std::int32_t> out;
+    // The mass rule's cap counts the pages beyond the forced ones (when the range holds them), the
+    // rule's budget counts them too: as src/engine/cpu_side.cpp applies it.
+    const int forced_here = b == 0 && e == n ? forced : 0;
     if (rule.mass_threshold > 0)
-      cpu_select_mass(est, rule.mass_threshold, budget, sink_pages, local_pages, b, e, out);
+      cpu_select_mass(est, rule.mass_threshold, std::max(0, budget - forced_here), sink_pages, local_pages, b, e, out);
     else
       cpu_select_top_k(up, budget, sink_pages, local_pages, b, e, out);
     widen_to_runs(out, rule.granularity_pages, b, e);

@@ -15,6 +15,8 @@ if [[ ! -f "$build/CMakeCache.txt" ]] && command -v ninja >/dev/null 2>&1; then 
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release >&2
 cmake --build "$build" --parallel "$jobs" --target hattn_quickstart >&2
 
-exe="$(find "$build" -type f -name hattn_quickstart -perm -u+x -print -quit)"
+# The target is hattn_quickstart; its file may carry another OUTPUT_NAME (hattn-quickstart).
+exe="$(find "$build/examples" "$build" -maxdepth 2 -type f \( -name hattn-quickstart -o -name hattn_quickstart \) \
+  -perm -u+x -print -quit 2>/dev/null || true)"
 [[ -n "$exe" ]] || { echo "run_example: hattn_quickstart was not built under $build" >&2; exit 1; }
 exec "$exe" "$@"

@@ -44,6 +44,7 @@ __device__ __forceinline__ V block_exclusive_sum(V v, V* scratch, V& total) {
 /// Block-wide reduction with `op`; every thread gets the result. `scratch` holds 33 values.
 template <class V, class Op>
 __device__ __forceinline__ V block_reduce(V v, Op op, V* scratch) {
+  // Requires a power-of-two number of whole warps (the butterfly stays within them).
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -52,9 +53,12 @@ __device__ __forceinline__ V block_reduce(V v, Op op, V* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    V w = lane < warps ? scratch[lane] : scratch[0];
+    V w = scratch[lane < warps ? lane : lane % warps];
 #pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) w = op(w, __shfl_xor_sync(0xffffffffu, w, off));
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      const V u = __shfl_xor_sync(0xffffffffu, w, off);
+      if (off < warps) w = op(w, u);  // butterfly within the first `warps` lanes only
+    }
     if (lane == 0) scratch[kWarp] = w;
   }
   __syncthreads();

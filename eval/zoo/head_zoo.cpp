@@ -105,13 +105,31 @@ std::vector<float> full_direction(Normals& rng, int dim) {
   return v;
 }
 
+// Content directions (needles, distractors, topics) avoid the recency and sink pairs: a content
+// query projected on the strong sink or recency key parts would add logit noise of several units.
+std::vector<float> content_direction(Normals& rng, int dim, int recency_begin, int recency_end, int sink_begin) {
+  std::vector<float> v(static_cast<std::size_t>(dim), 0.0f);
+  const int half = dim / 2;
+  for (int i = 0; i < sink_begin; ++i) {
+    if (i >= recency_begin && i < recency_end) continue;
+    v[i] = rng.next();
+    v[i + half] = rng.next();
+  }
+  normalise(v);
+  return v;
+}
+
 float between(Normals& rng, float lo, float hi) { return lo + static_cast<float>(rng.uniform()) * (hi - lo); }
 
 // Key-side norms of the structured components; queries get the coefficient that gives the target
-// logit (logit = scale * key_norm * query_coefficient).
-constexpr float kSinkKeyNorm = 8.0f;
-constexpr float kRecencyKeyNorm = 4.0f;
-constexpr float kContentKeyNorm = 6.0f;
+// logit (logit = scale * key_norm * query_coefficient). They are large next to the key noise (norm
+// sqrt(head_dim)) as real keys' structured directions are: a query coefficient c turns the key noise
+// into logit noise of sd scale * c, so small norms would drown every structure in noise.
+constexpr float kSinkKeyNorm = 24.0f;
+constexpr float kRecencyKeyNorm = 16.0f;
+constexpr float kContentKeyNorm = 20.0f;
+constexpr float kSinkKeyNoise = 0.2f;
+constexpr float kContentQueryNoise = 0.3f;
 // Rotary pairs (of head_dim / 2): recency lives on the fast pairs, the sink on the slowest ones
 // (a sink's own rotation at positions < 4 is negligible there, and no other key has mass there).
 // Pairs [8, 40) (wavelengths 40 to 18K tokens) with a peak logit of 15-16 put 97-99% of a local
@@ -235,10 +253,10 @@ HeadZoo::HeadZoo(ZooConfig config, int max_steps) : config_(std::move(config)), 
           break;
         case HeadKind::kClustered:
           h.noise_logit = 0.7f, h.sink_logit = between(rng, 7.5f, 9.5f), h.recency_logit = between(rng, 2, 3);
-          h.content_logit = between(rng, 4, 5.5f);
+          h.content_logit = between(rng, 4.5f, 6);
           break;
         case HeadKind::kDiffuse:
-          h.noise_logit = 1.2f, h.sink_logit = between(rng, 7.5f, 9.5f), h.recency_logit = between(rng, 1.5f, 2.5f);
+          h.noise_logit = 1.2f, h.sink_logit = between(rng, 9, 10.5f), h.recency_logit = between(rng, 1.5f, 2.5f);
           break;
         case HeadKind::kGaussian:
           h.noise_logit = 1.0f;
@@ -270,15 +288,16 @@ HeadZoo::HeadZoo(ZooConfig config, int max_steps) : config_(std::move(config)), 
         };
         for (int g = 0; g < config_.needle_groups; ++g) {
           h.needles.push_back(place(g));
-          h.needle_dir.push_back(full_direction(rng, dim));
+          h.needle_dir.push_back(content_direction(rng, dim, kRecencyPairsBegin, kRecencyPairsEnd, half - kSinkPairsFromEnd));
           h.needle_value.push_back(full_direction(rng, dim));
         }
         for (int g = 0; g < config_.needle_groups; ++g)
           for (int d = 0; d < config_.distractors_per_group; ++d) {
             h.distractors.push_back(place(g));
-            // A near duplicate: cosine 0.6 to 0.85 with its needle's direction.
-            const float c = between(rng, 0.6f, 0.85f);
-            std::vector<float> r = full_direction(rng, dim);
+            // A near duplicate: cosine 0.45 to 0.7 with its needle's direction (4 to 7 logits
+            // below the needle, so a group of them still draws real mass).
+            const float c = between(rng, 0.45f, 0.7f);
+            std::vector<float> r = content_direction(rng, dim, kRecencyPairsBegin, kRecencyPairsEnd, half - kSinkPairsFromEnd);
             double dot = 0;
             for (int i = 0; i < dim; ++i) dot += static_cast<double>(r[i]) * h.needle_dir[g][i];
             for (int i = 0; i < dim; ++i) r[i] -= static_cast<float>(dot) * h.needle_dir[g][i];
@@ -296,8 +315,9 @@ HeadZoo::HeadZoo(ZooConfig config, int max_steps) : config_(std::move(config)), 
                   [](const auto& a, const auto& b) { return a.first.begin < b.first.begin; });
       }
       if (h.kind == HeadKind::kClustered) {
-        h.cluster_run = 64 + static_cast<int>(rng.uniform() * 449);  // topic runs of 64..512 tokens
-        for (int c = 0; c < config_.clusters; ++c) h.cluster_dir.push_back(full_direction(rng, dim));
+        h.cluster_run = 64 + static_cast<int>(rng.uniform() * 193);  // topic runs of 64..256 tokens
+        for (int c = 0; c < config_.clusters; ++c)
+          h.cluster_dir.push_back(content_direction(rng, dim, kRecencyPairsBegin, kRecencyPairsEnd, half - kSinkPairsFromEnd));
       }
     }
   }
@@ -331,8 +351,13 @@ std::vector<Span> HeadZoo::targets(int layer, int kv_head, int step) const {
 int HeadZoo::cluster_of(int layer, int kv_head, std::int64_t position) const {
   const Head& h = head(layer, kv_head);
   if (h.cluster_dir.empty()) return -1;
-  return static_cast<int>(key_of(key_of(h.key, kClusterRun), static_cast<std::uint64_t>(position / h.cluster_run)) %
-                          h.cluster_dir.size());
+  // Every topic once per cycle of `clusters` runs, each cycle rotated by a hash: every topic occurs
+  // in any context of clusters * cluster_run tokens, in no fixed period.
+  const std::int64_t run = position / h.cluster_run;
+  const auto c = static_cast<std::int64_t>(h.cluster_dir.size());
+  const auto shift = static_cast<std::int64_t>(key_of(key_of(h.key, kClusterRun), static_cast<std::uint64_t>(run / c)) %
+                                               static_cast<std::uint64_t>(c));
+  return static_cast<int>((run * 7 % c + shift) % c);
 }
 
 int HeadZoo::target_cluster(int layer, int kv_head, int step) const {
@@ -350,9 +375,13 @@ void HeadZoo::key_value(const Head& h, int layer, int kv_head, std::int64_t p, b
   for (int d = 0; d < dim; ++d) vv[d] = vn.next();
   if (h.kind != HeadKind::kGaussian) {
     const bool sink = p < config_.sink_tokens;
+    // A sink's key is its own outlier: its direction dominates (little noise) and it has no recency
+    // part, or the far-field sum of cosines at the sink's distance would move its logit by several
+    // units from one context length to another.
+    if (sink)
+      for (int d = 0; d < dim; ++d) k0[d] *= kSinkKeyNoise;
     for (int d = 0; d < dim; ++d) {
-      k0[d] += kRecencyKeyNorm * h.recency[d];
-      if (sink) k0[d] += kSinkKeyNorm * h.sink_dir[d];
+      k0[d] += sink ? kSinkKeyNorm * h.sink_dir[d] : kRecencyKeyNorm * h.recency[d];
       vv[d] = sink ? kSinkValueScale * vv[d] : vv[d] + h.value_mean[d];
     }
   }
@@ -437,6 +466,9 @@ void HeadZoo::query(int layer, int step, std::span<float> q) const {
       for (int st = 0; st <= step; ++st)
         for (int d = 0; d < dim; ++d)
           drift[d] = (st == 0 ? 0.0f : kDriftRho * drift[d]) + (st == 0 ? 1.0f : std::sqrt(1 - kDriftRho * kDriftRho)) * dn.next() / std::sqrt(static_cast<float>(dim));
+      // Drift stays on the content pairs, like the content itself.
+      for (int i = 0; i < half; ++i)
+        if ((i >= kRecencyPairsBegin && i < kRecencyPairsEnd) || i >= half - kSinkPairsFromEnd) drift[i] = drift[i + half] = 0;
     }
     std::vector<float> content(static_cast<std::size_t>(dim), 0.0f);
     if (h.kind == HeadKind::kRetrieval) {
@@ -455,6 +487,17 @@ void HeadZoo::query(int layer, int step, std::span<float> q) const {
       for (int st = 0; st <= step; ++st)
         for (int d = 0; d < dim; ++d)
           noise[d] = st == 0 ? qn.next() : kDriftRho * noise[d] + std::sqrt(1 - kDriftRho * kDriftRho) * qn.next();
+      // No noise on the sink pairs: against the strong sink key it would move every sink logit by
+      // a few units per query head, and real queries hit sinks consistently.
+      // Less on the content pairs for the same reason: against a needle's key it would blur the
+      // needle into its near duplicates.
+      if (h.kind != HeadKind::kGaussian)
+        for (int i = 0; i < half; ++i) {
+          const bool recency = i >= kRecencyPairsBegin && i < kRecencyPairsEnd;
+          const float f = i >= half - kSinkPairsFromEnd ? 0.0f : recency ? 1.0f : kContentQueryNoise;
+          noise[i] *= f;
+          noise[i + half] *= f;
+        }
       // Query coefficients from target logits: logit = scale * key_norm * coefficient.
       const float head_jitter = 1.0f + 0.05f * static_cast<float>(g);  // heads of a group differ a little
       for (int d = 0; d < dim; ++d) {

@@ -6,10 +6,11 @@
 //
 // How a head is built (logit units: scale * q.k with scale = 1 / sqrt(head_dim)):
 // - Keys are k(p) = R(p) k0(p) + c(p): k0 is position content (noise, the sink direction on the
-//   lowest-frequency rotary pairs for the first tokens, a constant "recency" vector on the
-//   high-frequency pairs), rotated by the real rotary embedding R(p) (Llama half-split pairs, base
-//   500000); c(p) is semantic content that queries match wherever the token is (needles, distractors,
-//   topic clusters), added after rotation as a learned content match would survive it.
+//   8 slowest rotary pairs for the first tokens, a constant "recency" vector on pairs 8-40, whose
+//   wavelengths of 40 to 18K tokens make a window of a few hundred tokens), rotated by the real
+//   rotary embedding R(p) (Llama half-split pairs, base 500000); c(p) is semantic content on the
+//   remaining pairs that queries match wherever the token is (needles, distractors, topic clusters),
+//   added after rotation as a learned content match would survive it.
 // - A query at position t is q = noise + sink coefficient + R(t) * recency vector (so through RoPE
 //   it lines up with recent keys: q.R(p)u = u.R(p - t)u, a sum of cosines peaking at p = t) + the
 //   content it looks for. Queries drift step to step (a random walk) and retrieval heads switch the

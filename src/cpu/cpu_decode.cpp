@@ -2,6 +2,8 @@
 // merge of the pieces. The kernels themselves live in the per-ISA files (decode_*.cpp).
 #include "hattn/kernels/cpu_decode.hpp"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -39,21 +41,50 @@ Kernel kernel_for(CpuIsa isa) noexcept {
   }
 }
 
-// xsimd 8.1 reads the feature bits but not whether the OS saves the wider registers (XCR0), and its
-// arch_list has no VL or BF16; libgcc's cpu model checks both, so a path needs the two to agree.
+// What the paths need beyond what xsimd 8.1 reports: it reads the CPUID feature bits but not whether
+// the OS saves the wider registers (XCR0), and it knows nothing of AVX-512 VL, F16C or BF16.
+struct CpuFeatures {
+  bool os_avx = false, os_avx512 = false;
+  bool fma = false, f16c = false, avx2 = false;
+  bool avx512f = false, avx512cd = false, avx512dq = false, avx512bw = false, avx512vl = false, avx512bf16 = false;
+};
+
+CpuFeatures read_cpu_features() noexcept {
+  CpuFeatures f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  f.fma = (c >> 12) & 1u;
+  f.f16c = (c >> 29) & 1u;
+  const bool osxsave = (c >> 27) & 1u;
+  if (osxsave) {
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    f.os_avx = (lo & 0x6u) == 0x6u;        // SSE and AVX state
+    f.os_avx512 = (lo & 0xe6u) == 0xe6u;   // and opmask, ZMM0-15 upper halves, ZMM16-31
+  }
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = (b >> 5) & 1u;
+  f.avx512f = (b >> 16) & 1u;
+  f.avx512dq = (b >> 17) & 1u;
+  f.avx512cd = (b >> 28) & 1u;
+  f.avx512bw = (b >> 30) & 1u;
+  f.avx512vl = (b >> 31) & 1u;
+  __cpuid_count(7, 1, a, b, c, d);
+  f.avx512bf16 = (a >> 5) & 1u;
+  return f;
+}
+
 bool runtime_has(CpuIsa isa) noexcept {
+  static const CpuFeatures f = read_cpu_features();
   const auto xs = xsimd::available_architectures();
   switch (isa) {
     case CpuIsa::kGeneric: return true;
-    case CpuIsa::kAvx2:
-      return xs.fma3_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvx2: return xs.fma3_avx2 && f.os_avx && f.avx2 && f.fma && f.f16c;
     case CpuIsa::kAvx512:
-      return xs.avx512bw && xs.avx512dq && xs.avx512cd && xs.avx512f && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case CpuIsa::kAvx512Bf16: return runtime_has(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+      return xs.avx512bw && runtime_has(CpuIsa::kAvx2) && f.os_avx512 && f.avx512f && f.avx512cd && f.avx512dq &&
+             f.avx512bw && f.avx512vl;
+    case CpuIsa::kAvx512Bf16: return runtime_has(CpuIsa::kAvx512) && f.avx512bf16;
   }
   return false;
 }

@@ -71,9 +71,10 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
   detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
                   last_page_tokens, detail::concat("in [1, ", layout.page_size, "]").c_str());
 
-  // Rows widened to fp32 once per page, then plain loops the compiler vectorises.
-  std::vector<float> rows(3 * static_cast<std::size_t>(dim));
-  float* lo = rows.data();
+  // Rows widened to fp32 once per page, then plain loops the compiler vectorises. head_dim <= 256
+  // (PageLayout::validate), so the rows fit on the stack: no allocation per call.
+  float rows[3 * 256];
+  float* lo = rows;
   float* hi = lo + dim;
   float* mean = hi + dim;
   const float log_full = std::log(static_cast<float>(layout.page_size));

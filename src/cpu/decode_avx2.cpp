@@ -12,6 +12,7 @@ template <>
 struct Isa<Avx2> {
   using B = xsimd::batch<float, Avx2>;
   static constexpr bool kBf16Dot = false;
+  static constexpr int kChunkBlock = 2;  // row chunks per value pass: fits the register file
   static B load(const float* p) { return B::load_unaligned(p); }
   static B load(const bfloat16_t* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -10,6 +10,7 @@ template <>
 struct Isa<xsimd::avx512bw> {
   using B = xsimd::batch<float, xsimd::avx512bw>;
   static constexpr bool kBf16Dot = false;
+  static constexpr int kChunkBlock = 4;  // row chunks per value pass: fits the register file
   static B load(const float* p) { return B::load_unaligned(p); }
   static B load(const bfloat16_t* p) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

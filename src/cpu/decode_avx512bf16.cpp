@@ -20,6 +20,7 @@ template <>
 struct Isa<avx512bf16> {
   using B = xsimd::batch<float, xsimd::avx512bw>;
   static constexpr bool kBf16Dot = true;
+  static constexpr int kChunkBlock = 4;  // row chunks per value pass: fits the register file
   static B load(const float* p) { return B::load_unaligned(p); }
   static __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
   static B load(const bfloat16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -59,6 +60,32 @@ struct Isa<avx512bf16> {
       }
     }
     for (int j = 0; j < NB; ++j) logits[j * kMaxPageTokens] = _mm512_reduce_add_ps(acc[j]);
+  }
+
+  // Four key rows against four heads: the 16 accumulators reduce with one transposing haddp.
+  template <int D>
+  static void block_dot_bf16(const std::uint16_t* k, const std::uint16_t* q_bf16, float* logits) {
+    B acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = B(0.0f);
+    for (int c = 0; c < D; c += 32) {
+      __m512bh kc[4];
+      for (int t = 0; t < 4; ++t)
+        kc[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + static_cast<std::size_t>(t) * D + c));
+      for (int j = 0; j < 4; ++j) {
+        const std::uint16_t* q = q_bf16 + static_cast<std::size_t>(j) * 2 * D;
+        const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_load_si512(q + c));
+        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_load_si512(q + D + c));
+        for (int t = 0; t < 4; ++t) {
+          __m512 a = acc[t * 4 + j];
+          a = _mm512_dpbf16_ps(a, kc[t], hi);
+          acc[t * 4 + j] = _mm512_dpbf16_ps(a, kc[t], lo);
+        }
+      }
+    }
+    alignas(64) float sums[16];
+    xsimd::haddp(acc).store_aligned(sums);
+    for (int t = 0; t < 4; ++t)
+      for (int j = 0; j < 4; ++j) logits[j * kMaxPageTokens + t] = sums[t * 4 + j];
   }
 };
 

@@ -10,6 +10,7 @@ template <>
 struct Isa<xsimd::sse2> {
   using B = xsimd::batch<float, xsimd::sse2>;
   static constexpr bool kBf16Dot = false;
+  static constexpr int kChunkBlock = 2;  // row chunks per value pass: fits the register file
   static B load(const float* p) { return B::load_unaligned(p); }
   // bf16 is the high half of an fp32: interleave zeros below it.
   static B load(const bfloat16_t* p) {

@@ -7,8 +7,12 @@ target_sources(hattn PRIVATE
   ${_hattn_cpu}/cpu_select.cpp
   ${_hattn_cpu}/decode_generic.cpp)
 
-set(_hattn_avx2_flags -mavx2 -mfma -mf16c)
-set(_hattn_avx512_flags -mavx512f -mavx512cd -mavx512dq -mavx512bw -mavx512vl -mfma -mf16c)
+# -O3 in every configuration: at -O0 (Debug) the inline helpers of xsimd and the standard library
+# are emitted as weak symbols, and the linker may keep the copy compiled with AVX-512 flags for the
+# generic path too. Fully inlined (checked with nm: only DecodePages::operator() is defined), each
+# ISA file exports nothing but its kernel.
+set(_hattn_avx2_flags -mavx2 -mfma -mf16c -O3)
+set(_hattn_avx512_flags -mavx512f -mavx512cd -mavx512dq -mavx512bw -mavx512vl -mfma -mf16c -O3)
 check_cxx_compiler_flag("-mavx2 -mfma -mf16c" HATTN_CXX_HAS_AVX2)
 check_cxx_compiler_flag("-mavx512f -mavx512cd -mavx512dq -mavx512bw -mavx512vl" HATTN_CXX_HAS_AVX512)
 check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512bf16" HATTN_CXX_HAS_AVX512BF16)

@@ -42,7 +42,8 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
                       .max_requests = config.max_requests,
                       .pool_pages = static_cast<std::int32_t>(pool.capacity_pages()),
                       .kv_heads = layout.kv_heads,
-                      .block_bytes = static_cast<std::int64_t>(2 * layout.head_block_elems() * dtype_bytes(layout.dtype))};
+                      .block_bytes = static_cast<std::int64_t>(2 * layout.head_block_elems() * dtype_bytes(layout.dtype)),
+                      .layers = config.layers};
   shape_.validate();
 
   auto alloc = [&](auto*& ptr, std::size_t count) {
@@ -62,7 +63,7 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
     alloc(v.budget, R), alloc(v.used, R), alloc(v.pinned, R), alloc(v.row_of_request, R), alloc(v.request_stats, R);
     alloc(v.step_stats, 1), alloc(v.scalars, 1);
     alloc(v.seg_hits, B * H), alloc(v.seg_misses, B * H), alloc(v.seg_bypass, B * H), alloc(v.miss_key, N);
-    alloc(v.row_request, B), alloc(v.row_fresh, B), alloc(v.row_hist, B * kCacheAgeBuckets);
+    alloc(v.row_request, B), alloc(v.row_fresh, B), alloc(v.row_hist, B * kCacheEvictionClasses);
     alloc(v.row_evict_from, B), alloc(v.row_quota, B);
     alloc(v.gather_page, N), alloc(v.gather_head, N), alloc(v.gather_slot, N), alloc(v.gather_key, N);
     v.slots = shape_.slots, v.max_requests = shape_.max_requests, v.max_batch = config.max_batch;
@@ -70,7 +71,7 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
 
     HATTN_CUDA_CHECK(cudaMemset(v.slot_of, 0xff, static_cast<std::size_t>(shape_.keys()) * sizeof(std::int32_t)));
     HATTN_CUDA_CHECK(cudaMemset(v.row_of_request, 0xff, R * sizeof(std::int32_t)));
-    HATTN_CUDA_CHECK(cudaMemset(v.row_hist, 0, B * kCacheAgeBuckets * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.row_hist, 0, B * kCacheEvictionClasses * sizeof(std::int32_t)));
     HATTN_CUDA_CHECK(cudaMemset(v.row_fresh, 0, B * sizeof(std::int32_t)));
     const std::vector<detail::DeviceRequestCounters> zero_stats(R);
     copy_to_device(v.request_stats, zero_stats);
@@ -177,7 +178,7 @@ void DeviceKVCache::synchronize() {
 
 template <class Op>
 void DeviceKVCache::control(std::int32_t request, Op&& op) {
-  CacheModel model(shape_, download_state(), last_step_);
+  CacheModel model(shape_, download_state(), last_clock_);
   const CacheState before = model.state();
   std::vector<BlockFill> fills = op(model);  // throws before anything on the device changed
   const CacheState& after = model.state();
@@ -348,14 +349,18 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
                   detail::concat("in [0, max_batch = ", config_.max_batch, "]").c_str());
   detail::require(p.kv_heads == shape_.kv_heads, where, "kv_heads", p.kv_heads,
                   detail::concat("the pool's ", shape_.kv_heads).c_str());
-  detail::require(p.step >= last_step_, where, "step", p.step, detail::concat(">= the last step ", last_step_).c_str());
+  detail::require(p.step <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(config_.layers) - 1,
+                  where, "step", p.step, "small enough for a 32-bit stamp clock");
+  const std::uint32_t now = shape_.clock(p.step, p.layer);
+  detail::require(now >= last_clock_, where, "(step, layer)", detail::concat("(", p.step, ", ", p.layer, ")"),
+                  detail::concat("not before the last call (clock ", last_clock_, ")").c_str());
   detail::require(p.selected_capacity >= 0 && p.selected_capacity <= config_.max_selected, where, "selected_capacity",
                   p.selected_capacity, detail::concat("in [0, max_selected = ", config_.max_selected, "]").c_str());
   if (p.batch > 0)
     detail::require(p.page_table && p.page_indptr && p.selected && p.selected_offset && p.selected_count && p.request_of_row,
                     where, "device arrays", "a null pointer", "all set");
   if (side == compute) side = own_stream_;  // the overlap needs two streams
-  last_step_ = p.step;
+  last_clock_ = now;
   if (p.batch == 0) return;
 
   // The previous call's evictions and gathers must be finished before this layer's decode reads slot_of.
@@ -365,7 +370,8 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
 
   const detail::CacheCallArgs a{.page_table = p.page_table, .page_indptr = p.page_indptr, .selected = p.selected,
                                 .selected_offset = p.selected_offset, .selected_count = p.selected_count,
-                                .request_of_row = p.request_of_row, .batch = p.batch, .step = p.step};
+                                .request_of_row = p.request_of_row, .batch = p.batch, .step = p.step, .now = now,
+                                .age_width = cache_age_width(config_.layers), .capacity = p.selected_capacity};
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[0], side));
   detail::launch_cache_lookup(view_, a, side);
   detail::launch_cache_plan(view_, a, side);
@@ -375,7 +381,7 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   const auto& layout = pool_.layout();
   const cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
                              .heads = view_.gather_head, .slots = view_.gather_slot, .count = &view_.scalars->gather_count,
-                             .n = config_.max_selected, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
+                             .n = p.selected_capacity, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
                              .head_dim = layout.head_dim, .dtype = layout.dtype};
   cuda::launch_gather_pages(g, side);
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));

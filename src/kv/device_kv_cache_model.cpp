@@ -20,6 +20,7 @@ void CacheShape::validate() const {
   detail::require(keys() <= std::numeric_limits<BlockKey>::max(), "CacheShape", "pool_pages * kv_heads", keys(),
                   "< 2^31 (keys are 32-bit)");
   detail::require(block_bytes > 0, "CacheShape", "block_bytes", block_bytes, "> 0");
+  detail::require(layers > 0, "CacheShape", "layers", layers, "> 0");
 }
 
 CacheState CacheState::empty(const CacheShape& shape) {
@@ -47,8 +48,8 @@ CacheModel::CacheModel(const CacheShape& shape, CacheReplacement replacement)
   rebuild_index();
 }
 
-CacheModel::CacheModel(const CacheShape& shape, CacheState state, std::uint32_t last_step)
-    : shape_(shape), replacement_(CacheReplacement::kBucketedLru), state_(std::move(state)), last_step_(last_step) {
+CacheModel::CacheModel(const CacheShape& shape, CacheState state, std::uint32_t last_clock)
+    : shape_(shape), replacement_(CacheReplacement::kBucketedLru), state_(std::move(state)), last_clock_(last_clock) {
   shape_.validate();
   detail::require(state_.slot_key.size() == static_cast<std::size_t>(shape_.slots), "CacheModel", "state.slot_key.size()",
                   state_.slot_key.size(), "shape.slots");
@@ -141,17 +142,18 @@ std::int64_t CacheModel::evict(std::int32_t request, std::int64_t need, std::uin
   std::vector<std::int32_t> victims;
   const auto& list = owned_[request];
   if (replacement_ == CacheReplacement::kBucketedLru) {
-    // The GPU rule: a histogram of ages, then every block in the oldest buckets that together
-    // hold at least `need`; the last bucket goes whole, so this may evict a little more.
-    std::int64_t hist[kCacheAgeBuckets] = {};
+    // The GPU rule: a histogram of eviction classes, then every block in the oldest classes that
+    // together hold at least `need`; the last class goes whole, so this may evict a little more.
+    const auto width = cache_age_width(shape_.layers);
+    auto cls = [&](std::int32_t s) { return cache_eviction_class(now - state_.slot_stamp[s], state_.slot_key[s], width); };
+    std::int64_t hist[kCacheEvictionClasses] = {};
     for (auto s : list)
-      if (!state_.slot_pinned[s] && state_.slot_stamp[s] != now) ++hist[cache_age_bucket(now - state_.slot_stamp[s])];
-    int from = kCacheAgeBuckets;
+      if (!state_.slot_pinned[s] && state_.slot_stamp[s] != now) ++hist[cls(s)];
+    int from = kCacheEvictionClasses;
     std::int64_t acc = 0;
     while (acc < need && from > 0) acc += hist[--from];
     for (auto s : list)
-      if (!state_.slot_pinned[s] && state_.slot_stamp[s] != now && cache_age_bucket(now - state_.slot_stamp[s]) >= from)
-        victims.push_back(s);
+      if (!state_.slot_pinned[s] && state_.slot_stamp[s] != now && cls(s) >= from) victims.push_back(s);
   } else {
     for (auto s : list)
       if (!state_.slot_pinned[s] && state_.slot_stamp[s] != now) victims.push_back(s);
@@ -193,7 +195,7 @@ void CacheModel::set_budget(std::int32_t request, std::int32_t budget_slots) {
                   detail::concat(">= pinned blocks of the request = ", state_.pinned[request]).c_str());
   state_.budget[request] = budget_slots;
   // Between steps every unpinned block is evictable: look from the step after the last one.
-  evict(request, state_.used[request] - budget_slots, last_step_ + 1);
+  evict(request, state_.used[request] - budget_slots, last_clock_ + 1);
 }
 
 std::vector<BlockFill> CacheModel::pin(std::int32_t request, std::span<const BlockKey> keys) {
@@ -218,12 +220,12 @@ std::vector<BlockFill> CacheModel::pin(std::int32_t request, std::span<const Blo
       state_.slot_pinned[s] = 1;
       ++state_.pinned[request];
     }
-  evict(request, state_.used[request] + new_blocks - state_.budget[request], last_step_ + 1);
+  evict(request, state_.used[request] + new_blocks - state_.budget[request], last_clock_ + 1);
   std::vector<BlockFill> fills;
   for (auto k : keys) {
     if (slot_of(k) >= 0) continue;
     const auto s = state_.free_stack[--state_.free_top];
-    take_slot(s, request, k, last_step_);
+    take_slot(s, request, k, last_clock_);
     state_.slot_pinned[s] = 1;
     ++state_.pinned[request];
     fills.push_back({k, s});
@@ -265,9 +267,15 @@ void CacheModel::release(std::int32_t request) {
   state_.budget[request] = -1;
 }
 
-std::vector<BlockFill> CacheModel::step(std::uint32_t t, std::span<const CacheAccess> rows) {
+std::vector<BlockFill> CacheModel::step(std::uint32_t t, int layer, std::span<const CacheAccess> rows) {
   constexpr const char* where = "CacheModel::step";
-  detail::require(t >= last_step_, where, "step", t, detail::concat(">= the last step ", last_step_).c_str());
+  detail::require(layer >= 0 && layer < shape_.layers, where, "layer", layer,
+                  detail::concat("in [0, layers = ", shape_.layers, ")").c_str());
+  detail::require(t <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(shape_.layers) - 1,
+                  where, "step", t, "small enough for a 32-bit stamp clock");
+  const std::uint32_t now = shape_.clock(t, layer);
+  detail::require(now >= last_clock_, where, "(step, layer)", detail::concat("(", t, ", ", layer, ")"),
+                  detail::concat("not before the last call (clock ", last_clock_, ")").c_str());
   {
     std::unordered_set<std::int32_t> requests;
     std::unordered_set<BlockKey> keys;
@@ -283,7 +291,7 @@ std::vector<BlockFill> CacheModel::step(std::uint32_t t, std::span<const CacheAc
       }
     }
   }
-  last_step_ = t;
+  last_clock_ = now;
   if (step_stats_.step != t) step_stats_ = {t, {}};
 
   // Lookup of every row first, as the GPU does (one kernel for all rows before any eviction).
@@ -293,7 +301,7 @@ std::vector<BlockFill> CacheModel::step(std::uint32_t t, std::span<const CacheAc
     auto& c = request_stats_[r].counters;
     for (auto k : rows[i].keys) {
       if (const auto s = slot_of(k); s >= 0) {
-        state_.slot_stamp[s] = t;
+        state_.slot_stamp[s] = now;
         recency_[s] = ++clock_;
         ++c.hits;
       } else {
@@ -315,14 +323,14 @@ std::vector<BlockFill> CacheModel::step(std::uint32_t t, std::span<const CacheAc
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto r = rows[i].request;
     std::int64_t fresh = 0;
-    for (auto s : owned_[r]) fresh += !state_.slot_pinned[s] && state_.slot_stamp[s] == t;
+    for (auto s : owned_[r]) fresh += !state_.slot_pinned[s] && state_.slot_stamp[s] == now;
     const std::int64_t budget = state_.budget[r];
     const std::int64_t room = budget - state_.pinned[r] - fresh;
     const auto admit = std::clamp<std::int64_t>(static_cast<std::int64_t>(missed[i].size()), 0, std::max<std::int64_t>(room, 0));
-    const auto evicted = evict(r, state_.used[r] + admit - budget, t);
+    const auto evicted = evict(r, state_.used[r] + admit - budget, now);
     for (std::int64_t j = 0; j < admit; ++j) {
       const auto s = state_.free_stack[--state_.free_top];
-      take_slot(s, r, missed[i][j], t);
+      take_slot(s, r, missed[i][j], now);
       fills.push_back({missed[i][j], s});
     }
     auto& c = request_stats_[r].counters;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace hattn {
 
@@ -124,9 +125,45 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
 }
 
 namespace {
+
 inline float widen(float v) noexcept { return v; }
 inline float widen(half_t v) noexcept { return to_float(v); }
 inline float widen(bfloat16_t v) noexcept { return to_float(v); }
+
+template <class T>
+T narrow(float v) noexcept {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else if constexpr (std::is_same_v<T, half_t>) return to_half(v);
+  else return to_bfloat16(v);
+}
+
+// One key row of one head folded into the running page and group state. Separate restrict-qualified
+// arrays let the compiler vectorise (minps/maxps keep std::min's operand order, so results match the
+// scalar definition bit for bit).
+template <class T>
+void accumulate(const T* __restrict key, int dim, float* __restrict pmin, float* __restrict pmax,
+                float* __restrict psum, float* __restrict glo, float* __restrict ghi, double* __restrict gsum) {
+  for (int d = 0; d < dim; ++d) {
+    const float k = widen(key[d]);
+    pmin[d] = std::min(pmin[d], k);
+    pmax[d] = std::max(pmax[d], k);
+    psum[d] += k;
+    glo[d] = std::min(glo[d], k);
+    ghi[d] = std::max(ghi[d], k);
+    gsum[d] += k;
+  }
+}
+
+template <class T>
+void publish_page(int dim, const float* __restrict pmin, const float* __restrict pmax, const float* __restrict psum,
+                  float tokens, T* __restrict out_min, T* __restrict out_max, T* __restrict out_mean) {
+  for (int d = 0; d < dim; ++d) {
+    out_min[d] = narrow<T>(pmin[d]);
+    out_max[d] = narrow<T>(pmax[d]);
+    out_mean[d] = narrow<T>(psum[d] / tokens);  // a division, not a reciprocal: same bits as from scratch
+  }
+}
+
 }  // namespace
 
 // Folds n new keys ([n][kv_heads][head_dim], starting at position table.length) into the running
@@ -147,7 +184,6 @@ void PagedKVStore::update_summaries(LayerTable& table, const T* keys, std::int64
   double* gsum = table.group_sum.data();
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t pos = table.length + i;
-    const std::int64_t page_index = pos / ps;
     const std::int64_t group = pos / group_tokens;
     float* g = table.groups.data() + static_cast<std::size_t>(group) * layout.summary_elems();
     if (pos % ps == 0) {
@@ -164,39 +200,26 @@ void PagedKVStore::update_summaries(LayerTable& table, const T* keys, std::int64
     }
     const T* row = keys + static_cast<std::size_t>(i) * row_elems;
     for (int h = 0; h < layout.kv_heads; ++h) {
-      float* glo = g + layout.summary_offset(h, 0);
-      float* ghi = g + layout.summary_offset(h, 1);
       const std::size_t base = static_cast<std::size_t>(h) * dim;
-      for (int d = 0; d < dim; ++d) {
-        const float k = widen(row[base + d]);
-        pmin[base + d] = std::min(pmin[base + d], k);
-        pmax[base + d] = std::max(pmax[base + d], k);
-        psum[base + d] += k;
-        glo[d] = std::min(glo[d], k);
-        ghi[d] = std::max(ghi[d], k);
-        gsum[base + d] += k;
-      }
+      accumulate(row + base, dim, pmin + base, pmax + base, psum + base, g + layout.summary_offset(h, 0),
+                 g + layout.summary_offset(h, 1), gsum + base);
     }
     const bool last = i == n - 1;
     if (last || pos % ps == ps - 1) {
-      const int tokens = static_cast<int>(pos % ps) + 1;
-      std::byte* out = pool_.summary(table.pages[page_index]);
+      const auto tokens = static_cast<float>(pos % ps + 1);
+      T* out = reinterpret_cast<T*>(pool_.summary(table.pages[pos / ps]));
       for (int h = 0; h < layout.kv_heads; ++h) {
         const std::size_t base = static_cast<std::size_t>(h) * dim;
-        for (int d = 0; d < dim; ++d) {
-          store_from_float(out, layout.summary_offset(h, 0) + d, layout.dtype, pmin[base + d]);
-          store_from_float(out, layout.summary_offset(h, 1) + d, layout.dtype, pmax[base + d]);
-          store_from_float(out, layout.summary_offset(h, 2) + d, layout.dtype,
-                           psum[base + d] / static_cast<float>(tokens));
-        }
+        publish_page(dim, pmin + base, pmax + base, psum + base, tokens, out + layout.summary_offset(h, 0),
+                     out + layout.summary_offset(h, 1), out + layout.summary_offset(h, 2));
       }
     }
     if (last || pos % group_tokens == group_tokens - 1) {
       const auto tokens = static_cast<double>(pos % group_tokens + 1);
       for (int h = 0; h < layout.kv_heads; ++h) {
         float* gmean = g + layout.summary_offset(h, 2);
-        const std::size_t base = static_cast<std::size_t>(h) * dim;
-        for (int d = 0; d < dim; ++d) gmean[d] = static_cast<float>(gsum[base + d] / tokens);
+        const double* sum = gsum + static_cast<std::size_t>(h) * dim;
+        for (int d = 0; d < dim; ++d) gmean[d] = static_cast<float>(sum[d] / tokens);
       }
     }
   }

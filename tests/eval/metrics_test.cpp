@@ -115,12 +115,13 @@ TEST(Metrics, WidenToRuns) {
 }
 
 TEST(Metrics, ReplaySelectionFindsTheHotPage) {
-  // 8 pages of 16 tokens; every key zero but token 40 (page 2) carries q's direction.
+  // 8 pages of 16 tokens; every key zero but those of page 2, which carry q's direction.
   const PageLayout l{16, 1, 64, DType::kBFloat16};
   PagedKVStore store(kOneHead, 16, 16 * (l.page_bytes() + l.summary_bytes()), HostMemoryRequest::kAligned);
   const SeqId seq = store.add_sequence();
   std::vector<bfloat16_t> k(128 * 64, to_bfloat16(0)), v(128 * 64, to_bfloat16(1));
-  for (int d = 0; d < 64; ++d) k[40 * 64 + d] = to_bfloat16(1.0f);
+  for (int t = 32; t < 48; ++t)
+    for (int d = 0; d < 64; ++d) k[t * 64 + d] = to_bfloat16(1.0f);
   store.append(seq, 0, TensorView::contiguous(k.data(), DType::kBFloat16, {128, 1, 64}),
                TensorView::contiguous(v.data(), DType::kBFloat16, {128, 1, 64}));
   std::vector<float> q(64, 1.0f);

@@ -67,6 +67,7 @@ struct DecodeFixture {
     const PageLayout& lay = layer.store.layout();
     const std::int64_t pool_pages = layer.store.pool().capacity_pages();
     slot_of.assign(static_cast<std::size_t>(pool_pages) * kvh, -1);
+    n_slots = 0;
     const std::size_t block = lay.head_block_elems() * dtype_bytes(lay.dtype);
     std::vector<std::byte> host;
     for (std::int32_t page : page_table)

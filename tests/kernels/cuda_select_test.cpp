@@ -252,7 +252,12 @@ TEST_P(CudaScore, MatchesHostEvaluationOfSummaries) {
 INSTANTIATE_TEST_SUITE_P(DtypeDimPageGroup, CudaScore,
                          ::testing::Values(ScoreCase{DType::kBFloat16, 128, 16, 4}, ScoreCase{DType::kFloat16, 64, 32, 1},
                                            ScoreCase{DType::kBFloat16, 256, 64, 8}, ScoreCase{DType::kFloat16, 128, 16, 8},
-                                           ScoreCase{DType::kBFloat16, 64, 16, 3}));
+                                           ScoreCase{DType::kBFloat16, 64, 16, 3}),
+                         [](const auto& info) {
+                           const ScoreCase& c = info.param;
+                           return std::string(to_string(c.dtype)) + "_d" + std::to_string(c.dim) + "_p" +
+                                  std::to_string(c.page_size) + "_g" + std::to_string(c.group);
+                         });
 
 TEST(CudaScore, RejectsUnsupportedValues) {
   cuda::ScoreParams p;

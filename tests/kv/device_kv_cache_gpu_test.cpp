@@ -163,7 +163,7 @@ class CacheHarness {
                       .kv_heads = layout.kv_heads, .layer = layer, .step = t,
                       .selected_capacity = static_cast<std::int32_t>(selected.size())};
     cache.step(p, compute, side);
-    model.step(t, rows);
+    model.step(t, layer, rows);
     if (closed >= 0) {
       EXPECT_THROW(cache.synchronize(), InvalidArgument);
     } else {
@@ -177,7 +177,7 @@ class CacheHarness {
   void check(const char* when) {
     SCOPED_TRACE(when);
     const auto st = cache.download_state();
-    ASSERT_NO_THROW(CacheModel(cache.shape(), st, model.last_step()));  // one owner per slot, free stack, counts
+    ASSERT_NO_THROW(CacheModel(cache.shape(), st, model.last_clock()));  // one owner per slot, free stack, counts
     const auto& ms = model.state();
     EXPECT_EQ(st.budget, ms.budget);
     EXPECT_EQ(st.used, ms.used);

@@ -34,16 +34,16 @@ TEST(CacheModel, HitsAfterAdmissionAndBudgetHolds) {
   CacheModel m(small_shape(), CacheReplacement::kBucketedLru);
   m.open_request(1, 8);
   std::vector<CacheAccess> rows{{.request = 1, .keys = {10, 11, 12, 13}, .bypass = 1}};
-  auto fills = m.step(0, rows);
+  auto fills = m.step(0, 0, rows);
   EXPECT_EQ(fills.size(), 4u);
   EXPECT_EQ(m.step_stats().counters.misses, 4);
   EXPECT_EQ(m.step_stats().counters.bypass, 1);
-  m.step(1, rows);
+  m.step(1, 0, rows);
   EXPECT_EQ(m.step_stats().counters.hits, 4);
   EXPECT_EQ(m.step_stats().counters.misses, 0);
   // Ten new blocks: only the budget's room (8 - 4 used this step) is admitted, no hit is evicted.
   rows[0].keys = {10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29};
-  fills = m.step(2, rows);
+  fills = m.step(2, 0, rows);
   EXPECT_EQ(fills.size(), 4u);
   EXPECT_EQ(m.state().used[1], 8);
   for (BlockKey k : {10, 11, 12, 13}) EXPECT_GE(m.slot_of(k), 0);
@@ -58,9 +58,9 @@ TEST(CacheModel, EvictsOldestBucketsFirst) {
     CacheModel m(small_shape(), rep);
     m.open_request(0, 4);
     std::uint32_t t = 0;
-    for (BlockKey k : {1, 2, 3, 4}) m.step(t++, std::vector<CacheAccess>{{.request = 0, .keys = {k}}});
-    m.step(t++, std::vector<CacheAccess>{{.request = 0, .keys = {1}}});  // 1 is now the newest
-    m.step(t++, std::vector<CacheAccess>{{.request = 0, .keys = {9}}});  // evicts 2, the oldest
+    for (BlockKey k : {1, 2, 3, 4}) m.step(t++, 0, std::vector<CacheAccess>{{.request = 0, .keys = {k}}});
+    m.step(t++, 0, std::vector<CacheAccess>{{.request = 0, .keys = {1}}});  // 1 is now the newest
+    m.step(t++, 0, std::vector<CacheAccess>{{.request = 0, .keys = {9}}});  // evicts 2, the oldest
     EXPECT_GE(m.slot_of(1), 0);
     EXPECT_LT(m.slot_of(2), 0);
     EXPECT_GE(m.slot_of(3), 0);
@@ -72,7 +72,7 @@ TEST(CacheModel, EvictsOldestBucketsFirst) {
 /// A random workload of many sequences with appends (sequences grow by whole pages), selections,
 /// budget changes, pins and releases; invariants are checked after every call.
 void stress(CacheReplacement rep, std::uint64_t seed, int steps) {
-  const CacheShape shape{.slots = 512, .max_requests = 12, .pool_pages = 4096, .kv_heads = 2, .block_bytes = 64};
+  const CacheShape shape{.slots = 512, .max_requests = 12, .pool_pages = 4096, .kv_heads = 2, .block_bytes = 64, .layers = 2};
   CacheModel m(shape, rep);
   std::mt19937_64 rng(seed);
   auto uni = [&](int n) { return std::uniform_int_distribution<int>(0, n - 1)(rng); };
@@ -137,7 +137,7 @@ void stress(CacheReplacement rep, std::uint64_t seed, int steps) {
       rows.push_back(std::move(row));
     }
     std::shuffle(rows.begin(), rows.end(), rng);
-    m.step(static_cast<std::uint32_t>(t / 2), rows);  // two calls (layers) per step number
+    m.step(static_cast<std::uint32_t>(t / 2), t % 2, rows);  // two layers per step
     ASSERT_NO_THROW(m.check_invariants()) << "step " << t;
   }
   EXPECT_GT(releases, 10);
@@ -153,7 +153,7 @@ TEST(CacheModel, StressExact) { stress(CacheReplacement::kExactLru, 11, 4000); }
 TEST(CacheModel, BadInputLeavesStateUnchanged) {
   CacheModel m(small_shape(64, 4), CacheReplacement::kBucketedLru);
   m.open_request(0, 16);
-  m.step(3, std::vector<CacheAccess>{{.request = 0, .keys = {1, 2, 3}}});
+  m.step(3, 0, std::vector<CacheAccess>{{.request = 0, .keys = {1, 2, 3}}});
   const auto before = m.state();
   auto same = [&] {
     EXPECT_EQ(m.state().slot_key, before.slot_key);
@@ -162,13 +162,14 @@ TEST(CacheModel, BadInputLeavesStateUnchanged) {
     EXPECT_EQ(m.state().slot_stamp, before.slot_stamp);
     m.check_invariants();
   };
-  EXPECT_THROW(m.step(4, std::vector<CacheAccess>{{.request = 0, .keys = {4}}, {.request = 2, .keys = {5}}}),
+  EXPECT_THROW(m.step(4, 0, std::vector<CacheAccess>{{.request = 0, .keys = {4}}, {.request = 2, .keys = {5}}}),
                InvalidArgument);  // request 2 is not open
   same();
-  EXPECT_THROW(m.step(4, std::vector<CacheAccess>{{.request = 9, .keys = {4}}}), InvalidArgument);
-  EXPECT_THROW(m.step(2, std::vector<CacheAccess>{{.request = 0, .keys = {4}}}), InvalidArgument);  // step back
-  EXPECT_THROW(m.step(4, std::vector<CacheAccess>{{.request = 0, .keys = {4, 4}}}), InvalidArgument);
-  EXPECT_THROW(m.step(4, std::vector<CacheAccess>{{.request = 0, .keys = {1 << 20}}}), InvalidArgument);
+  EXPECT_THROW(m.step(4, 0, std::vector<CacheAccess>{{.request = 9, .keys = {4}}}), InvalidArgument);
+  EXPECT_THROW(m.step(2, 0, std::vector<CacheAccess>{{.request = 0, .keys = {4}}}), InvalidArgument);  // step back
+  EXPECT_THROW(m.step(4, 1, std::vector<CacheAccess>{{.request = 0, .keys = {4}}}), InvalidArgument);  // layer out of range
+  EXPECT_THROW(m.step(4, 0, std::vector<CacheAccess>{{.request = 0, .keys = {4, 4}}}), InvalidArgument);
+  EXPECT_THROW(m.step(4, 0, std::vector<CacheAccess>{{.request = 0, .keys = {1 << 20}}}), InvalidArgument);
   same();
   EXPECT_THROW(m.set_budget(0, 65), InvalidArgument);  // larger than the pool
   EXPECT_THROW(m.open_request(1, 49), InvalidArgument);  // budgets would sum past the pool
@@ -193,7 +194,7 @@ TEST(CacheModel, PinnedBlocksSurvivePressureAndBoundBudget) {
   for (std::uint32_t t = 0; t < 50; ++t) {
     CacheAccess row{.request = 0, .keys = {}, .bypass = 0};
     for (int i = 0; i < 6; ++i) row.keys.push_back(static_cast<BlockKey>(200 + t * 6 + i));
-    m.step(t, std::vector<CacheAccess>{row});
+    m.step(t, 0, std::vector<CacheAccess>{row});
     ASSERT_GE(m.slot_of(100), 0);
     ASSERT_GE(m.slot_of(101), 0);
     ASSERT_LE(m.state().used[0], 6);
@@ -229,7 +230,7 @@ TEST(PlanBudgets, FollowsWorkingSetAndFitsThePool) {
 // Acceptance: bucketed LRU within 2 points of exact LRU on traces with drifting hot sets and
 // recurring needles, at budgets from tight to roomy.
 TEST(CacheModel, BucketedHitRateNearExactLru) {
-  for (double multiple : {1.5, 2.5, 4.5}) {
+  for (double multiple : {1.2, 2.5, 4.5}) {
     for (std::uint64_t seed : {1u, 2u}) {
       SelectionTraceConfig cfg{};
       cfg.seed = seed;

@@ -34,7 +34,7 @@ Config gpu_config(double budget) {
 
 struct DeviceBuffer {
   float* ptr = nullptr;
-  explicit DeviceBuffer(std::size_t n) { EXPECT_EQ(cudaMalloc(&ptr, n * sizeof(float)), cudaSuccess); }
+  explicit DeviceBuffer(std::size_t n) { EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&ptr), n * sizeof(float)), cudaSuccess); }
   ~DeviceBuffer() { cudaFree(ptr); }
 };
 

@@ -38,6 +38,9 @@ class CpuDecoder {
   CpuIsa isa() const noexcept;
   /// Computes every item, splitting long page lists across workers along the pages and merging the
   /// pieces by LSE. logits are scale * q.k. Blocks until done. `group_size` query heads per item.
+  /// Throws InvalidArgument (before any work) for a bad group size, KV head, null pointer or
+  /// last_page_tokens; page ids are not checked. One run() at a time per decoder (it owns the
+  /// scratch); several decoders may share one ThreadPool (their calls are serialised there).
   void run(const HostKVPool& pool, int group_size, float scale, std::span<const CpuDecodeItem> items);
 
  private:

@@ -33,8 +33,8 @@ struct SparseDecodeParams {
 
 void launch_sparse_decode(const SparseDecodeParams& p, Stream stream);
 
-/// Plan-time helper: splits per segment that fill the current device (about four blocks per SM in
-/// total) without chunks shorter than 8 tiles of 16 tokens. `max_selected_pages`: the longest
+/// Plan-time helper: splits per segment that fill the current device with one wave of blocks
+/// without chunks shorter than 8 tiles of 16 tokens. `max_selected_pages`: the longest
 /// selected list of any segment.
 int suggest_decode_splits(int segments, std::int64_t max_selected_pages, int page_size);
 

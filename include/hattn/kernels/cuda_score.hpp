@@ -19,8 +19,11 @@ struct ScoreParams {
   int batch = 0, q_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
   DType dtype = DType::kBFloat16;
   float scale = 0;
-  float* upper = nullptr;     ///< Quest bound, max over the group's query heads (see cpu_score_pages)
-  float* estimate = nullptr;  ///< log estimated mass of the page (see cpu_score_pages)
+  /// Quest bound, max over the group's query heads (see cpu_score_pages); nullptr skips it and
+  /// its min/max summary rows (a top-k step that ranks by the estimate reads a third less).
+  float* upper = nullptr;
+  /// Log estimated mass of the page (see cpu_score_pages); nullptr skips it and the mean row.
+  float* estimate = nullptr;
 };
 
 void launch_score_pages(const ScoreParams& p, Stream stream);

@@ -20,6 +20,14 @@ struct CacheShape {
   std::int32_t pool_pages = 0;    ///< HostKVPool capacity; keys are [0, pool_pages * kv_heads)
   int kv_heads = 0;
   std::int64_t block_bytes = 0;   ///< bytes of one block, K and V: 2 * page_size * head_dim * elem
+  int layers = 1;                 ///< layers calling the cache once each per step, in ascending order
+
+  /// Stamp clock of a call: one tick per layer call, so recency inside a step follows layer order
+  /// as exact LRU sees it; with step stamps, a tight budget at layer l would evict whole age buckets
+  /// holding the previous step's blocks of layers not yet called, and those would cascade.
+  std::uint32_t clock(std::uint32_t step, int layer) const noexcept {
+    return step * static_cast<std::uint32_t>(layers) + static_cast<std::uint32_t>(layer);
+  }
 
   std::int64_t keys() const noexcept { return static_cast<std::int64_t>(pool_pages) * kv_heads; }
   /// Throws InvalidArgument naming the first bad field.
@@ -68,8 +76,9 @@ struct BlockFill {
 class CacheModel {
  public:
   CacheModel(const CacheShape& shape, CacheReplacement replacement);
-  /// Adopts a state (from the GPU). Bucketed LRU only: the exact LRU's order is not in the state.
-  CacheModel(const CacheShape& shape, CacheState state, std::uint32_t last_step);
+  /// Adopts a state (from the GPU) whose latest call had clock `last_clock` (CacheShape::clock).
+  /// Bucketed LRU only: the exact LRU's order is not in the state.
+  CacheModel(const CacheShape& shape, CacheState state, std::uint32_t last_clock);
 
   /// Opens request `request` with `budget_slots`. Throws when it is open already, out of range, or
   /// the budgets would sum to more than the pool.
@@ -88,16 +97,16 @@ class CacheModel {
   /// Drops every block of `request` and closes it.
   void release(std::int32_t request);
 
-  /// One call of step `step` (one layer): counts hits and misses of every row, refreshes the
-  /// stamps of hits, evicts and admits misses within each request's budget. Returns the admitted
-  /// blocks (to be gathered). `step` must not go back.
-  std::vector<BlockFill> step(std::uint32_t step, std::span<const CacheAccess> rows);
+  /// The call of `layer` in step `step`: counts hits and misses of every row, refreshes the stamps
+  /// of hits, evicts and admits misses within each request's budget. Returns the admitted blocks
+  /// (to be gathered). Calls must not go back in (step, layer) order.
+  std::vector<BlockFill> step(std::uint32_t step, int layer, std::span<const CacheAccess> rows);
 
   std::int32_t slot_of(BlockKey key) const;
   const CacheState& state() const noexcept { return state_; }
   const CacheShape& shape() const noexcept { return shape_; }
   CacheReplacement replacement() const noexcept { return replacement_; }
-  std::uint32_t last_step() const noexcept { return last_step_; }
+  std::uint32_t last_clock() const noexcept { return last_clock_; }
   bool is_open(std::int32_t request) const;
   RequestCacheStats request_stats(std::int32_t request) const;
   /// Totals of the latest step number seen.
@@ -124,7 +133,7 @@ class CacheModel {
   std::vector<std::int32_t> owned_pos_;           // [slot] index in owned_[owner]
   std::vector<std::uint64_t> recency_;            // [slot] exact LRU clock
   std::uint64_t clock_ = 0;
-  std::uint32_t last_step_ = 0;
+  std::uint32_t last_clock_ = 0;
   std::vector<RequestCacheStats> request_stats_;
   std::vector<std::uint32_t> request_last_step_;  // kNoStep before the first lookup
   CacheStepStats step_stats_;

@@ -25,15 +25,25 @@ namespace hattn {
 /// Key of a (page, KV head) block: page * kv_heads + head, in [0, pool_pages * kv_heads).
 using BlockKey = std::int32_t;
 
-/// Number of age buckets of the bucketed LRU. Stamps are step numbers; what the replacement looks at
-/// is the age (now - stamp) quantised into this bounded range, so per-request histograms are small
-/// (64 counters) and victims are chosen by one threshold per request, in parallel on the GPU.
+/// Number of age buckets of the bucketed LRU. Stamps are call clocks (one tick per layer call);
+/// what the replacement looks at is the age (now - stamp) quantised into this bounded range, so
+/// per-request histograms are small and victims are chosen by one threshold per request, in
+/// parallel on the GPU.
 inline constexpr int kCacheAgeBuckets = 64;
+/// The first kCacheRecentBuckets buckets are split further by a hash of the block key into
+/// kCacheSubBuckets parts, so that when the eviction threshold falls in a recent bucket (a tight
+/// budget: the previous step's selection of a layer) only a sixteenth of it goes at once instead
+/// of all of it, which would make that layer miss everything at its next call and cascade.
+inline constexpr int kCacheRecentBuckets = 16;
+inline constexpr int kCacheSubBuckets = 16;
+/// Eviction classes: recent buckets x sub-buckets, then the older buckets whole. A larger class
+/// is older and goes first; victims are every evictable block in the classes above a threshold.
+inline constexpr int kCacheEvictionClasses =
+    kCacheRecentBuckets * kCacheSubBuckets + (kCacheAgeBuckets - kCacheRecentBuckets);
 
-/// Age bucket of a block last used `age` >= 1 steps ago (age 0, this step, is never evicted).
-/// Ages 1..16 get a bucket each (recent steps are where LRU order matters most: the next step's
-/// working set); beyond that, 4 buckets per doubling, so the range covers ~65K steps. Bucket 63
-/// holds everything older. A larger bucket means older.
+/// Age bucket of a block last used `age` >= 1 ticks ago (age 0, this call, is never evicted).
+/// Ages 1..16 get a bucket each; beyond that, 4 buckets per doubling, so the range covers ~65K
+/// ticks. Bucket 63 holds everything older. A larger bucket means older.
 HATTN_HOST_DEVICE constexpr int cache_age_bucket(std::uint32_t age) noexcept {
   const std::uint32_t a = age - 1;  // age >= 1
   if (a < 16) return static_cast<int>(a);
@@ -41,6 +51,20 @@ HATTN_HOST_DEVICE constexpr int cache_age_bucket(std::uint32_t age) noexcept {
   while (((a >> e) & 1u) == 0) --e;  // floor(log2(a)) >= 4
   const int b = 16 + (e - 4) * 4 + static_cast<int>((a >> (e - 2)) & 3u);
   return b < kCacheAgeBuckets ? b : kCacheAgeBuckets - 1;
+}
+
+/// Ticks per age unit for `layers` layer calls a step: the 16 one-unit buckets then span about
+/// two steps, where a tight budget puts its threshold.
+HATTN_HOST_DEVICE constexpr std::uint32_t cache_age_width(int layers) noexcept {
+  return static_cast<std::uint32_t>((layers + 7) / 8);
+}
+
+/// Eviction class of a block with key `key`, `age` >= 1 ticks old, at age width `width`.
+HATTN_HOST_DEVICE constexpr int cache_eviction_class(std::uint32_t age, std::int32_t key, std::uint32_t width) noexcept {
+  const int b = cache_age_bucket((age + width - 1) / width);
+  if (b >= kCacheRecentBuckets) return kCacheRecentBuckets * kCacheSubBuckets + (b - kCacheRecentBuckets);
+  const std::uint32_t mixed = static_cast<std::uint32_t>(key) * 0x9E3779B1u;  // Fibonacci hashing
+  return b * kCacheSubBuckets + static_cast<int>(mixed >> 28);
 }
 
 /// Totals of one decode step (all layers of it), or of one request over its life.

@@ -37,7 +37,8 @@ inline CacheReplayResult replay_trace(const SelectionTraceConfig& cfg, CacheRepl
   const auto budget = static_cast<std::int32_t>(std::ceil(blocks * budget_multiple));
 
   CacheShape shape{.slots = budget * cfg.requests, .max_requests = cfg.requests,
-                   .pool_pages = cfg.requests * cfg.layers * max_pages, .kv_heads = cfg.kv_heads, .block_bytes = 1};
+                   .pool_pages = cfg.requests * cfg.layers * max_pages, .kv_heads = cfg.kv_heads, .block_bytes = 1,
+                   .layers = cfg.layers};
   CacheModel model(shape, replacement);
   for (int r = 0; r < cfg.requests; ++r) model.open_request(r, budget);
 
@@ -57,7 +58,7 @@ inline CacheReplayResult replay_trace(const SelectionTraceConfig& cfg, CacheRepl
             else row.keys.push_back(replay_key(cfg, max_pages, r, l, pos, h));
           }
       }
-      model.step(static_cast<std::uint32_t>(t), rows);
+      model.step(static_cast<std::uint32_t>(t), l, rows);
     }
     if (t >= warmup) out.counters += model.step_stats().counters;
     trace.advance();

@@ -43,7 +43,8 @@ struct CacheStepParams {
   int batch = 0;
   int kv_heads = 0;
   int layer = 0;
-  std::uint32_t step = 0;         ///< decode step number, the same for every layer of a step; never goes back
+  /// Decode step number, the same for every layer of a step; calls come in (step, layer) order.
+  std::uint32_t step = 0;
   std::int32_t selected_capacity = 0;  ///< entries of `selected` (host value), <= max_selected
 };
 
@@ -128,7 +129,7 @@ class DeviceKVCache {
   bool side_pending_ = false;
   bool timing_ = false;
   bool timed_ = false;
-  std::uint32_t last_step_ = 0;
+  std::uint32_t last_clock_ = 0;  // CacheShape::clock of the latest step() call
   std::vector<detail::DeviceRequestCounters> stats_at_resize_;
 };
 

@@ -49,8 +49,8 @@ struct CacheDeviceView {
   BlockKey* miss_key = nullptr;           ///< [N] misses of segment s at [selected_offset[s], + seg_misses[s])
   std::int32_t* row_request = nullptr;    ///< [B] request of the row, -1 when the row is invalid
   std::int32_t* row_fresh = nullptr;      ///< [B] unpinned blocks of the row's request used this step
-  std::int32_t* row_hist = nullptr;       ///< [B][kCacheAgeBuckets] evictable blocks per age bucket
-  std::int32_t* row_evict_from = nullptr; ///< [B] first evicted bucket (kCacheAgeBuckets = none)
+  std::int32_t* row_hist = nullptr;       ///< [B][kCacheEvictionClasses] evictable blocks per class
+  std::int32_t* row_evict_from = nullptr; ///< [B] first evicted class (kCacheEvictionClasses = none)
   std::int32_t* row_quota = nullptr;      ///< [B] misses to admit
   std::int32_t* gather_page = nullptr;    ///< [N]
   std::int32_t* gather_head = nullptr;    ///< [N]
@@ -69,7 +69,10 @@ struct CacheCallArgs {
   const std::int32_t* selected_count = nullptr;   ///< [batch * H]
   const std::int32_t* request_of_row = nullptr;   ///< [batch]
   int batch = 0;
-  std::uint32_t step = 0;
+  std::uint32_t step = 0;       ///< for statistics
+  std::uint32_t now = 0;        ///< stamp clock of this call, CacheShape::clock(step, layer)
+  std::uint32_t age_width = 1;  ///< cache_age_width(layers)
+  int capacity = 0;             ///< entries of `selected`: a bound on this call's admissions
 };
 
 /// Stage 1: hits (stamps refreshed) and misses per segment, misses compacted per segment.

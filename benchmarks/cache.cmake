@@ -1,0 +1,3 @@
+# HBM page cache (issue 6): hit rate of the bucketed LRU against exact LRU on selection traces (host
+# model) and, with CUDA, the device maintenance time per step at 100K slots.
+hattn_add_benchmark(NAME bench_hbm_cache SOURCES ${CMAKE_CURRENT_LIST_DIR}/cache_hbm.cpp)

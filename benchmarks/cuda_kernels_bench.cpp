@@ -1,0 +1,511 @@
+// Bandwidth of the CUDA kernels (score, select, sparse decode from HBM and from host pages, gather)
+// against ceilings measured in the same process: a device-to-device copy for HBM and a bulk pinned
+// host-to-device copy for PCIe. GPU time from CUDA events (UseManualTime).
+//
+//   bench_cuda_kernels [google benchmark flags]             microbenchmarks
+//   bench_cuda_kernels --figures OUT.json [--torch T.json]  docs/results/cuda_kernels.json figures
+//     (T.json from benchmarks/torch_baselines.py; commit from env HATTN_COMMIT)
+#include <benchmark/benchmark.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "hattn/core/cuda_check.hpp"
+#include "hattn/core/dtype.hpp"
+#include "hattn/kernels/cuda_decode.hpp"
+#include "hattn/kernels/cuda_gather.hpp"
+#include "hattn/kernels/cuda_score.hpp"
+#include "hattn/kernels/cuda_select.hpp"
+
+namespace {
+
+using hattn::bfloat16_t;
+using hattn::DType;
+namespace hc = hattn::cuda;
+
+// Llama-3-8B attention layer.
+constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128;
+
+template <class T>
+T* device_alloc(std::size_t n) {
+  void* p = nullptr;
+  HATTN_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
+  return static_cast<T*>(p);
+}
+
+template <class T>
+T* device_copy(const std::vector<T>& host) {
+  T* d = device_alloc<T>(host.size());
+  HATTN_CUDA_CHECK(cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+/// Owns device (and pinned host) allocations of one fixture.
+struct Arena {
+  std::vector<void*> device, host;
+  ~Arena() {
+    for (void* p : device) cudaFree(p);
+    for (void* p : host) cudaFreeHost(p);
+  }
+  template <class T>
+  T* track(T* p) {
+    device.push_back(p);
+    return p;
+  }
+};
+
+/// Median GPU time in microseconds of `fn` enqueued on the default stream, after warm-up.
+double median_us(const std::function<void()>& fn, int reps) {
+  cudaEvent_t a, b;
+  HATTN_CUDA_CHECK(cudaEventCreate(&a));
+  HATTN_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) fn();
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    HATTN_CUDA_CHECK(cudaEventRecord(a));
+    fn();
+    HATTN_CUDA_CHECK(cudaEventRecord(b));
+    HATTN_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1e3);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+/// A decode layer: `batch` requests of `tokens` tokens, 16-token pages, every page selected. The
+/// pages live in HBM slots (in_hbm) or in a mapped pinned host arena.
+struct DecodeLayer {
+  Arena arena;
+  hc::SparseDecodeParams decode;
+  hc::MergeParams merge;
+  std::size_t kv_bytes = 0;
+  void* host_pages = nullptr;
+
+  /// splits <= 0: hc::suggest_decode_splits.
+  DecodeLayer(int tokens, int batch, bool in_hbm, int page_size = 16, int splits = 0) {
+    const int n = (tokens + page_size - 1) / page_size;
+    const std::int64_t pages = static_cast<std::int64_t>(n) * batch;
+    const std::size_t block = static_cast<std::size_t>(page_size) * kDim * 2;  // bytes of K (or V) of a head
+    kv_bytes = static_cast<std::size_t>(pages) * kKvHeads * 2 * block;
+    std::vector<std::int32_t> table(pages), indptr(batch + 1), len(batch, tokens), sel, off, cnt, slot_of;
+    for (std::int64_t i = 0; i < pages; ++i) table[i] = static_cast<std::int32_t>(i);
+    for (int b = 0; b <= batch; ++b) indptr[b] = b * n;
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < kKvHeads; ++h) {
+        off.push_back(static_cast<std::int32_t>(sel.size()));
+        cnt.push_back(n);
+        for (int i = 0; i < n; ++i) sel.push_back(i);
+      }
+    decode.page_table = arena.track(device_copy(table));
+    decode.page_indptr = arena.track(device_copy(indptr));
+    decode.seq_len = arena.track(device_copy(len));
+    decode.selected = arena.track(device_copy(sel));
+    decode.selected_offset = arena.track(device_copy(off));
+    decode.selected_count = arena.track(device_copy(cnt));
+    if (in_hbm) {
+      for (std::int64_t i = 0; i < pages * kKvHeads; ++i) slot_of.push_back(static_cast<std::int32_t>(i));
+      decode.slot_of = arena.track(device_copy(slot_of));
+      void* slots = arena.track(device_alloc<std::byte>(kv_bytes));
+      HATTN_CUDA_CHECK(cudaMemset(slots, 0x3c, kv_bytes));  // bf16 0x3c3c ~ 0.0115
+      decode.hbm_slots = slots;
+    } else {
+      HATTN_CUDA_CHECK(cudaHostAlloc(&host_pages, kv_bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+      arena.host.push_back(host_pages);
+      std::memset(host_pages, 0x3c, kv_bytes);
+      decode.host_pages = host_pages;
+    }
+    std::vector<float> q(static_cast<std::size_t>(batch) * kQHeads * kDim);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    for (auto& x : q) x = normal(rng);
+    decode.q = arena.track(device_copy(q));
+    decode.batch = batch;
+    decode.q_heads = kQHeads;
+    decode.kv_heads = kKvHeads;
+    decode.head_dim = kDim;
+    decode.page_size = page_size;
+    decode.dtype = DType::kBFloat16;
+    decode.scale = 1.0f / std::sqrt(static_cast<float>(kDim));
+    decode.splits = splits > 0 ? splits : hc::suggest_decode_splits(batch * kKvHeads, n, page_size);
+    const int rows = batch * kQHeads;
+    decode.partial_out = arena.track(device_alloc<float>(static_cast<std::size_t>(decode.splits) * rows * kDim));
+    decode.partial_lse = arena.track(device_alloc<float>(static_cast<std::size_t>(decode.splits) * rows));
+    merge.partial_out = decode.partial_out;
+    merge.partial_lse = decode.partial_lse;
+    merge.splits = decode.splits;
+    merge.rows = rows;
+    merge.head_dim = kDim;
+    merge.out = arena.track(device_alloc<float>(static_cast<std::size_t>(rows) * kDim));
+    merge.lse = arena.track(device_alloc<float>(rows));
+  }
+  void run() {
+    hc::launch_sparse_decode(decode, nullptr);
+    hc::launch_merge_partials(merge, nullptr);
+  }
+};
+
+/// Scoring + top-k selection (5% of pages) + sparse decode + merge at `tokens` tokens, batch 1.
+struct SparseStep {
+  DecodeLayer layer;
+  Arena arena;
+  hc::ScoreParams score;
+  hc::SelectParams select;
+
+  SparseStep(int tokens, double fraction) : layer(tokens, 1, true) {
+    const int n = (tokens + 15) / 16;
+    std::vector<bfloat16_t> summaries(static_cast<std::size_t>(n) * kKvHeads * 3 * kDim);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal;
+    for (auto& s : summaries) s = hattn::to_bfloat16(normal(rng));
+    score.q = layer.decode.q;
+    score.summaries = arena.track(device_copy(summaries));
+    score.page_table = layer.decode.page_table;
+    score.page_indptr = layer.decode.page_indptr;
+    score.seq_len = layer.decode.seq_len;
+    score.batch = 1;
+    score.q_heads = kQHeads;
+    score.kv_heads = kKvHeads;
+    score.head_dim = kDim;
+    score.page_size = 16;
+    score.dtype = DType::kBFloat16;
+    score.scale = layer.decode.scale;
+    score.upper = arena.track(device_alloc<float>(static_cast<std::size_t>(n) * kKvHeads));
+    score.estimate = arena.track(device_alloc<float>(static_cast<std::size_t>(n) * kKvHeads));
+    const int k = std::max(1, static_cast<int>(std::lround(fraction * n)));
+    select.scores = score.upper;
+    select.page_indptr = layer.decode.page_indptr;
+    select.batch = 1;
+    select.kv_heads = kKvHeads;
+    select.budget_pages = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, k)));
+    select.sink_pages = 1;
+    select.local_pages = 4;
+    // Selection writes into the decode's selected list and counts (same segment offsets).
+    select.selected = const_cast<std::int32_t*>(layer.decode.selected);
+    select.selected_count = const_cast<std::int32_t*>(layer.decode.selected_count);
+    const std::size_t ws = hc::select_workspace_bytes(n, kKvHeads, 1);
+    select.workspace = ws ? arena.track(device_alloc<std::byte>(ws)) : nullptr;
+    layer.decode.splits = hc::suggest_decode_splits(kKvHeads, k, 16);
+    layer.merge.splits = layer.decode.splits;
+  }
+  void run_score() { hc::launch_score_pages(score, nullptr); }
+  void run_select() { hc::launch_select_pages(select, nullptr); }
+  /// The sparse step ranks by the Quest bound only, so scoring skips the mean rows.
+  void run() {
+    float* estimate = score.estimate;
+    score.estimate = nullptr;
+    run_score();
+    score.estimate = estimate;
+    run_select();
+    layer.run();
+  }
+};
+
+/// Gather of every (page, head) block of a host arena into HBM slots.
+struct GatherJob {
+  Arena arena;
+  hc::GatherParams p;
+  std::size_t bytes = 0;
+  GatherJob(int tokens, int page_size) {
+    const int pages = tokens / page_size;
+    bytes = static_cast<std::size_t>(pages) * kKvHeads * 2 * page_size * kDim * 2;
+    void* host = nullptr;
+    HATTN_CUDA_CHECK(cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+    arena.host.push_back(host);
+    std::memset(host, 0x3c, bytes);
+    std::vector<std::int32_t> ids, heads, slots;
+    for (int i = 0; i < pages; ++i)
+      for (int h = 0; h < kKvHeads; ++h) {
+        ids.push_back(i);
+        heads.push_back(h);
+        slots.push_back(static_cast<std::int32_t>(slots.size()));
+      }
+    p.host_pages = host;
+    p.hbm_slots = arena.track(device_alloc<std::byte>(bytes));
+    p.page_ids = arena.track(device_copy(ids));
+    p.heads = arena.track(device_copy(heads));
+    p.slots = arena.track(device_copy(slots));
+    p.n = static_cast<int>(ids.size());
+    p.kv_heads = kKvHeads;
+    p.page_size = page_size;
+    p.head_dim = kDim;
+    p.dtype = DType::kBFloat16;
+  }
+  void run() { hc::launch_gather_pages(p, nullptr); }
+};
+
+/// HBM ceiling: device-to-device copy, counting bytes read plus written (GB/s).
+double hbm_copy_gbps() {
+  const std::size_t bytes = 1ull << 30;
+  Arena a;
+  void* src = a.track(device_alloc<std::byte>(bytes));
+  void* dst = a.track(device_alloc<std::byte>(bytes));
+  const double us = median_us([&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  return 2.0 * bytes / us * 1e-3;
+}
+
+/// PCIe ceiling: one bulk pinned host-to-device copy (GB/s).
+double pcie_h2d_gbps() {
+  const std::size_t bytes = 256ull << 20;
+  Arena a;
+  void* host = nullptr;
+  HATTN_CUDA_CHECK(cudaHostAlloc(&host, bytes, cudaHostAllocDefault));
+  a.host.push_back(host);
+  std::memset(host, 1, bytes);
+  void* dst = a.track(device_alloc<std::byte>(bytes));
+  const double us = median_us([&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice)); }, 20);
+  return bytes / us * 1e-3;
+}
+
+// ---------------------------------------------------------------- Google Benchmark
+double g_hbm_gbps = 0, g_pcie_gbps = 0;
+
+template <class Fn>
+void time_loop(benchmark::State& state, Fn&& fn, double bytes, double ceiling_gbps) {
+  cudaEvent_t a, b;
+  HATTN_CUDA_CHECK(cudaEventCreate(&a));
+  HATTN_CUDA_CHECK(cudaEventCreate(&b));
+  fn();
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  for (auto _ : state) {
+    HATTN_CUDA_CHECK(cudaEventRecord(a));
+    fn();
+    HATTN_CUDA_CHECK(cudaEventRecord(b));
+    HATTN_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    state.SetIterationTime(ms * 1e-3);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes * state.iterations()));
+  if (ceiling_gbps > 0) state.counters["ceiling_GBps"] = ceiling_gbps;
+}
+
+void BM_HbmCopyCeiling(benchmark::State& state) {
+  const std::size_t bytes = 1ull << 30;
+  Arena a;
+  void* src = a.track(device_alloc<std::byte>(bytes));
+  void* dst = a.track(device_alloc<std::byte>(bytes));
+  time_loop(state, [&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 2.0 * bytes, 0);
+}
+
+void BM_PcieH2DCeiling(benchmark::State& state) {
+  const std::size_t bytes = 256ull << 20;
+  Arena a;
+  void* host = nullptr;
+  HATTN_CUDA_CHECK(cudaHostAlloc(&host, bytes, cudaHostAllocDefault));
+  a.host.push_back(host);
+  void* dst = a.track(device_alloc<std::byte>(bytes));
+  time_loop(state, [&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice)); }, bytes, 0);
+}
+
+void BM_DenseDecodeHbm(benchmark::State& state) {
+  DecodeLayer l(static_cast<int>(state.range(0)), static_cast<int>(state.range(1)), true);
+  time_loop(state, [&] { l.run(); }, static_cast<double>(l.kv_bytes), g_hbm_gbps);
+}
+
+void BM_DecodeHostPages(benchmark::State& state) {
+  DecodeLayer l(static_cast<int>(state.range(0)), 1, false, static_cast<int>(state.range(1)));
+  time_loop(state, [&] { l.run(); }, static_cast<double>(l.kv_bytes), g_pcie_gbps);
+}
+
+void BM_Gather(benchmark::State& state) {
+  GatherJob g(static_cast<int>(state.range(0)), static_cast<int>(state.range(1)));
+  time_loop(state, [&] { g.run(); }, static_cast<double>(g.bytes), g_pcie_gbps);
+}
+
+void BM_ScorePages(benchmark::State& state) {
+  SparseStep s(static_cast<int>(state.range(0)), 0.05);
+  const double bytes = static_cast<double>(state.range(0)) / 16 * kKvHeads * 3 * kDim * 2;
+  time_loop(state, [&] { s.run_score(); }, bytes, g_hbm_gbps);
+}
+
+void BM_SelectTopK(benchmark::State& state) {
+  SparseStep s(static_cast<int>(state.range(0)), 0.05);
+  s.run_score();
+  time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 4, g_hbm_gbps);
+}
+
+void BM_Sparse5Step(benchmark::State& state) {
+  SparseStep s(static_cast<int>(state.range(0)), 0.05);
+  time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);
+}
+
+BENCHMARK(BM_HbmCopyCeiling)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PcieH2DCeiling)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DenseDecodeHbm)->Args({32768, 1})->Args({131072, 1})->Args({131072, 8})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DecodeHostPages)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Gather)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScorePages)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SelectTopK)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Sparse5Step)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// ---------------------------------------------------------------- figures
+/// Reads section[key] from the flat JSON torch_baselines.py writes ({"section": {"key": number}}).
+double json_number(const std::string& text, const std::string& section, const std::string& key) {
+  const auto s = text.find("\"" + section + "\"");
+  if (s == std::string::npos) return NAN;
+  const auto end = text.find('}', s);
+  const auto k = text.find("\"" + key + "\"", s);
+  if (k == std::string::npos || k > end) return NAN;
+  const auto colon = text.find(':', k);
+  return std::strtod(text.c_str() + colon + 1, nullptr);
+}
+
+struct Figure {
+  double value;
+  std::string unit, how;
+};
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    o += c;
+  }
+  return o;
+}
+
+int write_figures(const std::string& out_path, const std::string& torch_path) {
+  std::string torch;
+  if (!torch_path.empty()) {
+    std::ifstream in(torch_path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    torch = ss.str();
+  }
+  cudaDeviceProp prop{};
+  HATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double hbm = hbm_copy_gbps(), pcie = pcie_h2d_gbps();
+  std::printf("ceilings: HBM copy %.0f GB/s, pinned H2D %.1f GB/s\n", hbm, pcie);
+  std::map<std::string, Figure> figs;
+
+  struct DenseCase {
+    const char* name;
+    int tokens, batch;
+  };
+  for (const DenseCase c : {DenseCase{"gpu_dense_32k_b1_vs_torch", 32768, 1},
+                            DenseCase{"gpu_dense_128k_b1_vs_torch", 131072, 1},
+                            DenseCase{"gpu_dense_128k_b8_vs_torch", 131072, 8}}) {
+    DecodeLayer l(c.tokens, c.batch, true);
+    const double us = median_us([&] { l.run(); }, 50);
+    const double gbps = l.kv_bytes / us * 1e-3;
+    const std::string key = std::to_string(c.tokens) + "x" + std::to_string(c.batch);
+    const double torch_us = json_number(torch, "gpu_sdpa_us", key);
+    std::printf("%s: %.1f us, %.0f GB/s (%.2f of HBM copy), torch %.1f us, splits %d\n", c.name, us, gbps,
+                gbps / hbm, torch_us, l.decode.splits);
+    std::ostringstream how;
+    how << "sparse decode + merge with every page selected from HBM slots, " << c.tokens << " tokens x batch "
+        << c.batch << ", 32 q / 8 kv heads, dim 128, bf16, 16-token pages: " << us << " us (" << gbps
+        << " GB/s, HBM copy ceiling " << hbm << " GB/s) / PyTorch best SDPA " << torch_us
+        << " us (benchmarks/torch_baselines.py, same run); median of 50";
+    figs[c.name] = {std::isnan(torch_us) ? NAN : us / torch_us, "ratio", how.str()};
+    if (c.batch == 1 && c.tokens == 131072) {
+      // Sensitivity to the split count, printed for tuning notes only.
+      const int planned = l.decode.splits;
+      for (int sp : {planned / 2, planned * 2, planned * 4}) {
+        DecodeLayer t(c.tokens, c.batch, true, 16, std::max(sp, 1));
+        std::printf("  splits %d: %.1f us\n", t.decode.splits, median_us([&] { t.run(); }, 30));
+      }
+    }
+  }
+  {
+    SparseStep s(131072, 0.05);
+    const double us = median_us([&] { s.run(); }, 100);
+    std::printf("gpu_sparse5_128k_b1_us: %.1f us (splits %d)\n", us, s.layer.decode.splits);
+    figs["gpu_sparse5_128k_b1_us"] = {us, "us",
+                                      "score (Quest bound from the min/max rows of bf16 summaries) + top-k selection (5% of 8192 pages "
+                                      "per KV head, 1 sink, 4 local) + sparse decode from HBM + merge, 128K tokens "
+                                      "batch 1, Llama-3-8B layer; CUDA events around the four launches, median of 100"};
+  }
+  {
+    DecodeLayer l(32768, 1, false);
+    const double us = median_us([&] { l.run(); }, 20);
+    const double gbps = l.kv_bytes / us * 1e-3;
+    std::printf("host-page decode: %.1f us, %.1f GB/s (%.2f of H2D)\n", us, gbps, gbps / pcie);
+    std::ostringstream how;
+    how << "sparse decode reading every 16-token page from mapped pinned host memory (zero-copy), 32K tokens, "
+           "batch 1, Llama-3-8B layer: "
+        << gbps << " GB/s / bulk pinned cudaMemcpyAsync H2D " << pcie << " GB/s in the same process";
+    figs["gpu_hostpage_decode_vs_pcie"] = {gbps / pcie, "ratio", how.str()};
+  }
+  {
+    GatherJob g(32768, 16);
+    const double us = median_us([&] { g.run(); }, 20);
+    const double gbps = g.bytes / us * 1e-3;
+    std::printf("gather: %.1f us, %.1f GB/s (%.2f of H2D)\n", us, gbps, gbps / pcie);
+    std::ostringstream how;
+    how << "gather kernel copying 16384 (page, head) blocks of 16-token pages (8 KB each, K+V) from mapped "
+           "pinned host memory into HBM slots: "
+        << gbps << " GB/s / bulk pinned cudaMemcpyAsync H2D " << pcie << " GB/s in the same process";
+    figs["gpu_gather_vs_pcie"] = {gbps / pcie, "ratio", how.str()};
+  }
+
+  const char* commit = std::getenv("HATTN_COMMIT");
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+  std::ofstream out(out_path);
+  out << "{\n  \"device\": \"" << json_escape(prop.name) << "\",\n  \"date\": \"" << date << "\",\n  \"commit\": \""
+      << json_escape(commit ? commit : "unknown") << "\",\n  \"ceilings\": {\"hbm_copy_GBps\": " << hbm
+      << ", \"pinned_h2d_GBps\": " << pcie << "},\n  \"figures\": {\n";
+  std::size_t i = 0;
+  for (const auto& [name, f] : figs) {
+    out << "    \"" << name << "\": {\"value\": ";
+    if (std::isnan(f.value)) out << "null"; else out << f.value;
+    out << ", \"unit\": \"" << f.unit << "\", \"how\": \"" << json_escape(f.how) << "\"}"
+        << (++i < figs.size() ? ",\n" : "\n");
+  }
+  out << "  }\n}\n";
+  std::printf("wrote %s\n", out_path.c_str());
+  return out ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string figures, torch;
+  std::vector<char*> rest{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--figures" && i + 1 < argc) figures = argv[++i];
+    else if (a == "--torch" && i + 1 < argc) torch = argv[++i];
+    else rest.push_back(argv[i]);
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "bench_cuda_kernels: no CUDA device\n");
+    return 1;
+  }
+  try {
+    if (!figures.empty()) return write_figures(figures, torch);
+    g_hbm_gbps = hbm_copy_gbps();
+    g_pcie_gbps = pcie_h2d_gbps();
+    int n = static_cast<int>(rest.size());
+    benchmark::Initialize(&n, rest.data());
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_kernels: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

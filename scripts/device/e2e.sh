@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# End-to-end decode benchmark and accuracy harness on the device (issue 8). Env: BUILD (a configured
+# and built Release tree with CUDA), OUT (logs and files that come back), HATTN_COMMIT (recorded in the
+# JSON), TORCH_JSON (PyTorch baselines from benchmarks/torch_baselines.py; made here when missing),
+# E2E_BENCH_ARGS / E2E_EVAL_ARGS (extra flags, e.g. "--quick"). Every step has a timeout; the
+# whole script stays near 10 minutes (the torch baselines, when made here, add up to 400 s). Writes docs/results/e2e.json,
+# docs/results/orchestrator.json and docs/results/quality.json (each program writes its own) and
+# copies them with the logs to $OUT.
+set -uo pipefail
+: "${BUILD:?BUILD must name a built tree}" "${OUT:?OUT must name a folder}"
+export HATTN_COMMIT=${HATTN_COMMIT:-unknown}
+mkdir -p "$OUT" docs/results
+log="$OUT/e2e.log"
+: > "$log"
+say() { echo "$@" | tee -a "$log"; }
+say "== e2e: $(date -u +%FT%TZ) commit $HATTN_COMMIT"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true; lscpu | head -20 || true; } >> "$log" 2>&1
+
+if ! ninja -C "$BUILD" hattn-bench hattn-eval >> "$log" 2>&1; then
+  say "build of hattn-bench / hattn-eval FAILED (see $log)"
+  exit 1
+fi
+
+torch_json=${TORCH_JSON:-$OUT/torch_baselines.json}
+if [[ ! -s "$torch_json" ]]; then
+  torch_json="$OUT/torch_baselines.json"
+  say "-- torch baselines (none given): benchmarks/torch_baselines.py"
+  timeout 400 python3 benchmarks/torch_baselines.py --out "$torch_json" >> "$log" 2>&1 || say "torch baselines FAILED"
+fi
+torch_flag=()
+[[ -s "$torch_json" ]] && torch_flag=(--torch_json "$torch_json")
+
+status=0
+# The figures first (128K, batch 1), so they exist even if the sweep runs out of time; the sweep
+# then rewrites both files with every row.
+say "-- hattn-bench 128K batch 1"
+timeout 150 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} 2>&1 | tee -a "$log" "$OUT/bench_128k_b1.txt" || status=1
+say "-- hattn-bench sweep"
+timeout 200 "$BUILD/eval/hattn-bench" --contexts 131072 32768 --batches 1 4 16 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} \
+  2>&1 | tee -a "$log" "$OUT/bench_sweep.txt" || say "sweep incomplete (the 128K batch 1 figures stand)"
+say "-- hattn-eval --gpu"
+timeout 240 "$BUILD/eval/hattn-eval" --gpu ${E2E_EVAL_ARGS:---contexts 32768 131072 --layers 6 --warmup 3 --steps 5} 2>&1 | tee -a "$log" "$OUT/quality_table.md" || status=1
+# The CPU backend on the same inputs: what the selection gives without the CPU/GPU split.
+timeout 60 "$BUILD/eval/hattn-eval" --quick --json "$OUT/quality_cpu_backend.json" --md "$OUT/quality_cpu_backend.md" >> "$log" 2>&1 || say "CPU-backend eval incomplete"
+
+for f in e2e orchestrator quality; do
+  [[ -f docs/results/$f.json ]] && cp "docs/results/$f.json" "$OUT/$f.json"
+done
+[[ -f docs/results/quality.md ]] && cp docs/results/quality.md "$OUT/quality.md"
+say "== e2e done, status $status"
+exit $status

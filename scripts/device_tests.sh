@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine: build, run every test (GPU tests included), then compute-sanitizer memcheck and
+# racecheck over the GPU test binaries. Logs go to $OUT (default /tmp/hattn-out); a summary is printed last.
+set -uo pipefail
+OUT=${OUT:-/tmp/hattn-out}
+BUILD=${BUILD:-build-device}
+mkdir -p "$OUT"
+bash scripts/device_build.sh "$BUILD" > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+ctest --test-dir "$BUILD" --output-on-failure -j4 --timeout 900 > "$OUT/ctest.log" 2>&1
+ctest_rc=$?
+sanitizer_rc=0
+for t in "$BUILD"/tests/test_cuda_* "$BUILD"/tests/test_*gpu* "$BUILD"/tests/test_device_kv_cache*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  for tool in memcheck racecheck; do
+    # GTEST_BRIEF keeps the log short; a sanitizer finding fails the run via --error-exitcode.
+    if ! GTEST_BRIEF=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" > "$OUT/sanitize_${tool}_${name}.log" 2>&1; then
+      echo "compute-sanitizer $tool FAILED on $name"; sanitizer_rc=1
+      tail -30 "$OUT/sanitize_${tool}_${name}.log"
+    else
+      echo "compute-sanitizer $tool clean on $name: $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_${tool}_${name}.log" | tail -1)"
+    fi
+  done
+done
+grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | tail -40
+exit $(( ctest_rc != 0 || sanitizer_rc != 0 ))
