@@ -168,7 +168,8 @@ struct GpuSide::Impl {
     cc.max_requests = config.max_batch;
     cc.max_batch = std::min(config.max_batch, 128);
     const std::int64_t keys = store.pool().capacity_pages() * config.shape.kv_heads;
-    cc.max_selected = static_cast<std::int32_t>(std::clamp<std::int64_t>(keys, 1 << 16, 1 << 25));
+    // Entries of one call's selection (batch x KV heads x pages); 2M covers 128K tokens at batch 16.
+    cc.max_selected = static_cast<std::int32_t>(std::clamp<std::int64_t>(keys, 1 << 16, 1 << 21));
     cc.layers = config.shape.layers;
     cache = std::make_unique<DeviceKVCache>(store.pool(), cc);
     for (std::int32_t r = cc.max_requests - 1; r >= 0; --r) free_requests.push_back(r);
@@ -338,6 +339,10 @@ struct GpuSide::Impl {
       for (int l = 0; l < config.shape.layers; ++l) pages = std::max(pages, store.pages(seq, l).size());
     const std::size_t batch = rows.size();
     const std::size_t total = batch * (pages + 1);
+    if (cache)
+      require(total * config.shape.kv_heads <= static_cast<std::size_t>(cache->config().max_selected),
+              "HybridAttention::plan", "batch pages x kv_heads", total * config.shape.kv_heads,
+              concat("<= the HBM cache's selection capacity (", cache->config().max_selected, ")").c_str());
     const std::size_t heads = config.shape.kv_heads;
     const std::size_t qrows = batch * config.shape.q_heads;
     const std::size_t dim = config.shape.head_dim;
@@ -424,7 +429,10 @@ struct GpuSide::Impl {
       const int forced = forced_pages(n, config.sink_pages, config.local_pages);
       for (int h = 0; h < heads; ++h) {
         const SegmentRule& rule = work.rules[static_cast<std::size_t>(b) * heads + h];
-        budget[b * heads + h] = gpu_budget(rule, n, forced, std::max(0, r.size()));
+        // Top-k counts the forced pages inside k; the mass rule's cap counts only pages beyond them
+        // (the kernels' convention, the same as cpu_select_mass).
+        const int g = gpu_budget(rule, n, forced, std::max(0, r.size()));
+        budget[b * heads + h] = rule.mass_threshold > 0 ? std::max(0, g - forced) : g;
         sel_offset[b * heads + h] = indptr[b] * heads + h * n;
         if (threshold < 0) threshold = rule.mass_threshold;
         require(rule.mass_threshold == threshold, "HybridAttention::run", "rules", "mixed top-k and mass rules",
