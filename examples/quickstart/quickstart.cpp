@@ -35,8 +35,8 @@ class Buffers {
   Buffers(std::size_t count, bool device) : host_(count), device_(device) {
 #if HATTN_WITH_CUDA
     if (device_) {
-      HATTN_CUDA_CHECK(cudaMalloc(&q_, count * sizeof(float)));
-      HATTN_CUDA_CHECK(cudaMalloc(&out_, count * sizeof(float)));
+      HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&q_), count * sizeof(float)));
+      HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&out_), count * sizeof(float)));
     }
 #endif
   }
