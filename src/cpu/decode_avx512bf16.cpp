@@ -83,7 +83,8 @@ struct Isa<avx512bf16> {
       }
     }
     alignas(64) float sums[16];
-    xsimd::haddp(acc).store_aligned(sums);
+    // Not xsimd::haddp: its AVX-512 version puts the sums in the wrong lanes (xsimd 8.1).
+    for (int i = 0; i < 16; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
     for (int t = 0; t < 4; ++t)
       for (int j = 0; j < 4; ++j) logits[j * kMaxPageTokens + t] = sums[t * 4 + j];
   }

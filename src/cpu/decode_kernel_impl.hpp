@@ -70,7 +70,13 @@ inline void block_logits(const T* k, const float* qs, float* logits) {
     }
   }
   alignas(64) float sums[S];
-  xsimd::haddp(acc).store_aligned(sums);
+  if constexpr (S == 16) {
+    // xsimd 8.1's AVX-512 haddp returns the sums in the wrong lanes (every group > 1 case failed on
+    // the Sapphire Rapids host, 2026-11-23), so 16-lane batches reduce one accumulator at a time.
+    for (int i = 0; i < S; ++i) sums[i] = xsimd::hadd(acc[i]);
+  } else {
+    xsimd::haddp(acc).store_aligned(sums);
+  }
   for (int tb = 0; tb < TB; ++tb)
     for (int j = 0; j < kHeadBlock; ++j) logits[j * kMaxPageTokens + tb] = sums[tb * kHeadBlock + j];
 }
