@@ -19,7 +19,7 @@ for component in ${HATTN_COMPONENTS:-cuda cpu cache e2e}; do
   mkdir -p "$LOGS/$component"
   echo "== $component"
   start=$(date +%s)
-  if OUT="$LOGS/$component" TORCH_JSON="$LOGS/cuda/torch_baselines.json" bash "$script" > "$LOGS/$component.log" 2>&1; then
+  if OUT="$LOGS/$component" TORCH_JSON="${TORCH_JSON:-$LOGS/cuda/torch_baselines.json}" bash "$script" > "$LOGS/$component.log" 2>&1; then
     echo "   ok in $(( $(date +%s) - start )) s"
   else
     echo "   FAILED in $(( $(date +%s) - start )) s"; tail -25 "$LOGS/$component.log"; status=1
