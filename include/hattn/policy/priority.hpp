@@ -19,12 +19,15 @@ class Priority {
   struct CostModel {
     double hbm_bytes_per_us = 2.8e6;
     double host_zero_copy_bytes_per_us = 5.0e4;
-    double cpu_bytes_per_us = 1.0e5;
-    /// Fixed costs of a side per layer: the CPU side waits for q to cross PCIe and wakes its
-    /// workers (~8.5 us flag latency + ~10 us host-func gate, DESIGN.md); the GPU side launches
-    /// scoring, selection, decode and merge (~4 launches).
-    double cpu_fixed_us = 25.0;
-    double gpu_fixed_us = 12.0;
+    /// The CPU kernel's rate on a 5% selection of a 128K layer, 16 threads: 43 GB/s
+    /// (docs/results/cpu_kernel.json, 2026-11-23); DRAM itself reads ~100 GB/s.
+    double cpu_bytes_per_us = 4.3e4;
+    /// Fixed costs of a side per layer. The CPU side waits for q to cross PCIe, wakes its workers,
+    /// scores and selects, and the GPU merge waits behind a host-function gate: ~300 us measured
+    /// per 128K layer at batch 1 (hattn-bench, 2026-11-23). The GPU side launches scoring,
+    /// selection, cache maintenance, decode and merge: ~100 us.
+    double cpu_fixed_us = 300.0;
+    double gpu_fixed_us = 100.0;
     /// Below this CPU share, splitting costs more in fixed time than it saves.
     double min_cpu_share = 0.02;
     double max_cpu_share = 0.95;
@@ -59,7 +62,7 @@ class Priority {
   void feedback(const StepTiming& t) {
     auto correct = [&](double& factor, double measured, double predicted) {
       if (measured <= 0 || predicted <= 0) return;
-      factor = std::clamp((1 - model_.ema) * factor + model_.ema * (measured / predicted), 0.1, 10.0);
+      factor = std::clamp((1 - model_.ema) * factor + model_.ema * (measured / predicted), 0.1, 100.0);
     };
     if (t.cpu_pages > 0) correct(cpu_factor_, t.cpu_us, predicted_cpu_us_);
     if (t.gpu_pages > 0) correct(gpu_factor_, t.gpu_us, predicted_gpu_us_);
