@@ -35,6 +35,9 @@ status=0
 # then rewrites both files with every row.
 say "-- hattn-bench 128K batch 1"
 timeout 150 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} 2>&1 | tee -a "$log" "$OUT/bench_128k_b1.txt" || status=1
+say "-- hattn-bench 128K batch 1 without an HBM cache (the scheduler splits: CPU/GPU overlap)"
+timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 --hbm_share 0 --json '' \
+  --orchestrator_json docs/results/orchestrator_no_cache.json "${torch_flag[@]}" 2>&1 | tee -a "$log" || status=1
 say "-- hattn-bench sweep"
 timeout 200 "$BUILD/eval/hattn-bench" --contexts 131072 32768 --batches 1 4 16 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} \
   2>&1 | tee -a "$log" "$OUT/bench_sweep.txt" || say "sweep incomplete (the 128K batch 1 figures stand)"
@@ -43,7 +46,7 @@ timeout 240 "$BUILD/eval/hattn-eval" --gpu ${E2E_EVAL_ARGS:---contexts 32768 131
 # The CPU backend on the same inputs: what the selection gives without the CPU/GPU split.
 timeout 60 "$BUILD/eval/hattn-eval" --quick --json "$OUT/quality_cpu_backend.json" --md "$OUT/quality_cpu_backend.md" >> "$log" 2>&1 || say "CPU-backend eval incomplete"
 
-for f in e2e orchestrator quality; do
+for f in e2e orchestrator orchestrator_no_cache quality; do
   [[ -f docs/results/$f.json ]] && cp "docs/results/$f.json" "$OUT/$f.json"
 done
 [[ -f docs/results/quality.md ]] && cp docs/results/quality.md "$OUT/quality.md"
