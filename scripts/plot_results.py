@@ -26,6 +26,12 @@ STYLE = {
     "quest_gpu": dict(color="tab:green", marker="^", label="Quest-like GPU only"),
     "psa": dict(color="tab:purple", marker="D", label="PSA-like mass threshold"),
     "dense": dict(color="black", marker="*", label="dense (100%)"),
+    # Baselines of the end-to-end benchmark: each its own colour so bars are told apart.
+    "gpu_dense": dict(color="tab:gray", label="GPU-resident dense (ours)"),
+    "cpu_dense": dict(color="tab:orange", label="CPU-only dense"),
+    "full_offload": dict(color="tab:brown", label="full offload (ours)"),
+    "torch_sdpa": dict(color="black", label="PyTorch SDPA, resident"),
+    "torch_full_offload": dict(color="tab:pink", label="PyTorch full offload"),
 }
 
 
