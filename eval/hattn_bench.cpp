@@ -129,6 +129,18 @@ struct Bandwidths {
 };
 
 #if HATTN_WITH_CUDA
+// Milliseconds of one cudaMemcpyAsync on `stream`, timed with the events e0 and e1.
+float timed_copy_ms(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream,
+                    cudaEvent_t e0, cudaEvent_t e1) {
+  float ms = 0;
+  HATTN_CUDA_CHECK(cudaEventRecord(e0, stream));
+  HATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream));
+  HATTN_CUDA_CHECK(cudaEventRecord(e1, stream));
+  HATTN_CUDA_CHECK(cudaEventSynchronize(e1));
+  HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  return ms;
+}
+
 // HBM bandwidth from a device-to-device copy of 2 GiB (read + write counted), best of 5; and the
 // pinned host-to-device bulk copy rate.
 void measure_device_bandwidths(Bandwidths& bw, cudaStream_t stream) {
@@ -142,19 +154,10 @@ void measure_device_bandwidths(Bandwidths& bw, cudaStream_t stream) {
   HATTN_CUDA_CHECK(cudaEventCreate(&e0));
   HATTN_CUDA_CHECK(cudaEventCreate(&e1));
   for (int pass = 0; pass < 5; ++pass) {
-    float ms = 0;
-    HATTN_CUDA_CHECK(cudaEventRecord(e0, stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
-    HATTN_CUDA_CHECK(cudaEventRecord(e1, stream));
-    HATTN_CUDA_CHECK(cudaEventSynchronize(e1));
-    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    bw.hbm = std::max(bw.hbm, 2.0 * bytes / (ms * 1e3));
-    HATTN_CUDA_CHECK(cudaEventRecord(e0, stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(a, h, bytes, cudaMemcpyHostToDevice, stream));
-    HATTN_CUDA_CHECK(cudaEventRecord(e1, stream));
-    HATTN_CUDA_CHECK(cudaEventSynchronize(e1));
-    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    bw.h2d = std::max(bw.h2d, bytes / (ms * 1e3));
+    const float d2d_ms = timed_copy_ms(b, a, bytes, cudaMemcpyDeviceToDevice, stream, e0, e1);
+    bw.hbm = std::max(bw.hbm, 2.0 * bytes / (d2d_ms * 1e3));
+    const float h2d_ms = timed_copy_ms(a, h, bytes, cudaMemcpyHostToDevice, stream, e0, e1);
+    bw.h2d = std::max(bw.h2d, bytes / (h2d_ms * 1e3));
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -174,12 +177,7 @@ double measure_bulk_copy_us(std::size_t bytes, cudaStream_t stream) {
   HATTN_CUDA_CHECK(cudaEventCreate(&e1));
   std::vector<double> t;
   for (int i = 0; i < 12; ++i) {
-    float ms = 0;
-    HATTN_CUDA_CHECK(cudaEventRecord(e0, stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream));
-    HATTN_CUDA_CHECK(cudaEventRecord(e1, stream));
-    HATTN_CUDA_CHECK(cudaEventSynchronize(e1));
-    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    const float ms = timed_copy_ms(d, h, bytes, cudaMemcpyHostToDevice, stream, e0, e1);
     if (i >= 2) t.push_back(ms * 1e3);
   }
   cudaEventDestroy(e0);

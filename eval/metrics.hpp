@@ -18,6 +18,7 @@
 
 #include "hattn/core/dtype.hpp"
 #include "hattn/core/error.hpp"
+#include "hattn/detail/budget_split.hpp"
 #include "hattn/core/model_shape.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
@@ -148,7 +149,7 @@ inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin
 /// page table, ascending) the rule picks from the page summaries with the CPU kernels. With
 /// cpu_range = the whole table this is exactly what the CPU backend selects. With a split range
 /// (GPU backend) the CPU side's part is replayed exactly and the GPU side's part by the same rule
-/// over the complement with the GPU's share of the budget (budget split as src/engine does it), which
+/// over the complement with the GPU's share of the budget (the engine's budget split, hattn/detail/budget_split.hpp), which
 /// the harness checks against the counts the object reports.
 inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, SeqId seq, int layer, int kv_head,
                                                   std::span<const float> q_group, float scale,
@@ -179,13 +180,8 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   if (begin == 0 && end == n) return select(upper, estimate, rule.budget_pages, 0, n);
   // Budget split between the sides: forced pages stay with the GPU, the rest follows page shares.
   const int cpu_pages = end - begin;
-  int cpu_budget = 0;
-  if (cpu_pages > 0) {
-    const int free_budget = std::max(0, rule.budget_pages - forced);
-    const double share = static_cast<double>(cpu_pages) / std::max(1, n - forced);
-    cpu_budget = std::clamp(static_cast<int>(std::lround(free_budget * share)), 0, cpu_pages);
-  }
-  const int gpu_budget = std::max(0, rule.budget_pages - cpu_budget);
+  const int cpu_budget = detail::cpu_budget(rule, n, forced, cpu_pages);
+  const int gpu_budget = detail::gpu_budget(rule, n, forced, cpu_pages);
   std::vector<std::int32_t> result;
   if (cpu_pages > 0 && cpu_budget > 0) result = select(upper, estimate, cpu_budget, begin, end);
   // The GPU side: the same rule over the pages outside the CPU range.

@@ -4,7 +4,7 @@
 #include <limits>
 #include <numeric>
 
-#include "budget_split.hpp"
+#include "hattn/detail/budget_split.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 
 namespace hattn::detail {

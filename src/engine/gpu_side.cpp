@@ -11,7 +11,7 @@
 #include <mutex>
 #include <thread>
 
-#include "budget_split.hpp"
+#include "hattn/detail/budget_split.hpp"
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
