@@ -228,7 +228,8 @@ void evaluate(Attn& attn, const Options& o, const ContextData& d, std::int64_t c
         MetricSums m;
         const auto sel = eval::replay_selection(
             attn.store(), seq, l, h, std::span<const float>(q).subspan(static_cast<std::size_t>(h) * group * s.head_dim, static_cast<std::size_t>(group) * s.head_dim),
-            cfg.logit_scale(), plan.rules[l][h], cfg.sink_pages, cfg.local_pages, plan.cpu_range[l][0]);
+            cfg.logit_scale(), plan.rules[l][h], cfg.sink_pages, cfg.local_pages,
+            attn.backend() == Backend::kCpu);
         const int counted = stats.selected_pages.size() > static_cast<std::size_t>(h) ? stats.selected_pages[h] : -1;
         ++m.replay_checked;
         m.replay_matched += counted == static_cast<int>(sel.size());

@@ -18,7 +18,6 @@
 
 #include "hattn/core/dtype.hpp"
 #include "hattn/core/error.hpp"
-#include "hattn/detail/budget_split.hpp"
 #include "hattn/core/model_shape.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
@@ -146,15 +145,13 @@ inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin
 }
 
 /// Replays the selection of one segment (request, KV head) under `rule`: the pages (positions in the
-/// page table, ascending) the rule picks from the page summaries with the CPU kernels. With
-/// cpu_range = the whole table this is exactly what the CPU backend selects. With a split range
-/// (GPU backend) the CPU side's part is replayed exactly and the GPU side's part by the same rule
-/// over the complement with the GPU's share of the budget (the engine's budget split, hattn/detail/budget_split.hpp), which
-/// the harness checks against the counts the object reports.
+/// page table, ascending) the rule picks from the page summaries with the CPU kernels, over the whole
+/// table, as both backends select (the GPU backend on the GPU, whatever the CPU/GPU split; only the
+/// CPU backend widens to the rule's granularity). The harness checks the count against the object's.
 inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, SeqId seq, int layer, int kv_head,
                                                   std::span<const float> q_group, float scale,
                                                   const SegmentRule& rule, int sink_pages, int local_pages,
-                                                  PageRange cpu_range) {
+                                                  bool widen) {
   const ModelShape& shape = store.shape();
   const auto table = store.pages(seq, layer);
   const int n = static_cast<int>(table.size());
@@ -163,39 +160,17 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   const int tail = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
   std::vector<float> upper(static_cast<std::size_t>(n)), estimate(static_cast<std::size_t>(n));
   cpu_score_pages(store.pool(), kv_head, q_group, shape.group_size(), scale, table, tail, upper, estimate);
-  const int forced = detail::forced_pages(n, sink_pages, local_pages);
-  const int begin = std::clamp(cpu_range.begin, 0, n), end = std::clamp(cpu_range.end, begin, n);
-  auto select = [&](std::span<const float> up, std::span<const float> est, int budget, int b, int e) {
-    std::vector<std::int32_t> out;
-    // The mass rule's cap counts the pages beyond the forced ones (when the range holds them), the
-    // rule's budget counts them too: as src/engine/cpu_side.cpp applies it.
-    const int forced_here = b == 0 && e == n ? forced : 0;
-    if (rule.mass_threshold > 0)
-      cpu_select_mass(est, rule.mass_threshold, std::max(0, budget - forced_here), sink_pages, local_pages, b, e, out);
-    else
-      cpu_select_top_k(up, budget, sink_pages, local_pages, b, e, out);
-    widen_to_runs(out, rule.granularity_pages, b, e);
-    return out;
-  };
-  if (begin == 0 && end == n) return select(upper, estimate, rule.budget_pages, 0, n);
-  // Budget split between the sides: forced pages stay with the GPU, the rest follows page shares.
-  const int cpu_pages = end - begin;
-  const int cpu_budget = detail::cpu_budget(rule, n, forced, cpu_pages);
-  const int gpu_budget = detail::gpu_budget(rule, n, forced, cpu_pages);
-  std::vector<std::int32_t> result;
-  if (cpu_pages > 0 && cpu_budget > 0) result = select(upper, estimate, cpu_budget, begin, end);
-  // The GPU side: the same rule over the pages outside the CPU range.
-  std::vector<float> up2 = upper, est2 = estimate;
-  for (int p = begin; p < end; ++p) {
-    up2[p] = -std::numeric_limits<float>::infinity();
-    est2[p] = -std::numeric_limits<float>::infinity();
+  std::vector<std::int32_t> out;
+  if (rule.mass_threshold > 0) {
+    // The mass rule's cap counts the pages beyond the forced ones, the rule's budget counts them too.
+    const int forced = detail::forced_pages(n, sink_pages, local_pages);
+    cpu_select_mass(estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), sink_pages, local_pages, 0,
+                    n, out);
+  } else {
+    cpu_select_top_k(upper, rule.budget_pages, sink_pages, local_pages, 0, n, out);
   }
-  std::vector<std::int32_t> gpu = select(up2, est2, gpu_budget, 0, n);
-  gpu.erase(std::remove_if(gpu.begin(), gpu.end(), [&](std::int32_t p) { return p >= begin && p < end; }), gpu.end());
-  result.insert(result.end(), gpu.begin(), gpu.end());
-  std::sort(result.begin(), result.end());
-  result.erase(std::unique(result.begin(), result.end()), result.end());
-  return result;
+  if (widen) widen_to_runs(out, rule.granularity_pages, 0, n);
+  return out;
 }
 
 /// Running means of the metrics over (step, layer, head) samples.

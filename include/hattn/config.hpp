@@ -33,6 +33,9 @@ struct Config {
   int max_batch = 256;                 ///< most requests in one plan()
   Backend backend = Backend::kAuto;
   HostMemoryRequest host_memory = HostMemoryRequest::kAuto;
+  /// Record CUDA events between the GPU phases of every run() and report them in
+  /// StepStats::gpu_phases (a few microseconds of event overhead per run; off for serving).
+  bool time_phases = false;
 
   float logit_scale() const noexcept;
   /// Throws InvalidArgument naming the first bad field.

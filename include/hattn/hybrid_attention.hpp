@@ -153,7 +153,11 @@ class HybridAttention {
                                            r.mass_threshold > 0});
       }
     }
-    scheduler_.feedback(StepTiming{s->row_ids, s->cpu_us, s->gpu_us, s->cpu_blocks, s->gpu_blocks});
+    // Both sides' work on the selected pages starts when the GPU's selection ends (GPU backend).
+    const double from = s->gpu_selected_us;
+    const double cpu_us = from > 0 && s->cpu_blocks > 0 ? s->cpu_end_us - from : s->cpu_us;
+    const double gpu_us = from > 0 ? s->gpu_decoded_us - from : s->gpu_us;
+    scheduler_.feedback(StepTiming{s->row_ids, cpu_us, gpu_us, s->cpu_blocks, s->gpu_blocks});
   }
   static void validate_rules(std::span<const SegmentRule> rules, std::span<const int> pages, int heads) {
     for (std::size_t i = 0; i < rules.size(); ++i) {

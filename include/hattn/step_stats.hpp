@@ -25,9 +25,19 @@ struct StepStats {
   /// When each side computed, in microseconds on one host clock (std::chrono::steady_clock since the
   /// engine was built); GPU times are event times mapped onto it. 0 when the side had no work.
   double cpu_begin_us = 0, cpu_end_us = 0, gpu_begin_us = 0, gpu_end_us = 0;
+  /// GPU backend, same clock: when the GPU's selection was done (both sides' work on the selected
+  /// pages starts here) and when its decode was done (before the merge, which waits for the CPU).
+  double gpu_selected_us = 0, gpu_decoded_us = 0;
   std::vector<int> selected_pages;     ///< [batch * kv_heads] selected pages per segment (both sides)
   std::vector<SegmentRule> rules;      ///< [batch * kv_heads] what the selector asked for
   std::vector<PageRange> cpu_range;    ///< [batch] what the scheduler gave the CPU
+
+  /// Where the GPU side's time went, from CUDA events between its phases on the caller's stream
+  /// (only with Config::time_phases; zeros otherwise). cache_wait_us is the wait for the previous
+  /// step's cache admission; cpu_wait_us the wait for the CPU partials before the merge.
+  struct GpuPhases {
+    double score_us = 0, select_us = 0, cache_wait_us = 0, decode_us = 0, cpu_wait_us = 0, merge_us = 0;
+  } gpu_phases;
 
   /// Share of the batch's blocks that were attended.
   double budget_used() const noexcept {

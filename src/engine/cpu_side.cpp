@@ -4,7 +4,6 @@
 #include <limits>
 #include <numeric>
 
-#include "hattn/detail/budget_split.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 
 namespace hattn::detail {
@@ -34,54 +33,41 @@ void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin, int e
 void CpuSide::select_segment(const LayerWork& work, int row, int head, const float* q, Segment& seg,
                              int& last_tokens) {
   const ModelShape& shape = config_.shape;
-  const int layer = work.layer;
   const SeqId seq = work.rows[row];
-  const auto table = store_.pages(seq, layer);
+  const auto table = store_.pages(seq, work.layer);
   const int n = static_cast<int>(table.size());
-  const PageRange range = work.cpu_range[row];
   const int page_size = config_.page_size;
-  const std::int64_t length = store_.length(seq, layer);
+  const std::int64_t length = store_.length(seq, work.layer);
   const int tail_tokens = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
   seg.positions.clear();
   seg.pages.clear();
   last_tokens = page_size;
-  const int begin = std::clamp(range.begin, 0, n);
-  const int end = std::clamp(range.end, begin, n);
-  if (begin == end) return;
+  if (n == 0) return;
 
   const SegmentRule& rule = work.rules[static_cast<std::size_t>(row) * shape.kv_heads + head];
-  const int forced = forced_pages(n, config_.sink_pages, config_.local_pages);
-  const int budget = cpu_budget(rule, n, forced, end - begin);
-  if (budget <= 0 && !(begin == 0 && end == n)) return;
-
   seg.upper.resize(static_cast<std::size_t>(n));
   seg.estimate.resize(static_cast<std::size_t>(n));
   const int group = shape.group_size();
   const float* qg = q + (static_cast<std::size_t>(row) * shape.q_heads + static_cast<std::size_t>(head) * group) *
                             shape.head_dim;
   cpu_score_pages(store_.pool(), head, {qg, static_cast<std::size_t>(group) * shape.head_dim}, group,
-                  config_.logit_scale(), table.subspan(begin, end - begin), end == n ? tail_tokens : page_size,
-                  std::span<float>(seg.upper).subspan(begin, end - begin),
-                  std::span<float>(seg.estimate).subspan(begin, end - begin));
+                  config_.logit_scale(), table, tail_tokens, seg.upper, seg.estimate);
   if (rule.mass_threshold > 0) {
-    // The mass rule's cap counts pages beyond the forced ones; the segment's budget counts them too.
-    const int forced_here = begin == 0 && end == n ? forced : 0;
-    cpu_select_mass(seg.estimate, rule.mass_threshold, std::max(0, budget - forced_here), config_.sink_pages,
-                    config_.local_pages, begin, end, seg.positions);
+    // The mass rule's cap counts pages beyond the forced ones; the rule's budget counts them too.
+    const int forced = forced_pages(n, config_.sink_pages, config_.local_pages);
+    cpu_select_mass(seg.estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), config_.sink_pages,
+                    config_.local_pages, 0, n, seg.positions);
+  } else {
+    cpu_select_top_k(seg.upper, rule.budget_pages, config_.sink_pages, config_.local_pages, 0, n, seg.positions);
   }
-  else
-    cpu_select_top_k(seg.upper, budget, config_.sink_pages, config_.local_pages, begin, end, seg.positions);
-  widen_to_runs(seg.positions, rule.granularity_pages, begin, end);
+  widen_to_runs(seg.positions, rule.granularity_pages, 0, n);
   for (std::int32_t p : seg.positions) seg.pages.push_back(table[p]);
   if (!seg.positions.empty() && seg.positions.back() == n - 1) last_tokens = tail_tokens;
 }
 
 void CpuSide::compute(const LayerWork& work, const float* q, float* out, float* lse, int* selected) {
-  const ModelShape& shape = config_.shape;
-  const int heads = shape.kv_heads;
-  const int group = shape.group_size();
-  const int batch = static_cast<int>(work.rows.size());
-  const std::size_t segments = static_cast<std::size_t>(batch) * heads;
+  const int heads = config_.shape.kv_heads;
+  const std::size_t segments = work.rows.size() * static_cast<std::size_t>(heads);
   if (segments_.size() < segments) segments_.resize(segments);
   std::vector<int> last_tokens(segments, config_.page_size);
 
@@ -89,7 +75,45 @@ void CpuSide::compute(const LayerWork& work, const float* q, float* out, float* 
   threads_.parallel_for(static_cast<std::int64_t>(segments), [&](std::int64_t s, int) {
     select_segment(work, static_cast<int>(s / heads), static_cast<int>(s % heads), q, segments_[s], last_tokens[s]);
   });
+  decode_segments(work, q, last_tokens, out, lse, selected);
+}
 
+void CpuSide::compute_selected(const LayerWork& work, const float* q, const std::int32_t* positions,
+                               const std::int32_t* offsets, const std::int32_t* counts, float* out, float* lse,
+                               int* selected) {
+  const int heads = config_.shape.kv_heads;
+  const int page_size = config_.page_size;
+  const std::size_t segments = work.rows.size() * static_cast<std::size_t>(heads);
+  if (segments_.size() < segments) segments_.resize(segments);
+  std::vector<int> last_tokens(segments, page_size);
+  for (std::size_t s = 0; s < segments; ++s) {
+    const int row = static_cast<int>(s / heads);
+    const SeqId seq = work.rows[row];
+    const auto table = store_.pages(seq, work.layer);
+    const int n = static_cast<int>(table.size());
+    const int begin = std::clamp(work.cpu_range[row].begin, 0, n);
+    const int end = std::clamp(work.cpu_range[row].end, begin, n);
+    Segment& seg = segments_[s];
+    seg.positions.clear();
+    seg.pages.clear();
+    const std::int32_t* list = positions + offsets[s];
+    const std::int32_t* first = std::lower_bound(list, list + counts[s], begin);
+    const std::int32_t* last = std::lower_bound(first, list + counts[s], end);
+    for (const std::int32_t* p = first; p != last; ++p) seg.pages.push_back(table[*p]);
+    if (last != first && *(last - 1) == n - 1) {
+      const std::int64_t length = store_.length(seq, work.layer);
+      last_tokens[s] = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
+    }
+  }
+  decode_segments(work, q, last_tokens, out, lse, selected);
+}
+
+void CpuSide::decode_segments(const LayerWork& work, const float* q, std::span<const int> last_tokens, float* out,
+                              float* lse, int* selected) {
+  const ModelShape& shape = config_.shape;
+  const int heads = shape.kv_heads;
+  const int group = shape.group_size();
+  const std::size_t segments = work.rows.size() * static_cast<std::size_t>(heads);
   items_.clear();
   for (std::size_t s = 0; s < segments; ++s) {
     const int row = static_cast<int>(s / heads), head = static_cast<int>(s % heads);

@@ -1,7 +1,9 @@
 #pragma once
-// The CPU half of a layer: score the pages of each request's CPU range from their summaries, select
-// within the range by the segment's rule, and run the SIMD kernel over the selection.
+// The CPU half of a layer: either score every page from its summary and select by the segment's rule
+// (the CPU backend), or take the part of the GPU's selection inside each request's CPU range (the
+// GPU backend); then run the SIMD kernel over the selected pages.
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "hattn/config.hpp"
@@ -17,10 +19,18 @@ class CpuSide {
 
   CpuIsa isa() const noexcept { return decoder_.isa(); }
 
+  /// The CPU backend: scores and selects every page of every segment by its rule, then decodes.
   /// q: [batch][q_heads][head_dim] host fp32. Writes out [batch][q_heads][head_dim] and lse
-  /// [batch][q_heads] (natural log; rows whose range is empty get 0 and -inf) and the pages
+  /// [batch][q_heads] (natural log; rows with nothing selected get 0 and -inf) and the pages
   /// selected per segment into selected [batch * kv_heads]. Blocks until done.
   void compute(const LayerWork& work, const float* q, float* out, float* lse, int* selected);
+
+  /// The CPU's part of a selection the GPU made over whole sequences: for segment s = b * kv_heads + h,
+  /// the positions of positions[offsets[s] .. offsets[s] + counts[s]) (ascending) that lie inside row
+  /// b's CPU range. No scoring or selection here. Same outputs as compute().
+  void compute_selected(const LayerWork& work, const float* q, const std::int32_t* positions,
+                        const std::int32_t* offsets, const std::int32_t* counts, float* out, float* lse,
+                        int* selected);
 
  private:
   struct Segment {
@@ -30,6 +40,9 @@ class CpuSide {
     std::vector<std::uint64_t> masks;
   };
   void select_segment(const LayerWork& work, int row, int head, const float* q, Segment& seg, int& last_tokens);
+  // Decodes the pages of segments_[0, batch * kv_heads) and writes every row's out and lse.
+  void decode_segments(const LayerWork& work, const float* q, std::span<const int> last_tokens, float* out,
+                       float* lse, int* selected);
 
   const Config& config_;
   const PagedKVStore& store_;
@@ -37,7 +50,6 @@ class CpuSide {
   CpuDecoder decoder_;
   std::vector<Segment> segments_;
   std::vector<CpuDecodeItem> items_;
-  std::vector<int> order_;
 };
 
 }  // namespace hattn::detail

@@ -11,12 +11,12 @@
 #include <mutex>
 #include <thread>
 
-#include "hattn/detail/budget_split.hpp"
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kernels/cuda_split.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
 #include <unordered_map>
 
@@ -75,20 +75,31 @@ cudaStream_t native(cuda::Stream s) { return reinterpret_cast<cudaStream_t>(s); 
 // Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
 constexpr int kRing = 8;
 
+// Slot::phase indices.
+constexpr std::size_t kScored = 0, kSelected = 1, kCacheWaited = 2, kDecoded = 3, kGated = 4;
+
 }  // namespace
 
 struct GpuSide::Impl {
   // One run() in flight: its metadata, workspaces, CPU hand-off and pending stats.
   struct Slot {
-    cudaEvent_t begin = nullptr, end = nullptr, q_ready = nullptr;
+    // cpu_inputs: q and the selection reached the host (copy stream), so the CPU job may start.
+    cudaEvent_t begin = nullptr, end = nullptr, cpu_inputs = nullptr;
+    // After score, select (and split), the cache wait, decode and the CPU gate. kSelected and
+    // kDecoded are always recorded (the schedulers' feedback and the copy stream need them), the
+    // others only with Config::time_phases.
+    std::array<cudaEvent_t, 5> phase{};
     PinnedArray<std::int32_t> meta_host;
     DeviceArray<std::int32_t> meta;
     DeviceArray<float> upper, estimate, partial_out, partial_lse;
     DeviceArray<std::int32_t> selected, selected_count;
+    DeviceArray<std::int32_t> gpu_selected, gpu_count;  // the GPU's part when the CPU takes a range
+    PinnedArray<std::int32_t> selected_host, selected_count_host;
     DeviceArray<std::byte> select_workspace;
     PinnedArray<float> q_host, cpu_out, cpu_lse;
     PinnedArray<std::int32_t> gpu_counts;
     std::vector<int> cpu_counts;
+    std::vector<std::int32_t> selected_offset;  // [batch * kv_heads], host copy for the CPU job
     // The CPU job works on copies: the caller's Plan may be gone before the job runs.
     std::vector<SeqId> rows;
     std::vector<SegmentRule> rules;
@@ -101,6 +112,7 @@ struct GpuSide::Impl {
     std::string cpu_error;
     double cpu_begin_us = 0, cpu_end_us = 0;
     bool in_flight = false;
+    bool enqueued = false;  // every launch of the run() made it; false when one threw midway
     StepStats pending;
   };
 
@@ -114,6 +126,7 @@ struct GpuSide::Impl {
   DeviceArray<std::byte> summaries;
   PinnedArray<std::byte> stage_keys, stage_values;
   cudaStream_t clock_stream = nullptr;
+  cudaStream_t copy_stream = nullptr;  // q and the selection to the host for the CPU side
   cudaEvent_t anchor = nullptr;
   double anchor_us = 0;
   std::uint64_t runs_since_anchor = 0;
@@ -146,12 +159,14 @@ struct GpuSide::Impl {
     for (Slot& slot : slots) {
       HATTN_CUDA_CHECK(cudaEventCreate(&slot.begin));
       HATTN_CUDA_CHECK(cudaEventCreate(&slot.end));
-      HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&slot.q_ready, cudaEventDisableTiming));
+      HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&slot.cpu_inputs, cudaEventDisableTiming));
+      for (cudaEvent_t& e : slot.phase) HATTN_CUDA_CHECK(cudaEventCreate(&e));
     }
     stats.resize(static_cast<std::size_t>(config.shape.layers));
     last_slot.assign(static_cast<std::size_t>(config.shape.layers), -1);
     summaries.reserve(static_cast<std::size_t>(store.pool().capacity_pages()) * store.layout().summary_bytes());
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&clock_stream, cudaStreamNonBlocking));
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
     HATTN_CUDA_CHECK(cudaEventCreate(&anchor));
     reanchor();
     open_cache();
@@ -216,10 +231,13 @@ struct GpuSide::Impl {
     for (Slot& slot : slots) {
       cudaEventDestroy(slot.begin);
       cudaEventDestroy(slot.end);
-      cudaEventDestroy(slot.q_ready);
+      cudaEventDestroy(slot.cpu_inputs);
+      for (cudaEvent_t e : slot.phase)
+        if (e) cudaEventDestroy(e);
     }
     cudaEventDestroy(anchor);
     cudaStreamDestroy(clock_stream);
+    cudaStreamDestroy(copy_stream);
     cache.reset();
     if (side_stream) cudaStreamDestroy(side_stream);
   }
@@ -252,10 +270,12 @@ struct GpuSide::Impl {
       }
       std::string error;
       try {
-        HATTN_CUDA_CHECK(cudaEventSynchronize(slot->q_ready));
+        HATTN_CUDA_CHECK(cudaEventSynchronize(slot->cpu_inputs));
         slot->cpu_begin_us = engine_clock_us();
         LayerWork work{slot->layer, slot->rows, slot->rules, slot->ranges};
-        cpu.compute(work, slot->q_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(), slot->cpu_counts.data());
+        cpu.compute_selected(work, slot->q_host.host(), slot->selected_host.host(), slot->selected_offset.data(),
+                             slot->selected_count_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(),
+                             slot->cpu_counts.data());
         slot->cpu_end_us = engine_clock_us();
       } catch (const std::exception& e) {
         error = e.what();
@@ -296,6 +316,11 @@ struct GpuSide::Impl {
 
   void finalize(Slot& slot) {
     if (!slot.in_flight) return;
+    if (!slot.enqueued) {  // a run() that threw after starting the CPU job: only that job to wait for
+      wait_cpu(slot);
+      slot.in_flight = false;
+      return;
+    }
     HATTN_CUDA_CHECK(cudaEventSynchronize(slot.end));
     wait_cpu(slot);
     slot.in_flight = false;
@@ -315,8 +340,20 @@ struct GpuSide::Impl {
     float ms = 0;
     HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, slot.begin, slot.end));
     s.gpu_us = 1e3 * ms;
+    if (config.time_phases) {
+      const std::array<cudaEvent_t, 7> marks{slot.begin,    slot.phase[0], slot.phase[1], slot.phase[2],
+                                             slot.phase[3], slot.phase[4], slot.end};
+      std::array<double, 6> us{};
+      for (std::size_t i = 0; i < us.size(); ++i) {
+        HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, marks[i], marks[i + 1]));
+        us[i] = 1e3 * ms;
+      }
+      s.gpu_phases = {us[0], us[1], us[2], us[3], us[4], us[5]};
+    }
     s.gpu_begin_us = host_time_of(slot.begin);
     s.gpu_end_us = host_time_of(slot.end);
+    s.gpu_selected_us = host_time_of(slot.phase[kSelected]);
+    s.gpu_decoded_us = host_time_of(slot.phase[kDecoded]);
     if (slot.has_cpu) {
       s.cpu_begin_us = slot.cpu_begin_us;
       s.cpu_end_us = slot.cpu_end_us;
@@ -357,6 +394,10 @@ struct GpuSide::Impl {
         slot.estimate.reserve(total * heads);
         slot.selected.reserve(total * heads);
         slot.selected_count.reserve(batch * heads);
+        slot.gpu_selected.reserve(total * heads);
+        slot.gpu_count.reserve(batch * heads);
+        slot.selected_host.reserve(total * heads);
+        slot.selected_count_host.reserve(batch * heads);
         slot.gpu_counts.reserve(batch * heads);
         slot.cpu_counts.resize(batch * heads);
         slot.partial_out.reserve(splits * qrows * dim);
@@ -377,6 +418,45 @@ struct GpuSide::Impl {
     }
   }
 
+  // The CPU side starts once q and the split selection are on the host: a copy stream brings them
+  // while the GPU goes on with cache maintenance and its decode; the driver thread waits for them.
+  void enqueue_cpu_job(Slot& slot, const LayerWork& work, const float* q, std::size_t selected_capacity,
+                       const std::int32_t* sel_offset) {
+    const ModelShape& shape = config.shape;
+    const std::size_t segments = work.rows.size() * static_cast<std::size_t>(shape.kv_heads);
+    const std::size_t qrows = work.rows.size() * static_cast<std::size_t>(shape.q_heads);
+    HATTN_CUDA_CHECK(cudaStreamWaitEvent(copy_stream, slot.phase[kSelected], 0));
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
+                                     cudaMemcpyDeviceToHost, copy_stream));
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_host.host(), slot.selected.get(),
+                                     selected_capacity * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_count_host.host(), slot.selected_count.get(),
+                                     segments * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
+    HATTN_CUDA_CHECK(cudaEventRecord(slot.cpu_inputs, copy_stream));
+    slot.selected_offset.assign(sel_offset, sel_offset + segments);
+    slot.rows.assign(work.rows.begin(), work.rows.end());
+    slot.rules.assign(work.rules.begin(), work.rules.end());
+    slot.ranges.assign(work.cpu_range.begin(), work.cpu_range.end());
+    slot.layer = work.layer;
+    {
+      std::lock_guard lock(slot.mutex);
+      slot.cpu_done = false;
+      slot.cpu_error.clear();
+    }
+    // From here the driver thread may write the slot's CPU partials: the slot counts as in flight
+    // even if a later launch throws, so no run() reuses it before the CPU job is done.
+    slot.in_flight = true;
+    {
+      std::lock_guard lock(jobs_mutex);
+      jobs.push_back(&slot);
+    }
+    jobs_cv.notify_one();
+  }
+
+  void mark_phase(Slot& slot, std::size_t i, cudaStream_t stream) const {
+    if (config.time_phases || i == kSelected || i == kDecoded) HATTN_CUDA_CHECK(cudaEventRecord(slot.phase[i], stream));
+  }
+
   int split_count(int batch) const {
     // Two chunks per SM across the batch's segments keeps every SM busy on a dense 128K layer.
     const int segments = std::max(1, batch * config.shape.kv_heads);
@@ -388,6 +468,7 @@ struct GpuSide::Impl {
     const cudaStream_t stream = native(s);
     Slot& slot = slots[generation % kRing];
     finalize(slot);  // waits only when the GPU is kRing runs behind
+    slot.enqueued = false;
     const ModelShape& shape = config.shape;
     const int batch = static_cast<int>(work.rows.size());
     const int heads = shape.kv_heads;
@@ -429,9 +510,10 @@ struct GpuSide::Impl {
       const int forced = forced_pages(n, config.sink_pages, config.local_pages);
       for (int h = 0; h < heads; ++h) {
         const SegmentRule& rule = work.rules[static_cast<std::size_t>(b) * heads + h];
-        // Top-k counts the forced pages inside k; the mass rule's cap counts only pages beyond them
-        // (the kernels' convention, the same as cpu_select_mass).
-        const int g = gpu_budget(rule, n, forced, std::max(0, r.size()));
+        // The GPU selects over the whole sequence with the whole rule; the CPU range only decides who
+        // computes which selected page. Top-k counts the forced pages inside k; the mass rule's cap
+        // counts only pages beyond them (the kernels' convention, the same as cpu_select_mass).
+        const int g = rule.budget_pages;
         budget[b * heads + h] = rule.mass_threshold > 0 ? std::max(0, g - forced) : g;
         sel_offset[b * heads + h] = indptr[b] * heads + h * n;
         if (threshold < 0) threshold = rule.mass_threshold;
@@ -454,26 +536,6 @@ struct GpuSide::Impl {
 
     const std::size_t qrows = static_cast<std::size_t>(batch) * shape.q_heads;
     slot.has_cpu = has_cpu;
-    if (has_cpu) {
-      HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream));
-      HATTN_CUDA_CHECK(cudaEventRecord(slot.q_ready, stream));
-      slot.rows.assign(work.rows.begin(), work.rows.end());
-      slot.rules.assign(work.rules.begin(), work.rules.end());
-      slot.ranges.assign(work.cpu_range.begin(), work.cpu_range.end());
-      slot.layer = work.layer;
-      {
-        std::lock_guard lock(slot.mutex);
-        slot.cpu_done = false;
-        slot.cpu_error.clear();
-      }
-      {
-        std::lock_guard lock(jobs_mutex);
-        jobs.push_back(&slot);
-      }
-      jobs_cv.notify_one();
-    }
-
     const float scale = config.logit_scale();
     cuda::ScoreParams sp;
     sp.q = q;
@@ -491,6 +553,7 @@ struct GpuSide::Impl {
     sp.upper = slot.upper.get();
     sp.estimate = slot.estimate.get();
     cuda::launch_score_pages(sp, s);
+    mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
     sel.scores = threshold > 0 ? slot.estimate.get() : slot.upper.get();
@@ -501,20 +564,40 @@ struct GpuSide::Impl {
     sel.mass_threshold = std::max(0.0f, threshold);
     sel.sink_pages = config.sink_pages;
     sel.local_pages = config.local_pages;
-    sel.exclude_begin = has_cpu ? d_excl_begin : nullptr;
-    sel.exclude_end = has_cpu ? d_excl_end : nullptr;
+    sel.exclude_begin = nullptr;
+    sel.exclude_end = nullptr;
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
     cuda::launch_select_pages(sel, s);
+    // What the GPU computes: the whole selection, or what lies outside the CPU ranges.
+    const std::int32_t* gpu_selected = slot.selected.get();
+    const std::int32_t* gpu_count = slot.selected_count.get();
+    if (has_cpu) {
+      cuda::SplitSelectionParams split;
+      split.selected = slot.selected.get();
+      split.selected_offset = d_sel_offset;
+      split.selected_count = slot.selected_count.get();
+      split.cpu_begin = d_excl_begin;
+      split.cpu_end = d_excl_end;
+      split.batch = batch;
+      split.kv_heads = heads;
+      split.gpu_selected = slot.gpu_selected.get();
+      split.gpu_count = slot.gpu_count.get();
+      cuda::launch_split_selection(split, s);
+      gpu_selected = slot.gpu_selected.get();
+      gpu_count = slot.gpu_count.get();
+    }
+    mark_phase(slot, kSelected, stream);
+    if (has_cpu) enqueue_cpu_job(slot, work, q, static_cast<std::size_t>(total) * heads, sel_offset);
 
     if (cache) {
       CacheStepParams cp;
       cp.page_table = d_table;
       cp.page_indptr = d_indptr;
-      cp.selected = slot.selected.get();
+      cp.selected = gpu_selected;
       cp.selected_offset = d_sel_offset;
-      cp.selected_count = slot.selected_count.get();
+      cp.selected_count = gpu_count;
       cp.request_of_row = d_request_row;
       cp.batch = batch;
       cp.kv_heads = heads;
@@ -524,15 +607,16 @@ struct GpuSide::Impl {
       cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
     }
 
+    mark_phase(slot, kCacheWaited, stream);
     const int splits = split_count(batch);
     cuda::SparseDecodeParams dp;
     dp.q = q;
     dp.page_table = d_table;
     dp.page_indptr = d_indptr;
     dp.seq_len = d_seq_len;
-    dp.selected = slot.selected.get();
+    dp.selected = gpu_selected;
     dp.selected_offset = d_sel_offset;
-    dp.selected_count = slot.selected_count.get();
+    dp.selected_count = gpu_count;
     dp.host_pages = store.pool().pages_base();
     if (cache) {
       dp.slot_of = cache->slot_of();
@@ -549,8 +633,10 @@ struct GpuSide::Impl {
     dp.partial_out = slot.partial_out.get();
     dp.partial_lse = slot.partial_lse.get();
     cuda::launch_sparse_decode(dp, s);
+    mark_phase(slot, kDecoded, stream);
 
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
+    mark_phase(slot, kGated, stream);
     cuda::MergeParams mp;
     mp.partial_out = slot.partial_out.get();
     mp.partial_lse = slot.partial_lse.get();
@@ -561,7 +647,7 @@ struct GpuSide::Impl {
     mp.head_dim = shape.head_dim;
     mp.out = out;
     cuda::launch_merge_partials(mp, s);
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), slot.selected_count.get(),
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
                                      static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
                                      cudaMemcpyDeviceToHost, stream));
     HATTN_CUDA_CHECK(cudaEventRecord(slot.end, stream));
@@ -577,6 +663,7 @@ struct GpuSide::Impl {
     st.rules.assign(work.rules.begin(), work.rules.end());
     st.cpu_range.assign(work.cpu_range.begin(), work.cpu_range.end());
     slot.in_flight = true;
+    slot.enqueued = true;
     last_slot[work.layer] = static_cast<int>(generation % kRing);
     st.caller_us = engine_clock_us() - caller_begin_us;
   }

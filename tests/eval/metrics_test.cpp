@@ -126,16 +126,19 @@ TEST(Metrics, ReplaySelectionFindsTheHotPage) {
                TensorView::contiguous(v.data(), DType::kBFloat16, {128, 1, 64}));
   std::vector<float> q(64, 1.0f);
   // Top-k with k = 3: sink page 0, local page 7, and the hot page 2.
-  auto top = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{3, 0.0f, 1}, 1, 1, PageRange{0, 8});
+  auto top = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{3, 0.0f, 1}, 1, 1, /*widen=*/true);
   EXPECT_EQ(top, (std::vector<std::int32_t>{0, 2, 7}));
   // Mass rule: page 2 holds nearly all the estimated mass.
-  auto mass = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{8, 0.9f, 1}, 1, 1, PageRange{0, 8});
+  auto mass = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{8, 0.9f, 1}, 1, 1, /*widen=*/true);
   EXPECT_EQ(mass, (std::vector<std::int32_t>{0, 2, 7}));
   // Granularity 4 widens page 2 to the run [0, 4).
-  auto wide = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{3, 0.0f, 4}, 1, 1, PageRange{0, 8});
+  auto wide = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{3, 0.0f, 4}, 1, 1, /*widen=*/true);
   EXPECT_EQ(wide, (std::vector<std::int32_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  // The GPU backend does not widen: the same rule selects the pages themselves.
+  auto narrow = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{3, 0.0f, 4}, 1, 1, /*widen=*/false);
+  EXPECT_EQ(narrow, (std::vector<std::int32_t>{0, 2, 7}));
   // The full budget takes every page.
-  auto all = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{8, 0.0f, 1}, 1, 1, PageRange{0, 8});
+  auto all = replay_selection(store, seq, 0, 0, q, 0.125f, SegmentRule{8, 0.0f, 1}, 1, 1, /*widen=*/true);
   EXPECT_EQ(all.size(), 8u);
 }
 

@@ -107,6 +107,31 @@ TEST(HybridAttentionGpu, SplitSharesDoNotChangeTheResult) {
   for (std::size_t i = 1; i < outs.size(); ++i) EXPECT_LT(test::relative_l2(outs[i], base), 5e-3);
 }
 
+// The GPU selects over whole sequences and the split only decides who computes which selected page,
+// so a sparse selection split between the sides is the GpuOnly selection: same counts per segment,
+// same output up to the order of fp32 sums.
+TEST(HybridAttentionGpu, SplitOfASparseSelectionIsTheGpuOnlySelection) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto layer = test::make_structured_layer(kShape, 24000, 14);
+  HybridAttention<NoPrediction, FixedBudget, GpuOnly> whole(gpu_config(0.05), {}, FixedBudget(0.05));
+  const auto base_out = decode_on_gpu(whole, whole.add_sequence(), layer);
+  const StepStats base = whole.stats(0);
+  EXPECT_EQ(base.cpu_blocks, 0);
+  for (double share : {0.2, 0.6}) {
+    HybridGenFeedback::Tuning t;
+    t.initial_cpu_share = share;
+    HybridAttention<NoPrediction, FixedBudget, HybridGenFeedback> split(gpu_config(0.05), {}, FixedBudget(0.05),
+                                                                         HybridGenFeedback(t));
+    const auto out = decode_on_gpu(split, split.add_sequence(), layer);
+    const StepStats& s = split.stats(0);
+    EXPECT_GT(s.cpu_blocks, 0) << share;
+    EXPECT_GT(s.gpu_blocks, 0) << share;
+    EXPECT_EQ(s.selected_pages, base.selected_pages) << share;
+    EXPECT_EQ(s.cpu_blocks + s.gpu_blocks, base.gpu_blocks) << share;
+    EXPECT_LT(test::relative_l2(out, std::vector<double>(base_out.begin(), base_out.end())), 1e-3) << share;
+  }
+}
+
 TEST(HybridAttentionGpu, DefaultPoliciesStayCloseOnStructuredHeads) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 32768, 13);

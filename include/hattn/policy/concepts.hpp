@@ -93,8 +93,11 @@ struct ScheduleOutputs {
 /// Measured times of one run() of one layer, fed back to the scheduler.
 struct StepTiming {
   std::span<const SeqId> rows;
-  double cpu_us = 0;      ///< CPU side: waiting for q excluded, scoring + selection + attention
-  double gpu_us = 0;      ///< GPU side, from events: scoring to the end of decode
+  /// Each side's time for its share of the selected pages. GPU backend: from the end of the GPU's
+  /// selection to the end of the CPU side (q and selection copies and worker wake-up included) and
+  /// to the end of the GPU decode. CPU backend: the CPU side's scoring, selection and attention.
+  double cpu_us = 0;
+  double gpu_us = 0;
   std::int64_t cpu_pages = 0;  ///< (page, head) blocks computed on the CPU
   std::int64_t gpu_pages = 0;
 };

@@ -1,7 +1,9 @@
 #pragma once
 // Fluxion's scheduler: a cost model of the GPU (HBM and zero-copy host reads), PCIe and the CPU decides
 // how many of each request's pages the CPU takes so both sides finish together; measured times correct
-// the model step by step. The engine starts the longest CPU work first.
+// the model step by step. The engine starts the longest CPU work first. With a GPU the selection is
+// made on the GPU over whole sequences and the CPU computes the selected pages of its range, so the
+// CPU's cost is its share of the selected bytes; without one the CPU also scores every page.
 #include <algorithm>
 #include <cmath>
 #include <ostream>
@@ -22,12 +24,12 @@ class Priority {
     /// The CPU kernel's rate on a 5% selection of a 128K layer, 16 threads: 43 GB/s
     /// (docs/results/cpu_kernel.json, 2026-11-23); DRAM itself reads ~100 GB/s.
     double cpu_bytes_per_us = 4.3e4;
-    /// Fixed costs of a side per layer. The CPU side waits for q to cross PCIe, wakes its workers,
-    /// scores and selects, and the GPU merge waits behind a host-function gate: ~300 us measured
-    /// per 128K layer at batch 1 (hattn-bench, 2026-11-23). The GPU side launches scoring,
-    /// selection, cache maintenance, decode and merge: ~100 us.
-    double cpu_fixed_us = 300.0;
-    double gpu_fixed_us = 100.0;
+    /// Fixed costs of a side per layer beyond the GPU's scoring and selection, which both sides wait
+    /// for. The CPU side waits for q and the selection to cross PCIe and wakes its workers, and the
+    /// GPU merge waits behind a host-function gate; the GPU side launches its decode and the merge.
+    /// Starting points: the measured-time corrections below adjust both sides' totals.
+    double cpu_fixed_us = 40.0;
+    double gpu_fixed_us = 10.0;
     /// Below this CPU share, splitting costs more in fixed time than it saves.
     double min_cpu_share = 0.02;
     double max_cpu_share = 0.95;
@@ -54,7 +56,7 @@ class Priority {
       const double x = in.gpu ? cpu_share(in, selected, end - begin) : 1.0;
       out.cpu_range[b] = {begin, begin + static_cast<int>(std::lround(x * (end - begin)))};
       const double share = static_cast<double>(out.cpu_range[b].size()) / std::max(1, n);
-      predicted_cpu_us_ += cpu_time(in, selected * share, out.cpu_range[b].size() * in.kv_heads);
+      predicted_cpu_us_ += cpu_time(in, selected * share, in.gpu ? 0 : n * in.kv_heads);
       predicted_gpu_us_ += gpu_time(in, selected * (1 - share));
     }
   }
@@ -90,8 +92,8 @@ class Priority {
   double cpu_share(const ScheduleInputs& in, double selected, int splittable) const {
     if (selected <= 0 || splittable <= 0) return 0;
     const double g = gpu_factor_ * selected * in.block_bytes * gpu_bytes_cost(in);
-    const double c = cpu_factor_ * (selected * in.block_bytes + splittable * in.kv_heads * in.summary_bytes) /
-                     model_.cpu_bytes_per_us;
+    // The GPU scored and selected every page, so the CPU's bytes are its share of the selection.
+    const double c = cpu_factor_ * selected * in.block_bytes / model_.cpu_bytes_per_us;
     const double x = (gpu_factor_ * model_.gpu_fixed_us - cpu_factor_ * model_.cpu_fixed_us + g) / (c + g);
     return x < model_.min_cpu_share ? 0.0 : std::min(x, model_.max_cpu_share);
   }
