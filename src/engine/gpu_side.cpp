@@ -14,6 +14,7 @@
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
+#include "hattn/kernels/cuda_hit_count.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
@@ -97,7 +98,7 @@ struct GpuSide::Impl {
     PinnedArray<std::int32_t> selected_host, selected_count_host;
     DeviceArray<std::byte> select_workspace;
     PinnedArray<float> q_host, cpu_out, cpu_lse;
-    PinnedArray<std::int32_t> gpu_counts;
+    PinnedArray<std::int32_t> gpu_counts;  // [2][batch * kv_heads]: GPU blocks, then those found in HBM
     std::vector<int> cpu_counts;
     std::vector<std::int32_t> selected_offset;  // [batch * kv_heads], host copy for the CPU job
     // The CPU job works on copies: the caller's Plan may be gone before the job runs.
@@ -336,6 +337,7 @@ struct GpuSide::Impl {
       s.selected_pages[i] = g + c;
       s.gpu_blocks += g;
       s.cpu_blocks += c;
+      if (cache) s.hbm_hits += slot.gpu_counts.host()[segments + i];
     }
     float ms = 0;
     HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, slot.begin, slot.end));
@@ -398,7 +400,7 @@ struct GpuSide::Impl {
         slot.gpu_count.reserve(batch * heads);
         slot.selected_host.reserve(total * heads);
         slot.selected_count_host.reserve(batch * heads);
-        slot.gpu_counts.reserve(batch * heads);
+        slot.gpu_counts.reserve(2 * batch * heads);
         slot.cpu_counts.resize(batch * heads);
         slot.partial_out.reserve(splits * qrows * dim);
         slot.partial_lse.reserve(splits * qrows);
@@ -634,6 +636,21 @@ struct GpuSide::Impl {
     dp.partial_lse = slot.partial_lse.get();
     cuda::launch_sparse_decode(dp, s);
     mark_phase(slot, kDecoded, stream);
+    if (cache) {
+      // After the decode, off its path. Blocks this step's admission publishes meanwhile count as
+      // hits though the decode may have read them from host memory: the count errs towards HBM.
+      cuda::HitCountParams hc;
+      hc.page_table = d_table;
+      hc.page_indptr = d_indptr;
+      hc.selected = gpu_selected;
+      hc.selected_offset = d_sel_offset;
+      hc.selected_count = gpu_count;
+      hc.slot_of = cache->slot_of();
+      hc.batch = batch;
+      hc.kv_heads = heads;
+      hc.hits = slot.gpu_counts.host() + static_cast<std::size_t>(batch) * heads;  // mapped: written in place
+      cuda::launch_count_hits(hc, s);
+    }
 
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
     mark_phase(slot, kGated, stream);

@@ -132,6 +132,25 @@ TEST(HybridAttentionGpu, SplitOfASparseSelectionIsTheGpuOnlySelection) {
   }
 }
 
+// With an HBM cache, a repeated query finds its pages cached after the first step's admission, and
+// the stats say so; the output stays what the uncached object computes.
+TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto layer = test::make_structured_layer(kShape, 16384, 15);
+  QuestGpuAttention plain(gpu_config(0.05), {}, FixedBudget(0.05));
+  const auto want = decode_on_gpu(plain, plain.add_sequence(), layer);
+  EXPECT_EQ(plain.stats(0).hbm_hits, 0);
+  Config c = gpu_config(0.05);
+  c.hbm_cache_bytes = 16ull << 20;  // a quarter of the layer's 67 MB of KV
+  QuestGpuAttention cached(c, {}, FixedBudget(0.05));
+  const auto got = decode_on_gpu(cached, cached.add_sequence(), layer, 4);
+  const StepStats& s = cached.stats(0);
+  EXPECT_GT(s.hbm_hits, s.gpu_blocks / 2);
+  EXPECT_LE(s.hbm_hits, s.gpu_blocks);
+  EXPECT_LT(s.host_read_bytes, plain.stats(0).host_read_bytes);
+  EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
+}
+
 TEST(HybridAttentionGpu, DefaultPoliciesStayCloseOnStructuredHeads) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 32768, 13);
