@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include "decode_kernel_impl.hpp"
+#include "decode_kernel_avx512.hpp"
 
 namespace hattn::detail::cpu {
 namespace {
@@ -62,31 +63,44 @@ struct Isa<avx512bf16> {
     for (int j = 0; j < NB; ++j) logits[j * kMaxPageTokens] = _mm512_reduce_add_ps(acc[j]);
   }
 
-  // Four key rows against four heads: the 16 accumulators reduce with one transposing haddp.
-  template <int D>
+  static void load_bf16_pairs(const bfloat16_t* p, B& even, B& odd) {
+    __m512 e, o;
+    avx512::load_bf16_pairs(reinterpret_cast<const std::uint16_t*>(p), e, o);
+    even = e;
+    odd = o;
+  }
+  static B reduce_rows(const B* acc) {
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = acc[i];
+    return avx512::reduce16(a);
+  }
+
+  // NB heads (1, 2 or 4) against TB = 16 / NB consecutive key rows: the 16 accumulators reduce with
+  // one transposing tree, and acc[j * TB + t] puts head j's TB logits in adjacent lanes.
+  template <int D, int NB>
   static void block_dot_bf16(const std::uint16_t* k, const std::uint16_t* q_bf16, float* logits) {
-    B acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = B(0.0f);
+    constexpr int TB = 16 / NB;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int c = 0; c < D; c += 32) {
-      __m512bh kc[4];
-      for (int t = 0; t < 4; ++t)
-        kc[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + static_cast<std::size_t>(t) * D + c));
-      for (int j = 0; j < 4; ++j) {
+      __m512bh hi[NB], lo[NB];
+      for (int j = 0; j < NB; ++j) {
         const std::uint16_t* q = q_bf16 + static_cast<std::size_t>(j) * 2 * D;
-        const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_load_si512(q + c));
-        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_load_si512(q + D + c));
-        for (int t = 0; t < 4; ++t) {
-          __m512 a = acc[t * 4 + j];
-          a = _mm512_dpbf16_ps(a, kc[t], hi);
-          acc[t * 4 + j] = _mm512_dpbf16_ps(a, kc[t], lo);
+        hi[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(q + c));
+        lo[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(q + D + c));
+      }
+      for (int t = 0; t < TB; ++t) {
+        const __m512bh kc = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + static_cast<std::size_t>(t) * D + c));
+        for (int j = 0; j < NB; ++j) {
+          acc[j * TB + t] = _mm512_dpbf16_ps(acc[j * TB + t], kc, hi[j]);
+          acc[j * TB + t] = _mm512_dpbf16_ps(acc[j * TB + t], kc, lo[j]);
         }
       }
     }
     alignas(64) float sums[16];
-    // Not xsimd::haddp: its AVX-512 version puts the sums in the wrong lanes (xsimd 8.1).
-    for (int i = 0; i < 16; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
-    for (int t = 0; t < 4; ++t)
-      for (int j = 0; j < 4; ++j) logits[j * kMaxPageTokens + t] = sums[t * 4 + j];
+    _mm512_store_ps(sums, avx512::reduce16(acc));
+    for (int j = 0; j < NB; ++j)
+      for (int t = 0; t < TB; ++t) logits[j * kMaxPageTokens + t] = sums[j * TB + t];
   }
 };
 

@@ -22,6 +22,12 @@ struct Isa<xsimd::sse2> {
     alignas(16) float f[4] = {to_float(p[0]), to_float(p[1]), to_float(p[2]), to_float(p[3])};
     return B::load_aligned(f);
   }
+  static void load_bf16_pairs(const bfloat16_t* p, B& even, B& odd) {
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    even = _mm_castsi128_ps(_mm_slli_epi32(w, 16));
+    odd = _mm_castsi128_ps(_mm_and_si128(w, _mm_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  static B reduce_rows(const B* acc) { return xsimd::haddp(acc); }
 };
 
 }  // namespace

@@ -18,8 +18,10 @@ namespace hattn::detail::cpu {
 namespace {
 
 /// The primitives a path provides: `load(const T*)` of one batch of keys or values in fp32 for T in
-/// float, half_t, bfloat16_t; kChunkBlock; kBf16Dot, and when true split_query<D>, dot_bf16<D, NB>
-/// and block_dot_bf16<D> (q.k of bf16 keys by VDPBF16PS).
+/// float, half_t, bfloat16_t; `load_bf16_pairs(p, even, odd)`: 2 batches from 2S bf16 values, split
+/// by parity; `reduce_rows(acc)`: S accumulators to one batch whose lane i is the sum of acc[i];
+/// kChunkBlock (even); kBf16Dot, and when true split_query<D>, dot_bf16<D, NB> and
+/// block_dot_bf16<D, NB> (q.k of bf16 keys by VDPBF16PS).
 template <class Tag>
 struct Isa;
 
@@ -31,6 +33,15 @@ constexpr float kLn2 = 0.693147180559945309417f;
 
 template <class Tag>
 using Batch = xsimd::batch<float, simd_arch_t<Tag>>;
+
+template <std::size_t Bytes>
+inline void prefetch_rows(const std::byte* p) {
+  for (std::size_t off = 0; off < Bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+inline void prefetch_block(const std::byte* p, std::size_t bytes) {
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
 
 // Logits of one key row against query heads [h0, h0 + NB): logits[j * kMaxPageTokens] = qs_j . k,
 // where qs is the query already scaled by scale * log2(e).
@@ -51,52 +62,58 @@ inline void row_logits(const T* k, const float* qs, const std::uint16_t* q_bf16,
   }
 }
 
-// Logits of kHeadBlock heads against TB = S / kHeadBlock consecutive key rows at once: the TB x 4
-// accumulators are exactly one batch of sums, so one transposing reduction (haddp) replaces S
-// horizontal adds, and each query chunk loaded serves TB rows.
-template <class Tag, int D, class T>
+// Logits of NB heads against TB = S / NB consecutive key rows at once: the NB x TB accumulators are
+// exactly one batch of sums, so one transposing reduction replaces S horizontal adds, and each query
+// chunk loaded serves TB rows. acc[j * TB + tb] is head j, row tb, so head j's TB logits are adjacent.
+template <class Tag, int D, int NB, class T>
 inline void block_logits(const T* k, const float* qs, float* logits) {
   using B = Batch<Tag>;
   constexpr int S = static_cast<int>(B::size);
-  constexpr int TB = S / kHeadBlock;
+  constexpr int TB = S / NB;
+  static_assert(TB * NB == S);
   B acc[S];
   for (int i = 0; i < S; ++i) acc[i] = B(0.0f);
   for (int c = 0; c < D; c += S) {
-    B qc[kHeadBlock];
-    for (int j = 0; j < kHeadBlock; ++j) qc[j] = B::load_aligned(qs + j * D + c);
+    B qc[NB];
+    for (int j = 0; j < NB; ++j) qc[j] = B::load_aligned(qs + j * D + c);
     for (int tb = 0; tb < TB; ++tb) {
       const B kc = Isa<Tag>::load(k + static_cast<std::size_t>(tb) * D + c);
-      for (int j = 0; j < kHeadBlock; ++j) acc[tb * kHeadBlock + j] = xsimd::fma(qc[j], kc, acc[tb * kHeadBlock + j]);
+      for (int j = 0; j < NB; ++j) acc[j * TB + tb] = xsimd::fma(qc[j], kc, acc[j * TB + tb]);
     }
   }
   alignas(64) float sums[S];
-  if constexpr (S == 16) {
-    // xsimd 8.1's AVX-512 haddp returns the sums in the wrong lanes (every group > 1 case failed on
-    // the Sapphire Rapids host, 2026-11-23), so 16-lane batches reduce one accumulator at a time.
-    for (int i = 0; i < S; ++i) sums[i] = xsimd::hadd(acc[i]);
-  } else {
-    xsimd::haddp(acc).store_aligned(sums);
-  }
-  for (int tb = 0; tb < TB; ++tb)
-    for (int j = 0; j < kHeadBlock; ++j) logits[j * kMaxPageTokens + tb] = sums[tb * kHeadBlock + j];
+  Isa<Tag>::reduce_rows(acc).store_aligned(sums);
+  for (int j = 0; j < NB; ++j)
+    for (int tb = 0; tb < TB; ++tb) logits[j * kMaxPageTokens + tb] = sums[j * TB + tb];
 }
 
 // acc[h][c .. c + S) += sum over attended tokens t of prob[h][t] * V[t][c .. c + S), for NB heads,
 // CB chunks of the row at a time so each broadcast probability serves CB multiply-adds.
+// bf16 values are widened by parity (load_bf16_pairs), so for bf16 the accumulators of each 2S-wide
+// chunk hold its even elements, then its odd ones; decode_range puts them back in order at the end.
+// When `pf` is set, the same token's value row of a later page is prefetched, one row per token.
 template <class Tag, int D, int NB, class T>
-inline void accumulate_values(const T* v, const float* prob, std::uint64_t mask, int n_tok, float* acc) {
+inline void accumulate_values(const T* v, const float* prob, std::uint64_t mask, int n_tok, float* acc,
+                              const std::byte* pf) {
   using B = Batch<Tag>;
   constexpr int S = static_cast<int>(B::size);
   constexpr int CB = Isa<Tag>::kChunkBlock;
-  static_assert(D % (S * CB) == 0);
+  static_assert(D % (S * CB) == 0 && CB % 2 == 0);
+  constexpr std::size_t kRowBytes = static_cast<std::size_t>(D) * sizeof(T);
   for (int c = 0; c < D; c += S * CB) {
     B a[NB][CB];
     for (int j = 0; j < NB; ++j)
       for (int b = 0; b < CB; ++b) a[j][b] = B::load_aligned(acc + j * D + c + b * S);
     for (int t = 0; t < n_tok; ++t) {
+      if (pf != nullptr && c == 0) prefetch_rows<kRowBytes>(pf + t * kRowBytes);
       if (((mask >> t) & 1u) == 0) continue;
       B vc[CB];
-      for (int b = 0; b < CB; ++b) vc[b] = Isa<Tag>::load(v + static_cast<std::size_t>(t) * D + c + b * S);
+      const T* row = v + static_cast<std::size_t>(t) * D + c;
+      if constexpr (std::is_same_v<T, bfloat16_t>) {
+        for (int b = 0; b < CB; b += 2) Isa<Tag>::load_bf16_pairs(row + b * S, vc[b], vc[b + 1]);
+      } else {
+        for (int b = 0; b < CB; ++b) vc[b] = Isa<Tag>::load(row + b * S);
+      }
       for (int j = 0; j < NB; ++j) {
         const B p(prob[j * kMaxPageTokens + t]);
         for (int b = 0; b < CB; ++b) a[j][b] = xsimd::fma(p, vc[b], a[j][b]);
@@ -118,10 +135,6 @@ inline void for_head_blocks(int group, F&& f) {
     case 3: f.template operator()<3>(h0); break;
     default: break;
   }
-}
-
-inline void prefetch_block(const std::byte* p, std::size_t bytes) {
-  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
 template <class Tag, int D, class T>
@@ -153,20 +166,28 @@ void decode_range(const PageRange& r) {
   if constexpr (kBf16Keys) Isa<Tag>::template split_query<D>(qs, G, q_bf16);
 
   const std::size_t block_bytes = static_cast<std::size_t>(P) * D * sizeof(T);
+  constexpr std::size_t kRowBytes = static_cast<std::size_t>(D) * sizeof(T);
   auto page_at = [&](int i) { return r.pages_base + static_cast<std::size_t>(r.pages[i]) * r.page_bytes; };
   // Pages are scattered in the pool and each KV head's block is a separate 2-16 KB run, which the
-  // hardware prefetcher only picks up after a few misses: ask for the next pages while on this one.
-  // One page ahead: 2 and 3 pages ahead measured no better (AVX2 host, 128K tokens, 1 thread).
-  constexpr int kAhead = 1;
+  // hardware prefetcher only picks up after a few misses, so the kernel asks for the page kAhead on,
+  // row by row as it works through the same rows of this page. Issued in one burst at the start of
+  // a page (as before), the 128 lines of a bf16 page are far more than the core's fill buffers hold,
+  // which likely stalled it until most had landed (not verified with counters). Device host, bf16,
+  // 128K tokens, 16 threads, one sweep: one page ahead in a burst 9.5 ms, spread 1/2/4 pages ahead
+  // 10.9/8.2/9.2 ms, none 12.4 ms. The host is noisy (its DRAM read ceiling moved by up to 2x
+  // between processes of that sweep), so only the gap to "none" and to the burst is clear.
+  constexpr int kAhead = 2;
   for (int i = 0; i < kAhead && i < r.n_pages; ++i) {
     prefetch_block(page_at(i) + r.key_offset_bytes, block_bytes);
     prefetch_block(page_at(i) + r.value_offset_bytes, block_bytes);
   }
   for (int i = 0; i < r.n_pages; ++i) {
     const std::byte* page = page_at(i);
+    const std::byte* pf_k = nullptr;
+    const std::byte* pf_v = nullptr;
     if (i + kAhead < r.n_pages) {
-      prefetch_block(page_at(i + kAhead) + r.key_offset_bytes, block_bytes);
-      prefetch_block(page_at(i + kAhead) + r.value_offset_bytes, block_bytes);
+      pf_k = page_at(i + kAhead) + r.key_offset_bytes;
+      pf_v = page_at(i + kAhead) + r.value_offset_bytes;
     }
     const int n_tok = i + 1 == r.n_pages ? r.last_page_tokens : P;
     std::uint64_t mask = n_tok >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << n_tok) - 1;
@@ -181,25 +202,28 @@ void decode_range(const PageRange& r) {
       const float* qh = qs + static_cast<std::size_t>(h0) * D;
       const std::uint16_t* qb = q_bf16 + static_cast<std::size_t>(h0) * 2 * D;
       float* lh = logits + h0 * kMaxPageTokens;
-      constexpr int TB = S / kHeadBlock;
+      const std::byte* pf = h0 == 0 ? pf_k : nullptr;
       auto by_rows = [&] {
-        for (int t = 0; t < P; ++t)
+        for (int t = 0; t < P; ++t) {
+          if (pf != nullptr) prefetch_rows<kRowBytes>(pf + t * kRowBytes);
           if ((mask >> t) & 1u) row_logits<Tag, D, NB>(k + static_cast<std::size_t>(t) * D, qh, qb, lh + t);
+        }
       };
       // Nested so that the branch naming block_dot_bf16 is discarded as soon as Tag is known.
-      if constexpr (kBf16Keys) {
-        if constexpr (NB == kHeadBlock) {
-          for (int t = 0; t < P; t += TB)
-            Isa<Tag>::template block_dot_bf16<D>(reinterpret_cast<const std::uint16_t*>(k + static_cast<std::size_t>(t) * D), qb,
-                                                 lh + t);
-        } else {
-          by_rows();
+      if constexpr (NB == 3) {
+        by_rows();
+      } else if constexpr (kBf16Keys) {
+        constexpr int TB = 16 / NB;
+        for (int t = 0; t < P; t += TB) {
+          if (pf != nullptr) prefetch_rows<TB * kRowBytes>(pf + t * kRowBytes);
+          Isa<Tag>::template block_dot_bf16<D, NB>(reinterpret_cast<const std::uint16_t*>(k + static_cast<std::size_t>(t) * D),
+                                                   qb, lh + t);
         }
       } else {
-        if constexpr (NB == kHeadBlock && TB > 1) {
-          for (int t = 0; t < P; t += TB) block_logits<Tag, D>(k + static_cast<std::size_t>(t) * D, qh, lh + t);
-        } else {
-          by_rows();
+        constexpr int TB = S / NB;
+        for (int t = 0; t < P; t += TB) {
+          if (pf != nullptr) prefetch_rows<TB * kRowBytes>(pf + t * kRowBytes);
+          block_logits<Tag, D, NB>(k + static_cast<std::size_t>(t) * D, qh, lh + t);
         }
       }
     });
@@ -235,7 +259,8 @@ void decode_range(const PageRange& r) {
 
     // 3. Values, weighted by the probabilities just computed.
     for_head_blocks(G, [&]<int NB>(int h0) {
-      accumulate_values<Tag, D, NB>(v, logits + h0 * kMaxPageTokens, mask, n_tok, acc + static_cast<std::size_t>(h0) * D);
+      accumulate_values<Tag, D, NB>(v, logits + h0 * kMaxPageTokens, mask, n_tok, acc + static_cast<std::size_t>(h0) * D,
+                                    h0 == 0 ? pf_v : nullptr);
     });
   }
 
@@ -243,8 +268,19 @@ void decode_range(const PageRange& r) {
   for (int h = 0; h < G; ++h) {
     float* out = r.out + static_cast<std::size_t>(h) * D;
     if (run_sum[h] > 0.0f) {
-      const B inv(1.0f / run_sum[h]);
-      for (int c = 0; c < D; c += S) (B::load_aligned(acc + h * D + c) * inv).store_unaligned(out + c);
+      const float inv = 1.0f / run_sum[h];
+      const float* a = acc + static_cast<std::size_t>(h) * D;
+      if constexpr (std::is_same_v<T, bfloat16_t>) {
+        // Back from [even elements, odd elements] per 2S-wide chunk (accumulate_values).
+        for (int c = 0; c < D; c += 2 * S)
+          for (int s = 0; s < S; ++s) {
+            out[c + 2 * s] = a[c + s] * inv;
+            out[c + 2 * s + 1] = a[c + S + s] * inv;
+          }
+      } else {
+        const B vinv(inv);
+        for (int c = 0; c < D; c += S) (B::load_aligned(a + c) * vinv).store_unaligned(out + c);
+      }
       r.lse[h] = kLn2 * (run_max[h] + std::log2(run_sum[h]));
     } else {
       for (int c = 0; c < D; ++c) out[c] = 0.0f;

@@ -1,7 +1,7 @@
 // CpuDecoder against reference::decode on structured layers (attention sinks with large-norm keys,
 // a local window, planted needles aligned with the query, RoPE-rotated background keys), for every
 // path this CPU supports (each forced in turn; the others are skipped with the reason), every page
-// size, head dim and KV dtype, GQA groups 1/4/8, ragged batches, empty and single-page lists, token
+// size, head dim and KV dtype, GQA groups 1/4/8 (and 2/3/6 on fewer shapes), ragged batches, empty and single-page lists, token
 // masks, and a thread-split list against the unsplit one.
 #include <gtest/gtest.h>
 
@@ -306,6 +306,15 @@ INSTANTIATE_TEST_SUITE_P(AllPaths, CpuDecodeTest,
                                             ::testing::Values(DType::kBFloat16, DType::kFloat16, DType::kFloat32),
                                             ::testing::Values(64, 128, 256), ::testing::Values(16, 32, 64),
                                             ::testing::Values(1, 4, 8)),
+                         param_name);
+
+// Groups that are not a multiple of the 4-head block: 2 heads per block (8 key rows at once on the
+// 16-lane paths), 3 (one row at a time) and 4 + 2.
+INSTANTIATE_TEST_SUITE_P(OddGroups, CpuDecodeTest,
+                         ::testing::Combine(::testing::Values(CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512,
+                                                              CpuIsa::kAvx512Bf16),
+                                            ::testing::Values(DType::kBFloat16, DType::kFloat32),
+                                            ::testing::Values(64, 128), ::testing::Values(16), ::testing::Values(2, 3, 6)),
                          param_name);
 
 TEST(CpuIsa, ReportsPathsAndDetectsASupportedOne) {
