@@ -90,6 +90,75 @@ double median_us(const std::function<void()>& fn, int reps) {
   return t[t.size() / 2];
 }
 
+/// Median GPU time in microseconds of `fn` as PyTorch's baseline times SDPA
+/// (benchmarks/torch_baselines.py, cuda_median_us): every rep's start and stop events are recorded
+/// back to back without a host sync between reps, so the GPU runs behind the host and a rep does
+/// not include the host's launch latency, as in the engine, where each layer's kernels queue behind
+/// the previous ones. median_us syncs after each rep and so counts one launch latency per rep.
+double median_us_queued(const std::function<void()>& fn, int reps) {
+  for (int i = 0; i < 3; ++i) fn();
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<cudaEvent_t> start(reps), stop(reps);
+  for (int i = 0; i < reps; ++i) {
+    HATTN_CUDA_CHECK(cudaEventCreate(&start[i]));
+    HATTN_CUDA_CHECK(cudaEventCreate(&stop[i]));
+  }
+  for (int i = 0; i < reps; ++i) {
+    HATTN_CUDA_CHECK(cudaEventRecord(start[i]));
+    fn();
+    HATTN_CUDA_CHECK(cudaEventRecord(stop[i]));
+  }
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    float ms = 0;
+    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, start[i], stop[i]));
+    t.push_back(ms * 1e3);
+    cudaEventDestroy(start[i]);
+    cudaEventDestroy(stop[i]);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+/// GPU time in microseconds per launch of `fn(stream)`: `launches` launches captured in one CUDA
+/// graph, the median of `reps` graph launches divided by `launches`. For kernels of a few us, whose
+/// time the host's launch latency (~5 us here) would otherwise set.
+double graph_us_per_launch(const std::function<void(cudaStream_t)>& fn, int launches, int reps) {
+  cudaStream_t s;
+  HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  fn(s);  // first-call set-up (function attributes) outside the capture
+  HATTN_CUDA_CHECK(cudaStreamSynchronize(s));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  HATTN_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < launches; ++i) fn(s);
+  HATTN_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  HATTN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  HATTN_CUDA_CHECK(cudaEventCreate(&a));
+  HATTN_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) HATTN_CUDA_CHECK(cudaGraphLaunch(exec, s));
+  HATTN_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    HATTN_CUDA_CHECK(cudaEventRecord(a, s));
+    HATTN_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    HATTN_CUDA_CHECK(cudaEventRecord(b, s));
+    HATTN_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1e3 / launches);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 /// A decode layer: `batch` requests of `tokens` tokens, 16-token pages, every page selected. The
 /// pages live in HBM slots (in_hbm) or in a mapped pinned host arena.
 struct DecodeLayer {
@@ -99,8 +168,9 @@ struct DecodeLayer {
   std::size_t kv_bytes = 0;
   void* host_pages = nullptr;
 
-  /// splits <= 0: hc::suggest_decode_splits.
-  DecodeLayer(int tokens, int batch, bool in_hbm, int page_size = 16, int splits = 0) {
+  /// splits <= 0: hc::suggest_decode_splits. q_heads: kQHeads, or group * kKvHeads for other groups.
+  DecodeLayer(int tokens, int batch, bool in_hbm, int page_size = 16, int splits = 0, int q_heads = kQHeads,
+              hc::DecodeKernel kernel = hc::DecodeKernel::kAuto) {
     const int n = (tokens + page_size - 1) / page_size;
     const std::int64_t pages = static_cast<std::int64_t>(n) * batch;
     const std::size_t block = static_cast<std::size_t>(page_size) * kDim * 2;  // bytes of K (or V) of a head
@@ -132,20 +202,21 @@ struct DecodeLayer {
       std::memset(host_pages, 0x3c, kv_bytes);
       decode.host_pages = host_pages;
     }
-    std::vector<float> q(static_cast<std::size_t>(batch) * kQHeads * kDim);
+    std::vector<float> q(static_cast<std::size_t>(batch) * q_heads * kDim);
     std::mt19937 rng(7);
     std::normal_distribution<float> normal;
     for (auto& x : q) x = normal(rng);
     decode.q = arena.track(device_copy(q));
     decode.batch = batch;
-    decode.q_heads = kQHeads;
+    decode.q_heads = q_heads;
+    decode.kernel = kernel;
     decode.kv_heads = kKvHeads;
     decode.head_dim = kDim;
     decode.page_size = page_size;
     decode.dtype = DType::kBFloat16;
     decode.scale = 1.0f / std::sqrt(static_cast<float>(kDim));
     decode.splits = splits > 0 ? splits : hc::suggest_decode_splits(batch * kKvHeads, n, page_size);
-    const int rows = batch * kQHeads;
+    const int rows = batch * q_heads;
     decode.partial_out = arena.track(device_alloc<float>(static_cast<std::size_t>(decode.splits) * rows * kDim));
     decode.partial_lse = arena.track(device_alloc<float>(static_cast<std::size_t>(decode.splits) * rows));
     merge.partial_out = decode.partial_out;
@@ -160,6 +231,8 @@ struct DecodeLayer {
     hc::launch_sparse_decode(decode, nullptr);
     hc::launch_merge_partials(merge, nullptr);
   }
+  /// The decode kernel the dispatcher runs, for the figures' "how" text.
+  const char* kernel_name() const { return hc::to_string(hc::decode_kernel_for(decode)); }
 };
 
 /// Scoring + top-k selection (5% of pages) + sparse decode + merge at `tokens` tokens, batch 1.
@@ -322,6 +395,34 @@ void BM_DenseDecodeHbm(benchmark::State& state) {
   time_loop(state, [&] { l.run(); }, static_cast<double>(l.kv_bytes), g_hbm_gbps);
 }
 
+// Decode + merge from HBM per kernel and GQA group (q heads = group x 8 KV heads): which kernel the
+// dispatcher should pick where. Args: tokens, batch, group, kernel (0 auto, 1 CUDA cores, 2 tensor).
+void BM_DenseDecodeKernel(benchmark::State& state) {
+  const int group = static_cast<int>(state.range(2));
+  const auto kernel = static_cast<hc::DecodeKernel>(state.range(3));
+  DecodeLayer l(static_cast<int>(state.range(0)), static_cast<int>(state.range(1)), true, 16, 0, group * kKvHeads,
+                kernel);
+  state.SetLabel(l.kernel_name());
+  time_loop(state, [&] { l.run(); }, static_cast<double>(l.kv_bytes), g_hbm_gbps);
+}
+
+// The merge alone, after one decode filled the partials (rows = batch x 32 q heads). 20 launches
+// per iteration, reported per launch: one launch alone would time the host's launch latency.
+void BM_MergePartials(benchmark::State& state) {
+  constexpr int kLaunches = 20;
+  DecodeLayer l(static_cast<int>(state.range(0)), static_cast<int>(state.range(1)), true);
+  hc::launch_sparse_decode(l.decode, nullptr);
+  state.counters["splits"] = l.merge.splits;
+  const double bytes = static_cast<double>(l.merge.splits) * l.merge.rows * (kDim + 1) * 4;
+  time_loop(
+      state, [&] { for (int i = 0; i < kLaunches; ++i) hc::launch_merge_partials(l.merge, nullptr); },
+      bytes * kLaunches, g_hbm_gbps);
+  state.counters["us_per_merge_queued"] =
+      median_us_queued([&] { hc::launch_merge_partials(l.merge, nullptr); }, 200);
+  state.counters["us_per_merge_graph"] =
+      graph_us_per_launch([&](cudaStream_t s) { hc::launch_merge_partials(l.merge, s); }, 20, 50);
+}
+
 void BM_DecodeHostPages(benchmark::State& state) {
   DecodeLayer l(static_cast<int>(state.range(0)), 1, false, static_cast<int>(state.range(1)));
   time_loop(state, [&] { l.run(); }, static_cast<double>(l.kv_bytes), g_pcie_gbps);
@@ -344,6 +445,15 @@ void BM_SelectTopK(benchmark::State& state) {
   time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 4, g_hbm_gbps);
 }
 
+/// The mass rule (rank by the bound, accumulate the estimate) at 0.9, capped at 5% of the pages.
+void BM_SelectMass(benchmark::State& state) {
+  SparseStep s(static_cast<int>(state.range(0)), 0.05);
+  s.run_score();
+  s.select.log_mass = s.score.estimate;
+  s.select.mass_threshold = 0.9f;
+  time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 8, g_hbm_gbps);
+}
+
 void BM_Sparse5Step(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
   time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);
@@ -352,10 +462,18 @@ void BM_Sparse5Step(benchmark::State& state) {
 BENCHMARK(BM_HbmCopyCeiling)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_PcieH2DCeiling)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DenseDecodeHbm)->Args({32768, 1})->Args({131072, 1})->Args({131072, 8})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DenseDecodeKernel)
+    ->ArgsProduct({{32768, 131072}, {1}, {1, 4, 7, 8}, {1, 2}})
+    ->Args({131072, 8, 4, 1})
+    ->Args({131072, 8, 4, 2})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MergePartials)->Args({32768, 1})->Args({131072, 1})->Args({131072, 8})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeHostPages)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gather)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ScorePages)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SelectTopK)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SelectMass)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Sparse5Step)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // ---------------------------------------------------------------- figures
@@ -406,24 +524,35 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
                             DenseCase{"gpu_dense_128k_b1_vs_torch", 131072, 1},
                             DenseCase{"gpu_dense_128k_b8_vs_torch", 131072, 8}}) {
     DecodeLayer l(c.tokens, c.batch, true);
-    const double us = median_us([&] { l.run(); }, 50);
+    const double us = median_us_queued([&] { l.run(); }, 50);
+    const double synced_us = median_us([&] { l.run(); }, 50);
     const double gbps = l.kv_bytes / us * 1e-3;
     const std::string key = std::to_string(c.tokens) + "x" + std::to_string(c.batch);
     const double torch_us = json_number(torch, "gpu_sdpa_us", key);
-    std::printf("%s: %.1f us, %.0f GB/s (%.2f of HBM copy), torch %.1f us, splits %d\n", c.name, us, gbps,
-                gbps / hbm, torch_us, l.decode.splits);
+    // The merge alone and the other kernel, for the notes (not figures).
+    const double merge_us =
+        graph_us_per_launch([&](cudaStream_t s) { hc::launch_merge_partials(l.merge, s); }, 20, 30);
+    DecodeLayer alt(c.tokens, c.batch, true, 16, l.decode.splits, kQHeads, hc::DecodeKernel::kCudaCores);
+    const double alt_us = median_us_queued([&] { alt.run(); }, 20);
+    std::printf("%s: %.1f us, %.0f GB/s (%.2f of HBM copy), torch %.1f us, ratio %.3f, splits %d, kernel %s; "
+                "synced after each rep %.1f us; merge alone (graph of 20) %.1f us; cuda_cores kernel %.1f us\n",
+                c.name, us, gbps, gbps / hbm, torch_us, us / torch_us, l.decode.splits, l.kernel_name(), synced_us,
+                merge_us, alt_us);
     std::ostringstream how;
-    how << "sparse decode + merge with every page selected from HBM slots, " << c.tokens << " tokens x batch "
+    how << "sparse decode (" << l.kernel_name() << " kernel, " << l.decode.splits
+        << " splits per KV head) + merge with every page selected from HBM slots, " << c.tokens << " tokens x batch "
         << c.batch << ", 32 q / 8 kv heads, dim 128, bf16, 16-token pages: " << us << " us (" << gbps
         << " GB/s, HBM copy ceiling " << hbm << " GB/s) / PyTorch best SDPA " << torch_us
-        << " us (benchmarks/torch_baselines.py, same run); median of 50";
+        << " us (benchmarks/torch_baselines.py, same run); median of 50 reps timed as torch_baselines.py times "
+           "SDPA (events back to back, no host sync between reps); "
+        << synced_us << " us with a host sync after each rep";
     figs[c.name] = {std::isnan(torch_us) ? NAN : us / torch_us, "ratio", how.str()};
     if (c.batch == 1 && c.tokens == 131072) {
       // Sensitivity to the split count, printed for tuning notes only.
       const int planned = l.decode.splits;
       for (int sp : {planned / 2, planned * 2, planned * 4}) {
         DecodeLayer t(c.tokens, c.batch, true, 16, std::max(sp, 1));
-        std::printf("  splits %d: %.1f us\n", t.decode.splits, median_us([&] { t.run(); }, 30));
+        std::printf("  splits %d: %.1f us\n", t.decode.splits, median_us_queued([&] { t.run(); }, 30));
       }
     }
   }
@@ -440,9 +569,10 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
     DecodeLayer l(32768, 1, false);
     const double us = median_us([&] { l.run(); }, 20);
     const double gbps = l.kv_bytes / us * 1e-3;
-    std::printf("host-page decode: %.1f us, %.1f GB/s (%.2f of H2D)\n", us, gbps, gbps / pcie);
+    std::printf("host-page decode: %.1f us, %.1f GB/s (%.2f of H2D), kernel %s\n", us, gbps, gbps / pcie,
+                l.kernel_name());
     std::ostringstream how;
-    how << "sparse decode reading every 16-token page from mapped pinned host memory (zero-copy), 32K tokens, "
+    how << "sparse decode (" << l.kernel_name() << " kernel) reading every 16-token page from mapped pinned host memory (zero-copy), 32K tokens, "
            "batch 1, Llama-3-8B layer: "
         << gbps << " GB/s / bulk pinned cudaMemcpyAsync H2D " << pcie << " GB/s in the same process";
     figs["gpu_hostpage_decode_vs_pcie"] = {gbps / pcie, "ratio", how.str()};

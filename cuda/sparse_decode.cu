@@ -1,5 +1,9 @@
 // Sparse paged decode (DESIGN.md step 5): flash-decoding over the selected pages of each
-// (request, KV head) segment, split into `splits` chunks along the selected list. A block owns one
+// (request, KV head) segment, split into `splits` chunks along the selected list. Two kernels, one
+// dispatcher (decode_kernel_for, below): the tensor-core kernel in detail/decode_tensor_cores.cuh
+// for GQA groups of 1..8 at head dims 64 and 128, and this file's CUDA-core kernel for the rest.
+//
+// The CUDA-core kernel: a block owns one
 // chunk and streams it in tiles of 16 tokens (K and V of one KV head) through a cp.async pipeline
 // in shared memory, so each tile is read from HBM or host memory once for every query head of the
 // GQA group. Threads: kTx lanes cover the head dim, 16 dims each, `group` rows of them one query
@@ -12,6 +16,7 @@
 #include <cstdlib>
 
 #include "detail/cp_async.cuh"
+#include "detail/decode_tensor_cores.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/vec.cuh"
@@ -80,6 +85,9 @@ std::size_t decode_smem_bytes(const Shape& s) {
 
 template <class T, int D, int kDimsPerThread>
 __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_constant__ SparseDecodeParams p) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // see launch_merge_partials
+#endif
   constexpr int kTx = D / kDimsPerThread;         // lanes per query head and row
   constexpr int kRowVecs = D / 8;                  // uint4 per K (or V) row
   constexpr int kTileVecs = kTileTokens * kRowVecs;  // uint4 per K (or V) tile
@@ -298,22 +306,87 @@ void launch(const SparseDecodeParams& p, Stream stream) {
   HATTN_CUDA_CHECK_LAUNCH();
 }
 
+// Ring stages per warp of the tensor-core kernel. H100, Llama-3-8B layer (bf16, dim 128, 16-token
+// pages, all from HBM), decode + merge, host sync after each rep (2026-11-23), at 128K b1 / 128K b8
+// / 32K b1: 2 stages 189 / 1385 / 59.8 us, 3 stages 191 / 1400 / 61.1, 4 stages 195 / 1396 / 61.0.
+// Registers (233 per thread) cap the kernel at 2 blocks per SM whatever the stages, and 8 warps
+// with one 8 KB tile each in flight while they compute another already keep HBM at ~95% of the copy
+// ceiling. HATTN_DECODE_STAGES=2|3|4 overrides it for tuning runs.
+constexpr int kDefaultMmaStages = 2;
+
+int mma_stages() {
+  static const int value = [] {
+    const char* env = std::getenv("HATTN_DECODE_STAGES");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v >= 2 && v <= detail::kMmaMaxStages ? v : kDefaultMmaStages;
+  }();
+  return value;
+}
+
+template <class T, int D>
+void launch_tensor_cores(const SparseDecodeParams& p, Stream stream) {
+  const int stages = mma_stages();
+  const std::size_t smem = detail::tensor_core_decode_smem_bytes<T, D>(stages);
+  static const bool raised = [] {
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(detail::TensorCoreDecodeKernel<T, D>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(detail::tensor_core_decode_smem_bytes<T, D>(
+                                              detail::kMmaMaxStages))));
+    return true;
+  }();
+  (void)raised;
+  detail::TensorCoreDecodeKernel<T, D>
+      <<<dim3(p.splits, p.batch * p.kv_heads), detail::kMmaWarps * 32, smem, stream>>>(p, stages);
+  HATTN_CUDA_CHECK_LAUNCH();
+}
+
+bool tensor_cores_support(int head_dim, int group) {
+  return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= detail::kMmaMaxGroup;
+}
+
 }  // namespace
+
+const char* to_string(DecodeKernel k) {
+  switch (k) {
+    case DecodeKernel::kAuto: return "auto";
+    case DecodeKernel::kCudaCores: return "cuda_cores";
+    case DecodeKernel::kTensorCores: return "tensor_cores";
+  }
+  return "unknown";
+}
+
+DecodeKernel decode_kernel_for(const SparseDecodeParams& p) {
+  const int group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
+  const bool tc = tensor_cores_support(p.head_dim, group);
+  switch (p.kernel) {
+    case DecodeKernel::kCudaCores: return DecodeKernel::kCudaCores;
+    case DecodeKernel::kTensorCores:
+      hattn::detail::require(tc, "launch_sparse_decode", "kernel", "tensor_cores",
+                             "head_dim 64 or 128 and q_heads / kv_heads in 1..8 (else kAuto or kCudaCores)");
+      return DecodeKernel::kTensorCores;
+    case DecodeKernel::kAuto: break;
+  }
+  // Tensor cores wherever they can run: their cost per tile does not grow with the group, and the
+  // CUDA-core kernel, issue-bound from group 4 up, stays for head dim 256 (the fp32 accumulators of
+  // 16 rows x 256 dims would not fit a warp's registers beside the Q fragments) and groups over 8.
+  return tc ? DecodeKernel::kTensorCores : DecodeKernel::kCudaCores;
+}
 
 int suggest_decode_splits(int segments, std::int64_t max_selected_pages, int page_size) {
   hattn::detail::require(segments > 0, "suggest_decode_splits", "segments", segments, "> 0");
   int device = 0, sms = 0, resident = 0;
   HATTN_CUDA_CHECK(cudaGetDevice(&device));
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  // One full wave of the common instantiation (bf16, dim 128, group 4): every block is resident at
-  // once, so no second wave leaves SMs idle at the tail.
+  // One full wave of the common instantiation (bf16, dim 128, group 4, which the dispatcher gives
+  // to the tensor-core kernel): every block is resident at once, so no second wave leaves SMs idle
+  // at the tail.
   using T = __nv_bfloat16;
-  const int dpt = dims_per_thread();
-  const Shape shape = decode_shape(128, 4, dpt);
-  const auto kernel = dpt == 8 ? SparseDecodeKernel<T, 128, 8> : SparseDecodeKernel<T, 128, 16>;
-  HATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-  HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, shape.threads,
-                                                                 decode_smem_bytes<T, 128>(shape)));
+  const auto kernel = detail::TensorCoreDecodeKernel<T, 128>;
+  HATTN_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(detail::tensor_core_decode_smem_bytes<T, 128>(detail::kMmaMaxStages))));
+  HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &resident, kernel, detail::kMmaWarps * 32, detail::tensor_core_decode_smem_bytes<T, 128>(mma_stages())));
   const std::int64_t wave = static_cast<std::int64_t>(std::max(resident, 1)) * sms;
   // No chunk shorter than 8 tiles: the pipeline's fill and the merge would then dominate.
   const std::int64_t tiles = max_selected_pages * (page_size / kTileTokens);
@@ -340,8 +413,15 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
                          "host_pages", "null", "set unless every page is in HBM slots");
   hattn::detail::require(p.slot_of == nullptr || p.hbm_slots != nullptr, kWhere, "hbm_slots", "null",
                          "set when slot_of is");
+  const DecodeKernel kernel = decode_kernel_for(p);
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
+      if constexpr (D <= 128) {
+        if (kernel == DecodeKernel::kTensorCores) {
+          launch_tensor_cores<T, D>(p, stream);
+          return;
+        }
+      }
       if (dims_per_thread() == 8) launch<T, D, 8>(p, stream);
       else launch<T, D, 16>(p, stream);
     });

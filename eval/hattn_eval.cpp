@@ -68,6 +68,9 @@ const std::vector<System> kSystems = {
     {"quest_gpu", "FixedBudget(b) + GpuOnly (Quest-like)", false},
     {"psa", "MassThreshold(0.95, cap b) + GpuOnly (PSA-like)", false},
     {"dense", "FixedBudget(1.0) + CpuOnly (exactness check)", true},
+    {"oracle", "the best any page selection can do at the average budget: per layer, the pages with the largest "
+               "exact mass (summed over each GQA group) across all KV heads; no object runs, so no output error",
+     false},
 };
 
 // Everything of one context that does not depend on the system: tokens, queries, exact attention.
@@ -257,6 +260,38 @@ void evaluate(Attn& attn, const Options& o, const ContextData& d, std::int64_t c
   attn.release(seq);
 }
 
+// The ceiling of every selector at an average budget (eval::oracle_selection).
+void evaluate_oracle(const Options& o, const ContextData& d, double budget, std::map<int, MetricSums>& by_kind) {
+  const zoo::HeadZoo& zoo = *d.zoo;
+  const ModelShape& s = zoo.shape();
+  const int group = s.group_size();
+  for (int st = o.warmup; st < o.warmup + o.steps; ++st)
+    for (int l = 0; l < s.layers; ++l) {
+      const eval::ExactLayer& ex = d.exact[st][l];
+      const int pages = ex.pages;
+      const auto sel = eval::oracle_selection(ex, s.kv_heads, group, budget);
+      for (int h = 0; h < s.kv_heads; ++h) {
+        MetricSums m;
+        m.has_output = false;
+        m.budget = static_cast<double>(sel[h].size()) / pages;
+        m.segments = 1;
+        for (int g = 0; g < group; ++g) {
+          const std::size_t qh = static_cast<std::size_t>(h * group + g);
+          const double recall = eval::mass_recall(std::span<const double>(ex.page_mass).subspan(qh * pages, pages), sel[h]);
+          m.mass_recall += recall;
+          m.lse_error += eval::lse_error_of_recall(recall);
+          ++m.q_samples;
+        }
+        for (const zoo::Span& t : zoo.targets(l, h, st)) {
+          ++m.needles;
+          m.needle_hits += eval::needle_hit(sel[h], t.begin, t.length, o.page_size);
+        }
+        by_kind[static_cast<int>(zoo.kind(l, h))].add(m);
+        by_kind[-1].add(m);
+      }
+    }
+}
+
 Config make_config(const Options& o, const ModelShape& s, std::int64_t context, double budget) {
   const PageLayout layout{o.page_size, s.kv_heads, s.head_dim, s.kv_dtype};
   const std::int64_t pages = (context + o.warmup + o.steps + o.page_size - 1) / o.page_size + 2;
@@ -273,6 +308,10 @@ Config make_config(const Options& o, const ModelShape& s, std::int64_t context, 
 
 void run_system(const std::string& name, const Options& o, const ContextData& d, std::int64_t context, double budget,
                 std::map<int, MetricSums>& by_kind) {
+  if (name == "oracle") {
+    evaluate_oracle(o, d, budget, by_kind);
+    return;
+  }
   const Config c = make_config(o, d.zoo->shape(), context, budget);
   if (name == "fluxion") {
     FluxionAttention a(c);
@@ -291,7 +330,7 @@ void run_system(const std::string& name, const Options& o, const ContextData& d,
     evaluate(a, o, d, context, by_kind);
   } else {
     throw InvalidArgument(detail::concat("hattn-eval: --systems has unknown system '", name,
-                                         "' (fluxion, fixed, quest_gpu, psa, dense)"));
+                                         "' (fluxion, fixed, quest_gpu, psa, dense, oracle)"));
   }
 }
 
@@ -313,7 +352,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"llama", "qwen"}));
   app.add_option("--contexts", o.contexts, "prompt lengths in tokens (default 8192 with --quick, else 32768 131072)");
   app.add_option("--budgets", o.budgets, "average budgets, shares of pages in (0, 1] (default 0.02 0.05 0.1 0.2)");
-  app.add_option("--systems", o.systems, "fluxion fixed quest_gpu psa dense (default: all; quest_gpu only with --gpu)");
+  app.add_option("--systems", o.systems, "fluxion fixed quest_gpu psa dense oracle (default: all; quest_gpu only with --gpu)");
   app.add_option("--layers", o.layers, "generated layers, spread over the model (0 = all; default 6 quick, 8 full)");
   app.add_option("--warmup", o.warmup, "decode steps before measuring (predictor and cache settle)");
   app.add_option("--steps", o.steps, "measured decode steps");
@@ -334,7 +373,7 @@ int main(int argc, char** argv) {
   if (o.warmup == 0) o.warmup = o.quick ? 2 : 4;
   if (o.steps == 0) o.steps = o.quick ? 3 : 8;
   if (o.systems.empty()) {
-    o.systems = {"fluxion", "fixed", "psa", "dense"};
+    o.systems = {"fluxion", "fixed", "psa", "dense", "oracle"};
     // On the CPU backend the scheduler has no GPU side to split with: quest_gpu selects exactly as
     // fixed does, so it only runs with --gpu.
     if (o.gpu) o.systems.insert(o.systems.begin() + 2, "quest_gpu");
@@ -358,8 +397,8 @@ int main(int argc, char** argv) {
           run_system(sys, o, d, context, b, by_kind);
           for (auto& [k, m] : by_kind) results[Key{sys, b, k}].add(m);
           const MetricSums& all = by_kind[-1];
-          std::fprintf(stderr, "[eval] ctx %lld %-9s budget %.2f: err %.4f recall %.4f needle %.3f used %.4f (%.1f s)\n",
-                       static_cast<long long>(context), sys.c_str(), b, all.mean_output_error(), all.mean_mass_recall(),
+          std::fprintf(stderr, "[eval] ctx %lld %-9s budget %.2f: err %s recall %.4f needle %.3f used %.4f (%.1f s)\n",
+                       static_cast<long long>(context), sys.c_str(), b, fmt(all.mean_output_error()).c_str(), all.mean_mass_recall(),
                        all.needle_hit_rate(), all.mean_budget(), seconds_since(t0));
         }
       }
@@ -407,6 +446,7 @@ int main(int argc, char** argv) {
     std::vector<eval::Figure> figures;
     const MetricSums* flux5 = find("fluxion", 0.05, -1);
     const MetricSums* fixed5 = find("fixed", 0.05, -1);
+    const MetricSums* oracle5 = find("oracle", 0.05, -1);
     const MetricSums* flux5_ret = find("fluxion", 0.05, static_cast<int>(HeadKind::kRetrieval));
     if (flux5) {
       figures.push_back({"mass_recall_avg_budget_5pct", flux5->mean_mass_recall(), "share of exact softmax mass",
@@ -417,7 +457,11 @@ int main(int argc, char** argv) {
                                         fmt(100 * flux5->replay_match_rate(), 1), "% of segments); ",
                                         per_kind("fluxion", 0.05, [](const MetricSums& m) { return m.mean_mass_recall(); }),
                                         "; FixedBudget(0.05) over every head: ", fixed5 ? fmt(fixed5->mean_mass_recall()) : "-",
-                                        "; ", setting)});
+                                        "; ceiling of any page selection at this average budget (oracle: exact page ",
+                                        "masses, budget shared across each layer's heads): ",
+                                        oracle5 ? fmt(oracle5->mean_mass_recall()) : "not run", " (",
+                                        per_kind("oracle", 0.05, [](const MetricSums& m) { return m.mean_mass_recall(); }),
+                                        "); ", setting)});
     }
     if (flux5_ret) {
       figures.push_back({"needle_hit_rate", flux5_ret->needle_hit_rate(), "share of needles",
@@ -444,7 +488,7 @@ int main(int argc, char** argv) {
       rows << (first ? "\n    " : ",\n    ") << "{\"system\": " << eval::json_string(k.system)
            << ", \"avg_budget\": " << eval::json_number(k.budget) << ", \"kind\": " << eval::json_string(kind_name(k.kind))
            << ", \"budget_used\": " << eval::json_number(m.mean_budget())
-           << ", \"output_rel_l2\": " << eval::json_number(m.mean_output_error())
+           << ", \"output_rel_l2\": " << (m.has_output ? eval::json_number(m.mean_output_error()) : "null")
            << ", \"lse_error\": " << eval::json_number(m.mean_lse_error())
            << ", \"mass_recall\": " << eval::json_number(m.mean_mass_recall())
            << ", \"needle_hit_rate\": " << (m.needles ? eval::json_number(m.needle_hit_rate()) : "null")

@@ -14,6 +14,7 @@
 #include <limits>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "hattn/core/dtype.hpp"
@@ -164,13 +165,39 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   if (rule.mass_threshold > 0) {
     // The mass rule's cap counts the pages beyond the forced ones, the rule's budget counts them too.
     const int forced = detail::forced_pages(n, sink_pages, local_pages);
-    cpu_select_mass(estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), sink_pages, local_pages, 0,
-                    n, out);
+    cpu_select_mass(upper, estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), sink_pages,
+                    local_pages, 0, n, out);
   } else {
     cpu_select_top_k(upper, rule.budget_pages, sink_pages, local_pages, 0, n, out);
   }
   if (widen) widen_to_runs(out, rule.granularity_pages, 0, n);
   return out;
+}
+
+/// The pages (per KV head, ascending) that maximise a layer's summed mass recall when its KV heads
+/// share round(budget x pages x kv_heads) pages: the (head, page) pairs with the largest exact mass
+/// summed over each head's GQA group. Recall is linear in the chosen pairs, so this is the ceiling of
+/// every page selector at that average budget (ties to the lower pair).
+inline std::vector<std::vector<std::int32_t>> oracle_selection(const ExactLayer& ex, int kv_heads, int group,
+                                                              double budget) {
+  const int pages = ex.pages;
+  std::vector<std::pair<double, std::int32_t>> pairs;  // (group mass, h * pages + p)
+  pairs.reserve(static_cast<std::size_t>(kv_heads) * pages);
+  for (int h = 0; h < kv_heads; ++h)
+    for (int p = 0; p < pages; ++p) {
+      double m = 0;
+      for (int g = 0; g < group; ++g) m += ex.page_mass[static_cast<std::size_t>(h * group + g) * pages + p];
+      pairs.emplace_back(m, h * pages + p);
+    }
+  const auto k = static_cast<std::size_t>(
+      std::clamp<double>(std::round(budget * pages * kv_heads), 0.0, static_cast<double>(pairs.size())));
+  std::nth_element(pairs.begin(), pairs.begin() + static_cast<std::ptrdiff_t>(k), pairs.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  std::vector<std::vector<std::int32_t>> sel(static_cast<std::size_t>(kv_heads));
+  for (std::size_t i = 0; i < k; ++i) sel[pairs[i].second / pages].push_back(pairs[i].second % pages);
+  for (auto& s : sel) std::sort(s.begin(), s.end());
+  return sel;
 }
 
 /// Running means of the metrics over (step, layer, head) samples.
@@ -182,13 +209,16 @@ struct MetricSums {
   std::int64_t q_samples = 0, segments = 0;
   std::int64_t needles = 0, needle_hits = 0;
   std::int64_t replay_checked = 0, replay_matched = 0;  ///< segments whose replayed count matched the object's
+  bool has_output = true;   ///< false for selections no object computed (the oracle): no output error
 
   void add(const MetricSums& o) {
     output_error += o.output_error, lse_error += o.lse_error, mass_recall += o.mass_recall, budget += o.budget;
     q_samples += o.q_samples, segments += o.segments, needles += o.needles, needle_hits += o.needle_hits;
     replay_checked += o.replay_checked, replay_matched += o.replay_matched;
+    has_output = has_output && o.has_output;
   }
-  double mean_output_error() const { return q_samples ? output_error / q_samples : 0; }
+  /// -1 when no output was computed.
+  double mean_output_error() const { return !has_output ? -1 : q_samples ? output_error / q_samples : 0; }
   double mean_lse_error() const { return q_samples ? lse_error / q_samples : 0; }
   double mean_mass_recall() const { return q_samples ? mass_recall / q_samples : 0; }
   double mean_budget() const { return segments ? budget / segments : 0; }

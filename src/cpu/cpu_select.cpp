@@ -129,9 +129,11 @@ void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int 
   append_forced_and_sort(n, sink_pages, local_pages, begin, end, out);
 }
 
-void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_pages, int sink_pages,
-                     int local_pages, int begin, int end, std::vector<std::int32_t>& out) {
+void cpu_select_mass(std::span<const float> rank, std::span<const float> log_mass, float threshold, int max_pages,
+                     int sink_pages, int local_pages, int begin, int end, std::vector<std::int32_t>& out) {
   constexpr const char* where = "cpu_select_mass";
+  detail::require(rank.size() == log_mass.size(), where, "rank.size()", rank.size(),
+                  detail::concat("log_mass.size() = ", log_mass.size()).c_str());
   check_range(where, log_mass.size(), sink_pages, local_pages, begin, end);
   detail::require(threshold > 0.0f && threshold <= 1.0f, where, "threshold", threshold, "in (0, 1]");
   detail::require(max_pages >= 0, where, "max_pages", max_pages, ">= 0");
@@ -150,14 +152,14 @@ void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_p
     if (is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) forced_mass += mass(i);
   }
   const std::size_t free = candidates(n, sink_pages, local_pages, begin, end, out);
-  // The forced pages are attended anyway, so their mass counts; the rest is the smallest prefix of
-  // the descending order whose mass reaches what is missing. Found by repeated halving with
+  // The forced pages are attended anyway, so their mass counts; the rest is the shortest prefix of
+  // the rank order whose estimated mass reaches what is missing. Found by repeated halving with
   // nth_element (n + n/2 + ... comparisons), so no sort of all pages.
   double need = static_cast<double>(threshold) * total - forced_mass;
   // Invariant: out[0, lo) are taken and rank above out[lo, hi), which rank above out[hi, free); the
   // answer takes between lo and hi positions.
   std::size_t lo = 0, hi = free;
-  const Higher higher{lm};
+  const Higher higher{rank.data()};
   while (need > 0.0 && lo < hi) {
     if (hi - lo == 1) {
       lo = hi;
@@ -166,7 +168,7 @@ void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_p
     const std::size_t mid = lo + (hi - lo) / 2;
     std::nth_element(out.begin() + static_cast<std::ptrdiff_t>(lo), out.begin() + static_cast<std::ptrdiff_t>(mid),
                      out.begin() + static_cast<std::ptrdiff_t>(hi), higher);
-    double upper_mass = 0.0;  // of the mid - lo highest of [lo, hi)
+    double upper_mass = 0.0;  // of the mid - lo highest-ranked of [lo, hi)
     for (std::size_t j = lo; j < mid; ++j) upper_mass += mass(out[j]);
     if (upper_mass >= need) {
       hi = mid;

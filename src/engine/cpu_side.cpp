@@ -55,8 +55,8 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
   if (rule.mass_threshold > 0) {
     // The mass rule's cap counts pages beyond the forced ones; the rule's budget counts them too.
     const int forced = forced_pages(n, config_.sink_pages, config_.local_pages);
-    cpu_select_mass(seg.estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), config_.sink_pages,
-                    config_.local_pages, 0, n, seg.positions);
+    cpu_select_mass(seg.upper, seg.estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced),
+                    config_.sink_pages, config_.local_pages, 0, n, seg.positions);
   } else {
     cpu_select_top_k(seg.upper, rule.budget_pages, config_.sink_pages, config_.local_pages, 0, n, seg.positions);
   }

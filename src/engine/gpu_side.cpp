@@ -553,12 +553,13 @@ struct GpuSide::Impl {
     sp.dtype = shape.kv_dtype;
     sp.scale = scale;
     sp.upper = slot.upper.get();
-    sp.estimate = slot.estimate.get();
+    sp.estimate = threshold > 0 ? slot.estimate.get() : nullptr;  // top-k needs only the bound
     cuda::launch_score_pages(sp, s);
     mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
-    sel.scores = threshold > 0 ? slot.estimate.get() : slot.upper.get();
+    sel.scores = slot.upper.get();
+    sel.log_mass = threshold > 0 ? slot.estimate.get() : nullptr;
     sel.page_indptr = d_indptr;
     sel.batch = batch;
     sel.kv_heads = heads;

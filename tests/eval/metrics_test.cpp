@@ -142,6 +142,29 @@ TEST(Metrics, ReplaySelectionFindsTheHotPage) {
   EXPECT_EQ(all.size(), 8u);
 }
 
+TEST(Metrics, OracleSharesTheLayerBudgetAcrossHeads) {
+  // 2 KV heads x group 2, 4 pages. Head 0 concentrates its mass on page 1, head 1 spreads it.
+  ExactLayer ex;
+  ex.pages = 4;
+  ex.page_mass = {0.05, 0.85, 0.05, 0.05,   // q0 (KV head 0)
+                  0.05, 0.80, 0.10, 0.05,   // q1 (KV head 0)
+                  0.25, 0.25, 0.30, 0.20,   // q2 (KV head 1)
+                  0.30, 0.20, 0.30, 0.20};  // q3 (KV head 1)
+  // 25% of 8 (head, page) pairs = 2: head 0's page 1 (group mass 1.65), then head 1's page 2 (0.60).
+  auto sel = oracle_selection(ex, 2, 2, 0.25);
+  EXPECT_EQ(sel[0], (std::vector<std::int32_t>{1}));
+  EXPECT_EQ(sel[1], (std::vector<std::int32_t>{2}));
+  // 50% = 4 pairs: then head 1's page 0 (0.55) and page 1 (0.45), ahead of head 0's page 2 (0.15).
+  sel = oracle_selection(ex, 2, 2, 0.5);
+  EXPECT_EQ(sel[0], (std::vector<std::int32_t>{1}));
+  EXPECT_EQ(sel[1], (std::vector<std::int32_t>{0, 1, 2}));
+  // Every page at 100%, none at a budget below half a pair.
+  sel = oracle_selection(ex, 2, 2, 1.0);
+  EXPECT_EQ(sel[0].size() + sel[1].size(), 8u);
+  sel = oracle_selection(ex, 2, 2, 0.01);
+  EXPECT_TRUE(sel[0].empty() && sel[1].empty());
+}
+
 TEST(Metrics, SumsAverage) {
   MetricSums a;
   a.output_error = 0.2, a.mass_recall = 1.8, a.q_samples = 2, a.budget = 0.1, a.segments = 1;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -90,7 +91,8 @@ struct Result {
 };
 
 Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_slots, bool use_slots,
-               const float* extra_out = nullptr, const float* extra_lse = nullptr) {
+               const float* extra_out = nullptr, const float* extra_lse = nullptr,
+               cuda::DecodeKernel kernel = cuda::DecodeKernel::kAuto) {
   std::vector<float> q;
   for (const auto& qq : f.layer.queries) q.insert(q.end(), qq.begin(), qq.end());
   DeviceBuffer<float> dq(q);
@@ -123,6 +125,7 @@ Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_sl
   p.splits = splits;
   p.partial_out = po.get();
   p.partial_lse = pl.get();
+  p.kernel = kernel;
   cuda::launch_sparse_decode(p, nullptr);
 
   cuda::MergeParams m;
@@ -154,8 +157,37 @@ reference::Partial reference_all(const DecodeFixture& f, const std::vector<std::
   return all;
 }
 
-// Inputs are exact in the KV dtype on both sides; the GPU accumulates in fp32 with exp2f, so
-// differences are fp32 rounding over up to a few thousand tokens.
+// Tolerances. Inputs are exact in the KV dtype on both sides. The CUDA-core kernel keeps q and the
+// weights in fp32, so differences are fp32 rounding over up to a few thousand tokens: 2e-3. The
+// tensor-core kernel rounds q (times scale) and the softmax weights P to the KV dtype before the
+// mma (accumulating in fp32): relative errors up to 2^-9 per weight for bf16 and 2^-12 for fp16,
+// on values of magnitude ~1 (random normal V), so the bound is bf16's usual 1e-2 and fp16's 4e-3.
+// A wrong page, mask or scale moves outputs by O(0.1) or more (see DetectsAWrongSelection).
+double tolerance(cuda::DecodeKernel kernel, DType dtype) {
+  if (kernel == cuda::DecodeKernel::kCudaCores) return 2e-3;
+  return dtype == DType::kBFloat16 ? 1e-2 : 4e-3;
+}
+
+/// Largest |gpu - ref| over the outputs and, relative to max(1, |ref|), the LSEs; infinity when a
+/// NaN appears or an empty row's LSE is not -inf.
+double max_error(const Result& gpu, const reference::Partial& ref) {
+  if (gpu.out.size() != ref.out.size() || gpu.lse.size() != ref.lse.size()) return INFINITY;
+  double worst = 0;
+  for (std::size_t i = 0; i < ref.out.size(); ++i) {
+    if (std::isnan(gpu.out[i])) return INFINITY;
+    worst = std::max(worst, std::abs(gpu.out[i] - ref.out[i]));
+  }
+  for (std::size_t i = 0; i < ref.lse.size(); ++i) {
+    if (std::isinf(ref.lse[i])) {
+      if (!(std::isinf(gpu.lse[i]) && gpu.lse[i] < 0)) return INFINITY;
+    } else {
+      if (std::isnan(gpu.lse[i])) return INFINITY;
+      worst = std::max(worst, std::abs(gpu.lse[i] - ref.lse[i]) / std::max(1.0, std::abs(ref.lse[i])));
+    }
+  }
+  return worst;
+}
+
 void expect_close(const Result& gpu, const reference::Partial& ref, double tol = 2e-3) {
   ASSERT_EQ(gpu.out.size(), ref.out.size());
   for (std::size_t i = 0; i < ref.out.size(); ++i) {
@@ -188,18 +220,20 @@ std::vector<std::vector<reference::HeadSelection>> random_selection(const Decode
   return sel;
 }
 
-using DecodeCase = std::tuple<DType, int /*dim*/, int /*page*/, int /*group*/>;
+using DecodeCase = std::tuple<DType, int /*dim*/, int /*page*/, int /*group*/, cuda::DecodeKernel>;
 
 class CudaSparseDecode : public ::testing::TestWithParam<DecodeCase> {};
 
 TEST_P(CudaSparseDecode, MatchesReferenceMixedHbmAndHost) {
   HATTN_REQUIRE_CUDA_DEVICE();
-  const auto [dtype, dim, ps, group] = GetParam();
+  const auto [dtype, dim, ps, group, kernel] = GetParam();
   const ModelShape shape{1, 2 * group, 2, dim, dtype};
   // Ragged: a partial last page, an exact multiple, a single token, a long one.
   const std::vector<std::int64_t> lengths{ps * 7 + 5, ps * 12, 1, ps * 40 + ps - 1};
   StructuredLayer layer(shape, ps, lengths, 1234u + dim + ps + group);
   DecodeFixture f(layer);
+  const double tol = tolerance(kernel, dtype);
+  double worst = 0;
   for (int variant = 0; variant < 3; ++variant) {
     const bool masks = variant == 2;
     const auto sel = random_selection(f, variant == 0 ? 1.0 : 0.3, masks, 99u + variant);
@@ -208,21 +242,77 @@ TEST_P(CudaSparseDecode, MatchesReferenceMixedHbmAndHost) {
     const auto ref = reference_all(f, sel, /*dense=*/variant == 0);
     for (int splits : {1, 3, 16}) {
       SCOPED_TRACE(::testing::Message() << "variant " << variant << " splits " << splits);
-      expect_close(run_gpu(f, splits, masks, slots.get(), true), ref);
+      const Result gpu = run_gpu(f, splits, masks, slots.get(), true, nullptr, nullptr, kernel);
+      worst = std::max(worst, max_error(gpu, ref));
+      expect_close(gpu, ref, tol);
     }
     // Host only: every page through the mapped pool.
-    expect_close(run_gpu(f, 4, masks, slots.get(), false), ref);
+    const Result host = run_gpu(f, 4, masks, slots.get(), false, nullptr, nullptr, kernel);
+    worst = std::max(worst, max_error(host, ref));
+    expect_close(host, ref, tol);
   }
+  // The margin, for choosing tolerances from device runs.
+  RecordProperty("max_error", std::to_string(worst));
+  std::printf("[ margin   ] %s: max error %.2e of %.0e\n",
+              ::testing::UnitTest::GetInstance()->current_test_info()->name(), worst, tol);
+}
+
+std::vector<DecodeCase> decode_cases() {
+  std::vector<DecodeCase> cases;
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16})
+    for (int dim : {64, 128, 256})
+      for (int ps : {16, 32, 64})
+        for (int group : {1, 4, 7, 8})
+          for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores}) {
+            if (kernel == cuda::DecodeKernel::kTensorCores && dim > 128) continue;  // not supported there
+            cases.emplace_back(dtype, dim, ps, group, kernel);
+          }
+  return cases;
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    DtypeDimPageGroup, CudaSparseDecode,
-    ::testing::Combine(::testing::Values(DType::kBFloat16, DType::kFloat16), ::testing::Values(64, 128, 256),
-                       ::testing::Values(16, 32, 64), ::testing::Values(1, 4, 8)),
-    [](const auto& info) {
+    DtypeDimPageGroupKernel, CudaSparseDecode, ::testing::ValuesIn(decode_cases()), [](const auto& info) {
       return std::string(to_string(std::get<0>(info.param))) + "_d" + std::to_string(std::get<1>(info.param)) +
-             "_p" + std::to_string(std::get<2>(info.param)) + "_g" + std::to_string(std::get<3>(info.param));
+             "_p" + std::to_string(std::get<2>(info.param)) + "_g" + std::to_string(std::get<3>(info.param)) + "_" +
+             cuda::to_string(std::get<4>(info.param));
     });
+
+TEST(CudaSparseDecodeDispatch, PicksTensorCoresWhereTheyRun) {
+  cuda::SparseDecodeParams p;
+  p.q_heads = 32;
+  p.kv_heads = 8;
+  p.head_dim = 128;
+  EXPECT_EQ(cuda::decode_kernel_for(p), cuda::DecodeKernel::kTensorCores);
+  p.q_heads = 56;  // group 7 (the Qwen-like zoo)
+  EXPECT_EQ(cuda::decode_kernel_for(p), cuda::DecodeKernel::kTensorCores);
+  p.head_dim = 256;
+  EXPECT_EQ(cuda::decode_kernel_for(p), cuda::DecodeKernel::kCudaCores);
+  p.kernel = cuda::DecodeKernel::kTensorCores;
+  EXPECT_THROW(cuda::decode_kernel_for(p), InvalidArgument);
+  p.head_dim = 64;
+  p.q_heads = 16 * 8;  // group 16
+  EXPECT_THROW(cuda::decode_kernel_for(p), InvalidArgument);
+  p.kernel = cuda::DecodeKernel::kAuto;
+  EXPECT_EQ(cuda::decode_kernel_for(p), cuda::DecodeKernel::kCudaCores);
+  p.kernel = cuda::DecodeKernel::kCudaCores;
+  p.q_heads = 32;
+  EXPECT_EQ(cuda::decode_kernel_for(p), cuda::DecodeKernel::kCudaCores);
+}
+
+// The comparison can fail: attending a 30% selection against the dense reference is far off.
+TEST(CudaSparseDecodeDispatch, DetectsAWrongSelection) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const ModelShape shape{1, 8, 2, 128, DType::kBFloat16};
+  StructuredLayer layer(shape, 16, {16 * 30 + 3}, 21u);
+  DecodeFixture f(layer);
+  const auto dense = reference_all(f, random_selection(f, 1.0, false, 1u), /*dense=*/true);
+  f.select(random_selection(f, 0.3, false, 2u));
+  auto slots = f.place_in_hbm(0);
+  for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores})
+    EXPECT_GT(max_error(run_gpu(f, 3, false, slots.get(), true, nullptr, nullptr, kernel), dense),
+              5 * tolerance(kernel, DType::kBFloat16))
+        << cuda::to_string(kernel);
+}
 
 TEST(CudaSparseDecodeMerge, CpuAndGpuPartialsMergeToOnePass) {
   HATTN_REQUIRE_CUDA_DEVICE();
@@ -241,8 +331,11 @@ TEST(CudaSparseDecodeMerge, CpuAndGpuPartialsMergeToOnePass) {
   const auto cpu = reference_all(f, cpu_sel);
   std::vector<float> cpu_out(cpu.out.begin(), cpu.out.end()), cpu_lse(cpu.lse.begin(), cpu.lse.end());
   DeviceBuffer<float> extra_out(cpu_out), extra_lse(cpu_lse);
-  const auto merged = run_gpu(f, 5, false, slots.get(), true, extra_out.get(), extra_lse.get());
-  expect_close(merged, reference_all(f, all));
+  for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores}) {
+    SCOPED_TRACE(cuda::to_string(kernel));
+    const auto merged = run_gpu(f, 5, false, slots.get(), true, extra_out.get(), extra_lse.get(), kernel);
+    expect_close(merged, reference_all(f, all), tolerance(kernel, shape.kv_dtype));
+  }
 }
 
 TEST(CudaSparseDecodeMerge, EmptyPartialsGiveZeroAndMinusInfinity) {
@@ -255,11 +348,14 @@ TEST(CudaSparseDecodeMerge, EmptyPartialsGiveZeroAndMinusInfinity) {
   sel[0][0].pages = {0, 2};
   f.select(sel);
   auto slots = f.place_in_hbm(1);
-  const auto gpu = run_gpu(f, 16, false, slots.get(), true);
-  expect_close(gpu, reference_all(f, sel));
-  for (int r = 4; r < 8; ++r) {
-    EXPECT_TRUE(std::isinf(gpu.lse[r]) && gpu.lse[r] < 0);
-    for (int d = 0; d < 64; ++d) EXPECT_EQ(gpu.out[r * 64 + d], 0.0f);
+  for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores}) {
+    SCOPED_TRACE(cuda::to_string(kernel));
+    const auto gpu = run_gpu(f, 16, false, slots.get(), true, nullptr, nullptr, kernel);
+    expect_close(gpu, reference_all(f, sel), tolerance(kernel, shape.kv_dtype));
+    for (int r = 4; r < 8; ++r) {
+      EXPECT_TRUE(std::isinf(gpu.lse[r]) && gpu.lse[r] < 0);
+      for (int d = 0; d < 64; ++d) EXPECT_EQ(gpu.out[r * 64 + d], 0.0f);
+    }
   }
 }
 
@@ -279,6 +375,115 @@ TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
   m.head_dim = 6;
   EXPECT_THROW(cuda::launch_merge_partials(m, nullptr), InvalidArgument);
 }
+
+/// Pinned host memory mapped into the device's address space, as the CPU side's partials are.
+template <class T>
+class MappedBuffer {
+ public:
+  explicit MappedBuffer(const std::vector<T>& host) : n_(host.size()) {
+    HATTN_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(1, n_) * sizeof(T),
+                                   cudaHostAllocMapped | cudaHostAllocPortable));
+    std::copy(host.begin(), host.end(), ptr_);
+  }
+  ~MappedBuffer() { cudaFreeHost(ptr_); }
+  MappedBuffer(const MappedBuffer&) = delete;
+  MappedBuffer& operator=(const MappedBuffer&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+using MergeCase = std::tuple<int /*splits*/, int /*head_dim*/, bool /*extra*/>;
+class CudaMergePartials : public ::testing::TestWithParam<MergeCase> {};
+
+// Random partials, about a third of them empty (lse = -inf, out = 0), one row empty in every split
+// and (with the extra partial) one row whose only partial is the extra one; against
+// reference::merge in double.
+TEST_P(CudaMergePartials, MatchesReferenceWithEmptyPartials) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const auto [splits, dim, extra] = GetParam();
+  const int rows = 37;
+  std::mt19937 rng(static_cast<std::uint32_t>(splits * 131 + dim + extra));
+  std::uniform_real_distribution<float> u(-1, 1);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto empty = [&](int s, int r) { return r == 0 || (r == 1 && extra) || (rng() % 3 == 0 && s != r % std::max(1, splits)); };
+  std::vector<float> po(static_cast<std::size_t>(splits) * rows * dim), pl(static_cast<std::size_t>(splits) * rows);
+  std::vector<reference::Partial> parts(splits + (extra ? 1 : 0));
+  for (int s = 0; s < splits; ++s) {
+    parts[s].out.assign(static_cast<std::size_t>(rows) * dim, 0.0);
+    parts[s].lse.assign(rows, -std::numeric_limits<double>::infinity());
+    for (int r = 0; r < rows; ++r) {
+      const bool e = empty(s, r);
+      pl[static_cast<std::size_t>(s) * rows + r] = e ? ninf : 8.0f * u(rng);
+      parts[s].lse[r] = pl[static_cast<std::size_t>(s) * rows + r];
+      for (int d = 0; d < dim; ++d) {
+        const float x = e ? 0.0f : u(rng);
+        po[(static_cast<std::size_t>(s) * rows + r) * dim + d] = x;
+        parts[s].out[static_cast<std::size_t>(r) * dim + d] = x;
+      }
+    }
+  }
+  std::vector<float> eo(static_cast<std::size_t>(rows) * dim), el(rows);
+  if (extra) {
+    auto& x = parts[splits];
+    x.out.assign(eo.size(), 0.0);
+    x.lse.assign(rows, -std::numeric_limits<double>::infinity());
+    for (int r = 0; r < rows; ++r) {
+      const bool e = r == 0 || r % 5 == 3;
+      el[r] = e ? ninf : 8.0f * u(rng);
+      x.lse[r] = el[r];
+      for (int d = 0; d < dim; ++d) {
+        eo[static_cast<std::size_t>(r) * dim + d] = e ? 0.0f : u(rng);
+        x.out[static_cast<std::size_t>(r) * dim + d] = eo[static_cast<std::size_t>(r) * dim + d];
+      }
+    }
+  }
+  reference::Partial ref{std::vector<double>(static_cast<std::size_t>(rows) * dim, 0.0),
+                         std::vector<double>(rows, -std::numeric_limits<double>::infinity())};
+  if (!parts.empty()) ref = reference::merge(parts);
+  DeviceBuffer<float> d_po(po), d_pl(pl), out(static_cast<std::size_t>(rows) * dim), lse(rows);
+  MappedBuffer<float> m_eo(eo), m_el(el);
+  for (bool with_lse : {true, false}) {
+    cuda::MergeParams m;
+    m.partial_out = d_po.get();
+    m.partial_lse = d_pl.get();
+    m.splits = splits;
+    m.extra_out = extra ? m_eo.get() : nullptr;
+    m.extra_lse = extra ? m_el.get() : nullptr;
+    m.rows = rows;
+    m.head_dim = dim;
+    m.out = out.get();
+    m.lse = with_lse ? lse.get() : nullptr;
+    cuda::launch_merge_partials(m, nullptr);
+    HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+    const Result gpu{out.download(), lse.download()};
+    if (with_lse) {
+      expect_close(gpu, ref, 1e-5);
+    } else {
+      for (std::size_t i = 0; i < ref.out.size(); ++i) ASSERT_NEAR(gpu.out[i], ref.out[i], 1e-5) << "out[" << i << "]";
+    }
+    for (int d = 0; d < dim; ++d) EXPECT_EQ(gpu.out[d], 0.0f) << "row 0 is empty everywhere";
+  }
+}
+
+std::vector<MergeCase> merge_cases() {
+  std::vector<MergeCase> cases;
+  // 33 splits is the plan for a Llama-3-8B layer at batch 1; 1100 exceeds the kernel's cached weights.
+  for (int splits : {0, 1, 7, 33, 64, 1100})
+    for (int dim : {12, 64, 128, 256})
+      for (bool extra : {false, true}) cases.emplace_back(splits, dim, extra);
+  // More float4 columns than threads.
+  cases.emplace_back(5, 1024, true);
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(SplitsDimExtra, CudaMergePartials, ::testing::ValuesIn(merge_cases()),
+                         [](const auto& info) {
+                           return "s" + std::to_string(std::get<0>(info.param)) + "_d" +
+                                  std::to_string(std::get<1>(info.param)) + (std::get<2>(info.param) ? "_extra" : "");
+                         });
 
 TEST(CudaGather, CopiesHostBlocksIntoSlots) {
   HATTN_REQUIRE_CUDA_DEVICE();

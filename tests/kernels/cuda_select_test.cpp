@@ -1,5 +1,5 @@
 // GPU page scoring against a host evaluation of the same formulas, and GPU selection (top-k and the
-// PSA mass rule) against a host brute force of the same rule.
+// mass rule) against a host brute force of the same rule and against the CPU side's selection.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 #include "cuda_test_support.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kernels/cpu_select.hpp"
 
 namespace hattn::test {
 namespace {
@@ -51,24 +52,24 @@ std::vector<std::int32_t> brute_top_k(const std::vector<float>& s, int k, const 
   return finish(take, s, r);
 }
 
-/// PSA rule as cpu_select_mass documents it: forced pages' mass counts toward the threshold, the
-/// fewest other pages (descending, ties to the lower position) are added until the share reaches the
-/// threshold, at most `cap` of them. Also returns the smallest distance between a prefix share and
-/// the threshold, so tests can skip inputs where fp32 and double sums could disagree.
-std::vector<std::int32_t> brute_mass(const std::vector<float>& s, float threshold, int cap, const Rule& r,
-                                     double* margin = nullptr) {
-  const int n = static_cast<int>(s.size());
+/// The mass rule as cpu_select_mass documents it: forced pages' estimated mass counts toward the
+/// threshold, then the other pages in descending rank (ties to the lower position) add theirs until
+/// the share reaches the threshold, at most `cap` of them. Also returns the smallest distance between
+/// a prefix share and the threshold, so tests can skip inputs where fp32 and double sums could disagree.
+std::vector<std::int32_t> brute_mass(const std::vector<float>& rank, const std::vector<float>& lm, float threshold,
+                                     int cap, const Rule& r, double* margin = nullptr) {
+  const int n = static_cast<int>(rank.size());
   std::vector<int> ranked;
   double mx = -INFINITY, total = 0, cum = 0;
   for (int i = 0; i < n; ++i)
-    if (r.allowed(i)) mx = std::max<double>(mx, s[i]);
+    if (r.allowed(i)) mx = std::max<double>(mx, lm[i]);
   for (int i = 0; i < n; ++i) {
     if (!r.allowed(i)) continue;
-    total += std::exp(s[i] - mx);
-    if (r.forced(i, n)) cum += std::exp(s[i] - mx);
+    total += std::exp(lm[i] - mx);
+    if (r.forced(i, n)) cum += std::exp(lm[i] - mx);
     else ranked.push_back(i);
   }
-  const auto order = by_descending(s, ranked);
+  const auto order = by_descending(rank, ranked);
   std::vector<char> take(n, 0);
   double closest = total > 0 ? std::abs(cum / total - threshold) : 1.0;
   int taken = 0;
@@ -77,11 +78,11 @@ std::vector<std::int32_t> brute_mass(const std::vector<float>& s, float threshol
     if (threshold < 1.0f && cum >= threshold * total) break;
     take[i] = 1;
     ++taken;
-    cum += std::exp(s[i] - mx);
+    cum += std::exp(lm[i] - mx);
     closest = std::min(closest, std::abs(cum / total - threshold));
   }
   if (margin) *margin = closest;
-  return finish(take, s, r);
+  return finish(take, rank, r);
 }
 
 struct SelectCase {
@@ -89,16 +90,29 @@ struct SelectCase {
   int kv_heads;
 };
 
+enum class Scores { kNormal, kTies, kBunched };
+
 void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t seed, bool with_exclude,
-                bool with_ties) {
+                Scores kind) {
   const int batch = static_cast<int>(c.pages.size());
   std::vector<std::int32_t> indptr{0};
   for (int n : c.pages) indptr.push_back(indptr.back() + n);
   const std::int64_t total = static_cast<std::int64_t>(indptr.back()) * c.kv_heads;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 3.0f);
-  std::vector<float> scores(total);
-  for (auto& x : scores) x = with_ties ? std::round(normal(rng)) : normal(rng);
+  // Rank scores (the Quest bound) and log-masses (the mean-key estimate): correlated, not in the
+  // same order. kTies rounds the ranks so ties are common; kBunched puts most ranks on two values
+  // and a few far away, so a bin of the equal-width histogram overflows and the radix path runs.
+  std::vector<float> scores(total), log_mass(total);
+  for (std::int64_t i = 0; i < total; ++i) {
+    const float x = normal(rng);
+    log_mass[i] = 0.7f * x + 0.5f * normal(rng);
+    switch (kind) {
+      case Scores::kNormal: scores[i] = x; break;
+      case Scores::kTies: scores[i] = std::round(x) + 0.0f; break;  // + 0: no -0, which the GPU ranks below +0
+      case Scores::kBunched: scores[i] = i % 97 == 0 ? 1000.0f * x : (x > 0 ? 1.0f + 1e-6f * x : 1.0f); break;
+    }
+  }
   std::vector<std::int32_t> budget, eb, ee;
   for (int b = 0; b < batch; ++b) {
     const int n = c.pages[b];
@@ -107,12 +121,13 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
     for (int h = 0; h < c.kv_heads; ++h) budget.push_back(std::max(1, (n * (5 + 10 * h)) / 100));
   }
   cuda::SelectParams p;
-  DeviceBuffer<float> d_scores(scores);
+  DeviceBuffer<float> d_scores(scores), d_log_mass(log_mass);
   DeviceBuffer<std::int32_t> d_indptr(indptr), d_budget(budget), d_eb(eb), d_ee(ee);
   DeviceBuffer<std::int32_t> d_selected(static_cast<std::size_t>(total)), d_count(static_cast<std::size_t>(batch) * c.kv_heads);
   const std::size_t ws_bytes = cuda::select_workspace_bytes(indptr.back(), c.kv_heads, batch);
   DeviceBuffer<std::byte> ws(ws_bytes);
   p.scores = d_scores.get();
+  p.log_mass = mass ? d_log_mass.get() : nullptr;
   p.page_indptr = d_indptr.get();
   p.batch = batch;
   p.kv_heads = c.kv_heads;
@@ -129,43 +144,90 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto sel = d_selected.download();
   const auto cnt = d_count.download();
+  std::vector<std::int32_t> cpu;
   for (int b = 0; b < batch; ++b)
     for (int h = 0; h < c.kv_heads; ++h) {
       const int n = c.pages[b];
       const std::int64_t off = static_cast<std::int64_t>(indptr[b]) * c.kv_heads + static_cast<std::int64_t>(h) * n;
       std::vector<float> seg(scores.begin() + off, scores.begin() + off + n);
+      std::vector<float> seg_mass(log_mass.begin() + off, log_mass.begin() + off + n);
       const Rule rule{2, 3, eb[b], ee[b]};
       const int k = budget[b * c.kv_heads + h];
       double margin = 1;
-      const auto want = mass ? brute_mass(seg, threshold, k, rule, &margin) : brute_top_k(seg, k, rule);
+      const auto want = mass ? brute_mass(seg, seg_mass, threshold, k, rule, &margin) : brute_top_k(seg, k, rule);
       if (mass && margin < 1e-4) continue;  // fp32 vs double sums may legitimately disagree here
       const int got_n = cnt[b * c.kv_heads + h];
       std::vector<std::int32_t> got(sel.begin() + off, sel.begin() + off + std::max(got_n, 0));
       EXPECT_EQ(got, want) << "request " << b << " head " << h << " n " << n << " k " << k;
+      if (with_exclude) continue;  // the CPU functions take a range, not a hole
+      // The CPU side's own selection of the same scores (sink 2, local 3; the mass cap counts
+      // the pages beyond the forced ones, as in the engine).
+      if (mass) cpu_select_mass(seg, seg_mass, threshold, k, 2, 3, 0, n, cpu);
+      else cpu_select_top_k(seg, k, 2, 3, 0, n, cpu);
+      EXPECT_EQ(got, cpu) << "GPU vs CPU: request " << b << " head " << h << " n " << n << " k " << k;
     }
 }
 
 TEST(CudaSelect, TopKMatchesBruteForce) {
   HATTN_REQUIRE_CUDA_DEVICE();
-  const SelectCase c{{1, 7, 300, 2048, 5000}, 3};
+  const SelectCase c{{1, 7, 300, 2048, 5000, 8192, 9000}, 3};
   for (bool ex : {false, true})
-    for (bool ties : {false, true}) run_select(c, false, 0, 1 + ex + 2 * ties, ex, ties);
+    for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched})
+      run_select(c, false, 0, 1 + ex + 2 * static_cast<int>(kind), ex, kind);
 }
 
 TEST(CudaSelect, MassThresholdMatchesBruteForce) {
   HATTN_REQUIRE_CUDA_DEVICE();
-  const SelectCase c{{1, 9, 400, 3000}, 2};
+  const SelectCase c{{1, 9, 400, 3000, 8192, 9000}, 2};
   for (float t : {0.5f, 0.9f, 0.99f, 1.0f})
     for (bool ex : {false, true})
-      for (bool ties : {false, true}) run_select(c, true, t, 17 + ex + 2 * ties, ex, ties);
+      for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched})
+        run_select(c, true, t, 17 + ex + 2 * static_cast<int>(kind), ex, kind);
+}
+
+TEST(CudaSelect, MassRuleKeepsANeedleThatTheEstimateRanksLow) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  // Page 40 of 64: the highest bound, a low estimate (a short needle diluted by its page's mean key).
+  std::vector<float> bound(64, 0.0f), estimate(64, 0.0f);
+  for (int i = 0; i < 64; ++i) {
+    bound[i] = 0.01f * static_cast<float>(i % 7);
+    estimate[i] = i == 10 ? 6.0f : 0.0f;
+  }
+  bound[10] = 1.0f;
+  bound[40] = 5.0f;
+  estimate[40] = -1.0f;
+  DeviceBuffer<float> d_bound(bound), d_est(estimate);
+  DeviceBuffer<std::int32_t> d_indptr(std::vector<std::int32_t>{0, 64}), d_budget(std::vector<std::int32_t>{64});
+  DeviceBuffer<std::int32_t> d_selected(64), d_count(1);
+  cuda::SelectParams p;
+  p.scores = d_bound.get();
+  p.log_mass = d_est.get();
+  p.page_indptr = d_indptr.get();
+  p.batch = 1;
+  p.kv_heads = 1;
+  p.budget_pages = d_budget.get();
+  p.mass_threshold = 0.5f;
+  p.sink_pages = 0;
+  p.local_pages = 0;
+  p.selected = d_selected.get();
+  p.selected_count = d_count.get();
+  cuda::launch_select_pages(p, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto sel = d_selected.download();
+  const int got_n = d_count.download()[0];
+  // Page 40 first (its bound), then page 10, whose estimated mass e^6 is over half of the total.
+  EXPECT_EQ(std::vector<std::int32_t>(sel.begin(), sel.begin() + std::max(got_n, 0)),
+            (std::vector<std::int32_t>{10, 40}));
 }
 
 TEST(CudaSelect, MillionTokenSegmentNeedsNoWorkspace) {
   HATTN_REQUIRE_CUDA_DEVICE();
   // 1M tokens of 16-token pages: 65536 pages per segment; selection memory stays O(pages).
   EXPECT_EQ(cuda::select_workspace_bytes(65536, 8, 1), 0u);
-  run_select(SelectCase{{65536}, 2}, false, 0, 5, false, false);
-  run_select(SelectCase{{65536}, 2}, true, 0.8f, 6, true, false);
+  run_select(SelectCase{{65536}, 2}, false, 0, 5, false, Scores::kNormal);
+  run_select(SelectCase{{65536}, 2}, true, 0.8f, 6, true, Scores::kNormal);
+  run_select(SelectCase{{65536}, 2}, true, 0.8f, 7, false, Scores::kTies);
+  run_select(SelectCase{{65536}, 1}, false, 0, 8, false, Scores::kBunched);
 }
 
 // ---- scoring

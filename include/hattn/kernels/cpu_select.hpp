@@ -25,13 +25,17 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
 void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int local_pages, int begin, int end,
                       std::vector<std::int32_t>& out);
 
-/// PSA's rule: positions by descending `log_mass` until their share of the total estimated mass
-/// (softmax over [begin, end)) reaches `threshold` in (0, 1], capped at max_pages, plus the forced
-/// positions as in cpu_select_top_k; ascending, no duplicates. The forced positions are attended
-/// anyway, so their mass counts toward the threshold; max_pages caps the positions added beyond
-/// them. The added positions are the fewest that reach the threshold (a prefix of the descending
-/// order, ties to the lower position). O(n) expected: repeated halving with nth_element.
-void cpu_select_mass(std::span<const float> log_mass, float threshold, int max_pages, int sink_pages,
-                     int local_pages, int begin, int end, std::vector<std::int32_t>& out);
+/// The mass-threshold rule (PSA's, with Quest's ranking): positions in descending `rank` (ties to
+/// the lower position, NaN lowest) until the estimated mass exp(log_mass) they add reaches
+/// `threshold` in (0, 1] of the total estimated mass over [begin, end), capped at max_pages, plus the
+/// forced positions as in cpu_select_top_k; ascending, no duplicates. The forced positions are
+/// attended anyway, so their mass counts toward the threshold; max_pages caps the positions added
+/// beyond them (the highest-ranked max_pages of the prefix). The added positions are the shortest
+/// prefix of the rank order that reaches the threshold. O(n) expected: repeated halving with
+/// nth_element. `rank` is the Quest bound and `log_mass` the mean-key estimate (cpu_score_pages):
+/// ranking by the mean key itself dilutes a few-token needle inside a page and drops it, while the
+/// bound keeps it; the estimate still says how much mass has been covered.
+void cpu_select_mass(std::span<const float> rank, std::span<const float> log_mass, float threshold, int max_pages,
+                     int sink_pages, int local_pages, int begin, int end, std::vector<std::int32_t>& out);
 
 }  // namespace hattn

@@ -9,6 +9,17 @@
 
 namespace hattn::cuda {
 
+/// Which decode kernel runs. kAuto lets launch_sparse_decode choose (decode_kernel_for says what it
+/// picks); the others force one, for tests and benchmarks, and throw where it cannot run.
+enum class DecodeKernel {
+  kAuto,
+  kCudaCores,    ///< fp32 FMAs per query head; any group size, head dims 64, 128, 256
+  kTensorCores,  ///< mma.sync over the GQA group as one 16-row tile; groups 1..8, head dims 64, 128
+};
+
+/// "auto", "cuda_cores" or "tensor_cores".
+const char* to_string(DecodeKernel k);
+
 struct SparseDecodeParams {
   const float* q = nullptr;                   ///< [batch][q_heads][head_dim] fp32, device
   const std::int32_t* page_table = nullptr;   ///< page ids, request b at [page_indptr[b], page_indptr[b + 1])
@@ -29,9 +40,14 @@ struct SparseDecodeParams {
   int splits = 1;  ///< chunks per segment along its selected list (flash-decoding); partials per row
   float* partial_out = nullptr;  ///< [splits][batch * q_heads][head_dim]
   float* partial_lse = nullptr;  ///< [splits][batch * q_heads], natural log, -inf for an empty chunk
+  DecodeKernel kernel = DecodeKernel::kAuto;
 };
 
 void launch_sparse_decode(const SparseDecodeParams& p, Stream stream);
+
+/// The kernel launch_sparse_decode runs for `p` (never kAuto); throws InvalidArgument when a forced
+/// kernel does not support the shape.
+DecodeKernel decode_kernel_for(const SparseDecodeParams& p);
 
 /// Plan-time helper: splits per segment that fill the current device with one wave of blocks
 /// without chunks shorter than 8 tiles of 16 tokens. `max_selected_pages`: the longest

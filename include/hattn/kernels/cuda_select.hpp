@@ -8,12 +8,20 @@
 
 namespace hattn::cuda {
 
+/// Both rules rank the ranked (non-forced, allowed) positions by `scores`, descending, ties to the
+/// lower position, NaN lowest. Top-k takes the first budget - forced of them. The mass rule takes
+/// the shortest prefix of that order whose estimated mass exp(log_mass), added to the forced
+/// positions' mass, reaches mass_threshold of the estimated mass of all allowed positions, then at
+/// most budget_pages of it: cpu_select_mass's rule, so the GPU and the CPU select alike (up to fp32
+/// sums against double ones at the threshold). Ranking by the Quest bound keeps a few-token needle
+/// that the mean key dilutes inside its page; the estimate says how much mass is covered.
 struct SelectParams {
-  const float* scores = nullptr;              ///< segments as in ScoreParams (upper for top-k, estimate for mass)
+  const float* scores = nullptr;              ///< rank scores, segments as in ScoreParams (the Quest bound `upper`)
+  const float* log_mass = nullptr;            ///< mass rule: log estimated mass, same segments (`estimate`); else unused
   const std::int32_t* page_indptr = nullptr;  ///< [batch + 1], host-planned, on the device
   int batch = 0, kv_heads = 0;
   const std::int32_t* budget_pages = nullptr;  ///< [batch * kv_heads] k (top-k) or page cap (mass mode)
-  float mass_threshold = 0;  ///< 0: top-k on scores; in (0, 1]: PSA mass rule on scores as log-mass
+  float mass_threshold = 0;  ///< 0: top-k; in (0, 1]: the mass rule (above)
   int sink_pages = 1, local_pages = 1;
   /// Positions in [exclude_begin[b], exclude_end[b]) are never selected here (the CPU side owns them);
   /// nullptr = exclude nothing. Forced pages inside the excluded range are not selected either.
