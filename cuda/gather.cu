@@ -1,8 +1,11 @@
 // Copies (page, KV head) blocks of the mapped host pool into HBM slots (cache admission, DESIGN.md
-// step 7). One block per entry streams K then V of the head as 16-byte loads, all issued before any
-// store so each thread keeps several PCIe reads in flight; dtype and head dim only set byte counts.
+// step 7). A small persistent grid loops over groups of entries; each thread issues all its 16-byte
+// loads of a group before any store, so a block keeps 32 KB of PCIe reads in flight with 256
+// threads. Entries are grouped so a group is ~2048 vectors whatever the block size (one 8 KB block
+// of 16-token bf16 pages at dim 128 is 512), and the publication of a group follows its copy.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "detail/launch_check.cuh"
@@ -11,33 +14,58 @@
 namespace hattn::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kLoadsInFlight = 8;  // 128 threads x 8 x 16 B = 16 KB per block in flight
+constexpr int kThreads = 256;
+constexpr int kLoadsInFlight = 8;  // 256 threads x 8 x 16 B = 32 KB per block in flight
+constexpr int kGroupVecs = kThreads * kLoadsInFlight;
+constexpr int kMaxGroup = 16;      // smallest block: 16 tokens x 64 dims x 1 byte x 2 = 128 vectors
 
 __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_constant__ GatherParams p,
-                                                             long long head_vecs, long long page_vecs) {
+                                                             int head_vecs_log2, int group) {
+  __shared__ const uint4* src[kMaxGroup];
+  __shared__ uint4* dst[kMaxGroup];
   const int n = p.count ? min(*p.count, p.n) : p.n;
-  for (int e = blockIdx.x; e < n; e += gridDim.x) {
-    const int slot = p.slots[e];
-    if (slot < 0) continue;
-    const auto* page = static_cast<const uint4*>(p.host_pages) + static_cast<long long>(p.page_ids[e]) * page_vecs;
-    const uint4* k = page + p.heads[e] * head_vecs;
-    const uint4* v = k + p.kv_heads * head_vecs;
-    uint4* dst = static_cast<uint4*>(p.hbm_slots) + static_cast<long long>(slot) * 2 * head_vecs;
-    const long long total = 2 * head_vecs;
-    for (long long base = 0; base < total; base += kThreads * kLoadsInFlight) {
+  const long long head_vecs = 1ll << head_vecs_log2;
+  const int entry_log2 = head_vecs_log2 + 1;  // K then V
+  for (int e0 = static_cast<int>(blockIdx.x) * group; e0 < n; e0 += static_cast<int>(gridDim.x) * group) {
+    const int ne = min(group, n - e0);
+    if (static_cast<int>(threadIdx.x) < ne) {
+      const int e = e0 + static_cast<int>(threadIdx.x);
+      const int slot = p.slots[e];
+      src[threadIdx.x] = nullptr;
+      if (slot >= 0) {
+        const auto* page = static_cast<const uint4*>(p.host_pages) +
+                           static_cast<long long>(p.page_ids[e]) * 2 * head_vecs * p.kv_heads;
+        src[threadIdx.x] = page + p.heads[e] * head_vecs;
+        dst[threadIdx.x] = static_cast<uint4*>(p.hbm_slots) + static_cast<long long>(slot) * 2 * head_vecs;
+      }
+    }
+    __syncthreads();
+    const long long work = static_cast<long long>(ne) << entry_log2;
+    for (long long base = 0; base < work; base += kGroupVecs) {
       uint4 buf[kLoadsInFlight];
 #pragma unroll
       for (int j = 0; j < kLoadsInFlight; ++j) {
         const long long c = base + j * kThreads + threadIdx.x;
-        if (c < total) buf[j] = c < head_vecs ? k[c] : v[c - head_vecs];
+        const int e = static_cast<int>(c >> entry_log2);
+        const long long i = c & ((1ll << entry_log2) - 1);
+        if (c < work && src[e]) buf[j] = i < head_vecs ? src[e][i] : src[e][i - head_vecs + p.kv_heads * head_vecs];
       }
 #pragma unroll
       for (int j = 0; j < kLoadsInFlight; ++j) {
         const long long c = base + j * kThreads + threadIdx.x;
-        if (c < total) dst[c] = buf[j];
+        const int e = static_cast<int>(c >> entry_log2);
+        if (c < work && src[e]) dst[e][c & ((1ll << entry_log2) - 1)] = buf[j];
       }
     }
+    if (p.slot_of) {
+      __threadfence();  // this thread's stores before the publication below, device-wide
+      __syncthreads();
+      if (static_cast<int>(threadIdx.x) < ne && src[threadIdx.x]) {
+        const int e = e0 + static_cast<int>(threadIdx.x);
+        p.slot_of[p.keys[e]] = p.slots[e];
+      }
+    }
+    __syncthreads();  // src/dst are rewritten by the next group
   }
 }
 
@@ -51,14 +79,21 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
                          p.page_size, "16, 32 or 64");
   hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
                          p.head_dim, "64, 128 or 256");
+  hattn::detail::require(p.max_blocks >= 0, kWhere, "max_blocks", p.max_blocks, ">= 0");
+  hattn::detail::require((p.slot_of == nullptr) == (p.keys == nullptr), kWhere, "slot_of and keys",
+                         "one set", "both set or both null");
   if (p.n == 0) return;
   hattn::detail::require(p.host_pages && p.hbm_slots && p.page_ids && p.heads && p.slots, kWhere, "pointers",
                          "null", "all set");
-  const long long head_vecs = static_cast<long long>(p.page_size) * p.head_dim * dtype_bytes(p.dtype) / 16;
-  const long long page_vecs = 2 * head_vecs * p.kv_heads;
-  // Enough blocks for every SM to keep several blocks of loads in flight; more entries loop.
-  const int blocks = p.n < 4096 ? p.n : 4096;
-  GatherPagesKernel<<<blocks, kThreads, 0, stream>>>(p, head_vecs, page_vecs);
+  const long long head_bytes = static_cast<long long>(p.page_size) * p.head_dim * dtype_bytes(p.dtype);
+  hattn::detail::require(head_bytes % 16 == 0 && (head_bytes & (head_bytes - 1)) == 0, kWhere, "head block bytes",
+                         head_bytes, "a power of two multiple of 16");
+  int head_vecs_log2 = 0;
+  while ((16ll << head_vecs_log2) < head_bytes) ++head_vecs_log2;
+  const int group = static_cast<int>(std::clamp<long long>(kGroupVecs / (2 * (head_bytes / 16)), 1, kMaxGroup));
+  const int groups = (p.n + group - 1) / group;
+  const int blocks = std::min(groups, p.max_blocks > 0 ? p.max_blocks : kGatherDefaultBlocks);
+  GatherPagesKernel<<<blocks, kThreads, 0, stream>>>(p, head_vecs_log2, group);
   HATTN_CUDA_CHECK_LAUNCH();
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <limits>
 #include <type_traits>
 
@@ -14,6 +15,10 @@
 
 namespace hattn {
 namespace {
+
+// Lookup blocks per segment at most: 64 x 256 entries covers a 128K-token sequence's 8192 pages
+// per KV head at 100% budget with a block per 256 entries.
+constexpr int kMaxLookupParts = 64;
 
 template <class T>
 void copy_to_host(std::vector<T>& dst, const T* src, std::size_t n) {
@@ -35,6 +40,9 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
   detail::require(config.max_batch > 0 && config.max_batch <= 128, where, "max_batch", config.max_batch, "in [1, 128]");
   detail::require(config.max_selected > 0, where, "max_selected", config.max_selected, "> 0");
   detail::require(config.layers > 0, where, "layers", config.layers, "> 0");
+  // The step kernels keep a byte per request in shared memory (its row in the call).
+  detail::require(config.max_requests > 0 && config.max_requests <= 32768, where, "max_requests", config.max_requests,
+                  "in [1, 32768]");
   const auto& layout = pool.layout();
   detail::require(pool.capacity_pages() <= std::numeric_limits<std::int32_t>::max(), where, "pool pages",
                   pool.capacity_pages(), "< 2^31");
@@ -59,20 +67,20 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
     HATTN_CUDA_CHECK(cudaMalloc(&hbm_slots_, S * static_cast<std::size_t>(shape_.block_bytes)));
     auto& v = view_;
     alloc(v.slot_key, S), alloc(v.slot_request, S), alloc(v.slot_stamp, S), alloc(v.slot_pinned, S);
-    alloc(v.free_stack, S), alloc(v.slot_of, static_cast<std::size_t>(shape_.keys()));
-    alloc(v.budget, R), alloc(v.used, R), alloc(v.pinned, R), alloc(v.row_of_request, R), alloc(v.request_stats, R);
+    alloc(v.slot_hit, S), alloc(v.free_ring, S), alloc(v.slot_of, static_cast<std::size_t>(shape_.keys()));
+    alloc(v.budget, R), alloc(v.used, R), alloc(v.pinned, R), alloc(v.request_stats, R);
     alloc(v.step_stats, 1), alloc(v.scalars, 1);
-    alloc(v.seg_hits, B * H), alloc(v.seg_misses, B * H), alloc(v.seg_bypass, B * H), alloc(v.miss_key, N);
-    alloc(v.row_request, B), alloc(v.row_fresh, B), alloc(v.row_hist, B * kCacheEvictionClasses);
-    alloc(v.row_evict_from, B), alloc(v.row_quota, B);
+    alloc(v.part_misses, B * H * kMaxLookupParts), alloc(v.part_start, B * H * kMaxLookupParts), alloc(v.miss_key, N);
+    alloc(v.row_acc, B * 4), alloc(v.row_hist, B * kCacheEvictionClasses), alloc(v.row_plan, B), alloc(v.row_ticket, B);
     alloc(v.gather_page, N), alloc(v.gather_head, N), alloc(v.gather_slot, N), alloc(v.gather_key, N);
     v.slots = shape_.slots, v.max_requests = shape_.max_requests, v.max_batch = config.max_batch;
-    v.kv_heads = shape_.kv_heads, v.max_selected = config.max_selected, v.block_bytes = shape_.block_bytes;
+    v.kv_heads = shape_.kv_heads, v.max_selected = config.max_selected, v.max_parts = kMaxLookupParts;
+    v.block_bytes = shape_.block_bytes;
 
     HATTN_CUDA_CHECK(cudaMemset(v.slot_of, 0xff, static_cast<std::size_t>(shape_.keys()) * sizeof(std::int32_t)));
-    HATTN_CUDA_CHECK(cudaMemset(v.row_of_request, 0xff, R * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.slot_hit, 0, S * sizeof(std::uint32_t)));  // call ids start at 1
     HATTN_CUDA_CHECK(cudaMemset(v.row_hist, 0, B * kCacheEvictionClasses * sizeof(std::int32_t)));
-    HATTN_CUDA_CHECK(cudaMemset(v.row_fresh, 0, B * sizeof(std::int32_t)));
+    HATTN_CUDA_CHECK(cudaMemset(v.row_acc, 0, B * 4 * sizeof(std::int32_t)));
     const std::vector<detail::DeviceRequestCounters> zero_stats(R);
     copy_to_device(v.request_stats, zero_stats);
     stats_at_resize_ = zero_stats;
@@ -125,11 +133,13 @@ void DeviceKVCache::upload_state(const CacheState& st) {
   copy_to_device(v.slot_request, st.slot_request);
   copy_to_device(v.slot_stamp, st.slot_stamp);
   copy_to_device(v.slot_pinned, st.slot_pinned);
-  copy_to_device(v.free_stack, st.free_stack);
+  copy_to_device(v.free_ring, st.free_stack);  // the ring restarts at its head 0
   copy_to_device(v.budget, st.budget);
   copy_to_device(v.used, st.used);
   copy_to_device(v.pinned, st.pinned);
-  HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->free_top, &st.free_top, sizeof(st.free_top), cudaMemcpyHostToDevice));
+  const std::int32_t ring[2] = {st.free_top, 0};
+  static_assert(offsetof(detail::CacheScalars, free_head) == offsetof(detail::CacheScalars, free_count) + sizeof(std::int32_t));
+  HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->free_count, ring, sizeof(ring), cudaMemcpyHostToDevice));
 }
 
 CacheState DeviceKVCache::download_state() {
@@ -140,11 +150,17 @@ CacheState DeviceKVCache::download_state() {
   copy_to_host(st.slot_request, view_.slot_request, S);
   copy_to_host(st.slot_stamp, view_.slot_stamp, S);
   copy_to_host(st.slot_pinned, view_.slot_pinned, S);
-  copy_to_host(st.free_stack, view_.free_stack, S);
+  std::vector<std::int32_t> ring;
+  copy_to_host(ring, view_.free_ring, S);
   copy_to_host(st.budget, view_.budget, R);
   copy_to_host(st.used, view_.used, R);
   copy_to_host(st.pinned, view_.pinned, R);
-  HATTN_CUDA_CHECK(cudaMemcpy(&st.free_top, &view_.scalars->free_top, sizeof(st.free_top), cudaMemcpyDeviceToHost));
+  detail::CacheScalars sc{};
+  HATTN_CUDA_CHECK(cudaMemcpy(&sc, view_.scalars, sizeof(sc), cudaMemcpyDeviceToHost));
+  // Free slots as the model's stack: the ring's entries from its head.
+  st.free_top = sc.free_count;
+  st.free_stack.resize(S);
+  for (std::size_t i = 0; i < S; ++i) st.free_stack[i] = ring[(static_cast<std::size_t>(sc.free_head) + i) % S];
   return st;
 }
 
@@ -164,7 +180,7 @@ void DeviceKVCache::check_error() {
   if (sc.error == 1)
     throw InvalidArgument(detail::concat("DeviceKVCache::step: request_of_row[", sc.error_row, "] must be an open request in [0, ",
                                          shape_.max_requests, ") (got ", sc.error_value, "); the row was skipped"));
-  throw Error("DeviceKVCache::step: the free-slot stack ran dry (budgets summed past the pool); blocks were not admitted");
+  throw Error("DeviceKVCache::step: the free slots ran dry (budgets summed past the pool); blocks were not admitted");
 }
 
 void DeviceKVCache::synchronize() {
@@ -232,13 +248,12 @@ void DeviceKVCache::control(std::int32_t request, Op&& op) {
       HATTN_CUDA_CHECK(cudaMemcpy(dp + m, heads.data(), m * sizeof(std::int32_t), cudaMemcpyHostToDevice));
       HATTN_CUDA_CHECK(cudaMemcpy(dp + 2 * m, slots.data(), m * sizeof(std::int32_t), cudaMemcpyHostToDevice));
       const auto& layout = pool_.layout();
+      // Each block is published by the gather once it is copied.
       cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = dp, .heads = dp + m,
                            .slots = dp + 2 * m, .count = nullptr, .n = static_cast<int>(m), .kv_heads = layout.kv_heads,
-                           .page_size = layout.page_size, .head_dim = layout.head_dim, .dtype = layout.dtype};
+                           .page_size = layout.page_size, .head_dim = layout.head_dim, .dtype = layout.dtype,
+                           .slot_of = view_.slot_of, .keys = scratch + n_clear};
       cuda::launch_gather_pages(g, own_stream_);
-      // Published only after the gather, in stream order.
-      detail::launch_cache_scatter(view_.slot_of, scratch + n_clear, scratch + n + n_clear,
-                                   static_cast<int>(n - n_clear), own_stream_);
     }
     HATTN_CUDA_CHECK(cudaStreamSynchronize(own_stream_));
   });
@@ -368,28 +383,36 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   HATTN_CUDA_CHECK(cudaEventRecord(selected_ready_, compute));
   HATTN_CUDA_CHECK(cudaStreamWaitEvent(side, selected_ready_, 0));
 
+  if (++call_id_ == 0) {  // after 2^32 calls: slot_hit may hold any id, clear it before reusing them
+    HATTN_CUDA_CHECK(cudaMemsetAsync(view_.slot_hit, 0, static_cast<std::size_t>(shape_.slots) * sizeof(std::uint32_t),
+                                     side));
+    call_id_ = 1;
+  }
+  const int segments = p.batch * shape_.kv_heads;
   const detail::CacheCallArgs a{.page_table = p.page_table, .page_indptr = p.page_indptr, .selected = p.selected,
                                 .selected_offset = p.selected_offset, .selected_count = p.selected_count,
                                 .request_of_row = p.request_of_row, .batch = p.batch, .step = p.step, .now = now,
-                                .age_width = cache_age_width(config_.layers), .capacity = p.selected_capacity};
+                                .age_width = cache_age_width(config_.layers), .call_id = call_id_,
+                                .capacity = p.selected_capacity,
+                                .parts = detail::cache_lookup_parts(p.selected_capacity, segments, view_.max_parts)};
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[0], side));
-  detail::launch_cache_lookup(view_, a, side);
-  detail::launch_cache_plan(view_, a, side);
-  detail::launch_cache_evict(view_, a, side);
-  detail::launch_cache_admit(view_, a, side);
+  detail::launch_cache_lookup_plan(view_, a, side);
+  // An event between the two kernels would cut their programmatic overlap: recorded only when asked.
+  if (timing_ && per_stage_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[3], side));
+  detail::launch_cache_evict_admit(view_, a, side);
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[1], side));
   const auto& layout = pool_.layout();
   const cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
                              .heads = view_.gather_head, .slots = view_.gather_slot, .count = &view_.scalars->gather_count,
                              .n = p.selected_capacity, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
-                             .head_dim = layout.head_dim, .dtype = layout.dtype};
+                             .head_dim = layout.head_dim, .dtype = layout.dtype, .slot_of = view_.slot_of,
+                             .keys = view_.gather_key};
   cuda::launch_gather_pages(g, side);
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
-  detail::launch_cache_publish(view_, a, side);
-  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[3], side));
   HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
   side_pending_ = true;
   timed_ = timing_;
+  timed_per_stage_ = timing_ && per_stage_;
 }
 
 CacheStepTiming DeviceKVCache::last_timing() {
@@ -398,8 +421,9 @@ CacheStepTiming DeviceKVCache::last_timing() {
   float a = 0, b = 0, c = 0;
   HATTN_CUDA_CHECK(cudaEventElapsedTime(&a, timing_events_[0], timing_events_[1]));
   HATTN_CUDA_CHECK(cudaEventElapsedTime(&b, timing_events_[1], timing_events_[2]));
-  HATTN_CUDA_CHECK(cudaEventElapsedTime(&c, timing_events_[2], timing_events_[3]));
-  return {.maintenance_us = 1000.0f * (a + c), .gather_us = 1000.0f * b};
+  if (timed_per_stage_) HATTN_CUDA_CHECK(cudaEventElapsedTime(&c, timing_events_[0], timing_events_[3]));
+  return {.maintenance_us = 1000.0f * a, .gather_us = 1000.0f * b, .lookup_plan_us = 1000.0f * c,
+          .evict_admit_us = timed_per_stage_ ? 1000.0f * (a - c) : 0.0f};
 }
 
 RequestCacheStats DeviceKVCache::request_stats(std::int32_t request) {

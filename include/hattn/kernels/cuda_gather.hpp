@@ -1,12 +1,18 @@
 #pragma once
 // Copies (page, KV head) blocks of the pinned host pool into HBM slots at PCIe speed, one kernel for
 // a whole list (one cudaMemcpyAsync per 4 KB block reaches only ~1.4 GB/s; a gather kernel ~50 GB/s).
+// The grid is small and persistent (kGatherDefaultBlocks blocks loop over the list): PCIe, not the
+// SMs, bounds it, and a grid sized by the list would crowd out the decode it overlaps.
 #include <cstdint>
 
 #include "hattn/core/dtype.hpp"
 #include "hattn/kernels/cuda_stream.hpp"
 
 namespace hattn::cuda {
+
+/// Blocks of the gather grid unless GatherParams::max_blocks says otherwise: 32 blocks x 256 threads
+/// keep ~1 MB of PCIe reads in flight, above what an H100's x16 Gen5 link needs (~55 GB/s x 2 us).
+inline constexpr int kGatherDefaultBlocks = 32;
 
 struct GatherParams {
   const void* host_pages = nullptr;      ///< pool page arena (mapped, UVA), PageLayout HND
@@ -18,6 +24,11 @@ struct GatherParams {
   int n = 0;
   int kv_heads = 0, page_size = 0, head_dim = 0;
   DType dtype = DType::kBFloat16;
+  /// Optional publication: once entry e is in HBM (and visible device-wide), slot_of[keys[e]] =
+  /// slots[e], so a reader that sees the slot sees its bytes. Both null: nothing is published.
+  std::int32_t* slot_of = nullptr;
+  const std::int32_t* keys = nullptr;  ///< [n]
+  int max_blocks = 0;                  ///< grid size bound; 0: kGatherDefaultBlocks
 };
 
 void launch_gather_pages(const GatherParams& p, Stream stream);

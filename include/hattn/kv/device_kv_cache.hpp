@@ -50,8 +50,10 @@ struct CacheStepParams {
 
 /// Device times of the last step() call when timing is on (events on the side stream).
 struct CacheStepTiming {
-  float maintenance_us = 0;  ///< lookup, plan, eviction, claims and publication
-  float gather_us = 0;       ///< the gather of admitted blocks (PCIe)
+  float maintenance_us = 0;  ///< lookup, histograms, plan, eviction and claims
+  float gather_us = 0;       ///< the gather of admitted blocks (PCIe), each published once copied
+  float lookup_plan_us = 0;  ///< per-stage split of maintenance_us (only with set_timing(true, true))
+  float evict_admit_us = 0;
 };
 
 /// See the file comment. Host-side operations (open, budgets, pins, invalidate, release, stats)
@@ -98,7 +100,11 @@ class DeviceKVCache {
   /// Copy of the device state (for tests and tools).
   CacheState download_state();
   std::vector<std::int32_t> download_slot_of();
-  void set_timing(bool on) noexcept { timing_ = on; }
+  /// `per_stage` adds an event between the two maintenance kernels, which costs their overlap.
+  void set_timing(bool on, bool per_stage = false) noexcept {
+    timing_ = on;
+    per_stage_ = per_stage;
+  }
   /// Times of the last step() (synchronises); zeros unless timing is on.
   CacheStepTiming last_timing();
 
@@ -129,6 +135,9 @@ class DeviceKVCache {
   bool side_pending_ = false;
   bool timing_ = false;
   bool timed_ = false;
+  bool per_stage_ = false;
+  bool timed_per_stage_ = false;
+  std::uint32_t call_id_ = 0;     // id of the latest step() call (slot_hit marks)
   std::uint32_t last_clock_ = 0;  // CacheShape::clock of the latest step() call
   std::vector<detail::DeviceRequestCounters> stats_at_resize_;
 };

@@ -1,6 +1,7 @@
 #pragma once
 // Launchers of the HBM page cache's step kernels (cuda/cache_kernels.cu), over a POD view of the
-// device state. Internal to DeviceKVCache: the device twin of CacheModel::step, stage by stage.
+// device state. Internal to DeviceKVCache: the device twin of CacheModel::step in two kernels
+// (lookup + histograms + plan, then eviction + claims), the gather publishing what it copied.
 #include <cstdint>
 
 #include "hattn/kernels/cuda_stream.hpp"
@@ -18,45 +19,63 @@ struct DeviceRequestCounters {
 
 /// Scalars the kernels share; `error` is the first bad row seen by a lookup (0 = none).
 struct CacheScalars {
-  std::int32_t free_top = 0;      ///< entries [0, free_top) of free_stack are free slots
+  std::int32_t free_count = 0;    ///< free slots: free_ring[(free_head + i) % slots], i < free_count
+  std::int32_t free_head = 0;
   std::int32_t gather_count = 0;  ///< blocks admitted by the current call
-  std::uint32_t blocks_done = 0;  ///< last-block detection of the plan kernel
-  std::int32_t error = 0;         ///< 1: a row named a request that is not open; 2: free stack ran dry
+  std::uint32_t blocks_done = 0;  ///< last-block detection of the lookup-plan kernel
+  std::int32_t error = 0;         ///< 1: a row named a request that is not open; 2: free slots ran dry
   std::int32_t error_row = 0;
   std::int32_t error_value = 0;
+  // Set by the plan for the eviction-claim kernel of the same call.
+  std::int32_t pops = 0;       ///< slots taken from the ring head
+  std::int32_t pop_head = 0;   ///< ring position of the first of them
+  std::int32_t push_tail = 0;  ///< ring position where evicted slots not reused are appended
+  std::int32_t any_evict = 0;  ///< some row evicts: the eviction scan runs
+};
+
+/// Per-row plan written by the lookup-plan kernel's last block.
+struct CacheRowPlan {
+  std::int32_t request = -1;     ///< -1: the row is skipped
+  std::int32_t evict_from = 0;   ///< first evicted class (kCacheEvictionClasses = none)
+  std::int32_t quota = 0;        ///< misses to admit (ranks [0, quota) in segment, position order)
+  std::int32_t evicted = 0;      ///< blocks the eviction takes (exactly the classes >= evict_from)
+  std::int32_t admit_base = 0;   ///< first gather entry of the row
+  std::int32_t pop_base = 0;     ///< first ring pop of the row: ranks [evicted, quota) take ring slots
+  std::int32_t push_base = 0;    ///< first ring push of the row: evictions past the quota
 };
 
 /// Device arrays of a DeviceKVCache. Shapes in brackets; S = slots, R = max_requests,
-/// B = max_batch, H = kv_heads, N = max_selected.
+/// B = max_batch, H = kv_heads, N = max_selected, P = B * H * max_parts lookup parts.
 struct CacheDeviceView {
   BlockKey* slot_key = nullptr;           ///< [S] -1 = free
   std::int32_t* slot_request = nullptr;   ///< [S]
   std::uint32_t* slot_stamp = nullptr;    ///< [S]
   std::uint8_t* slot_pinned = nullptr;    ///< [S]
-  std::int32_t* free_stack = nullptr;     ///< [S]
+  /// [S] id of the last call that hit the slot: the lookup marks hits here instead of refreshing
+  /// stamps, so the histogram scan running beside it reads stamps nobody writes; the eviction
+  /// kernel refreshes the stamps.
+  std::uint32_t* slot_hit = nullptr;
+  std::int32_t* free_ring = nullptr;      ///< [S] see CacheScalars::free_head
   std::int32_t* slot_of = nullptr;        ///< [pool_pages * H] slot or -1; what the decode kernel reads
   std::int32_t* budget = nullptr;         ///< [R] -1 = not open
   std::int32_t* used = nullptr;           ///< [R]
   std::int32_t* pinned = nullptr;         ///< [R]
-  std::int32_t* row_of_request = nullptr; ///< [R] batch row during a call, else -1
   DeviceRequestCounters* request_stats = nullptr;  ///< [R]
   CacheStepStats* step_stats = nullptr;   ///< [1] totals of the latest step number
   CacheScalars* scalars = nullptr;        ///< [1]
   // Per-call workspace.
-  std::int32_t* seg_hits = nullptr;       ///< [B * H]
-  std::int32_t* seg_misses = nullptr;     ///< [B * H]
-  std::int32_t* seg_bypass = nullptr;     ///< [B * H]
-  BlockKey* miss_key = nullptr;           ///< [N] misses of segment s at [selected_offset[s], + seg_misses[s])
-  std::int32_t* row_request = nullptr;    ///< [B] request of the row, -1 when the row is invalid
-  std::int32_t* row_fresh = nullptr;      ///< [B] unpinned blocks of the row's request used this step
+  std::int32_t* part_misses = nullptr;    ///< [P] misses found by lookup part p = s * parts + x
+  std::int32_t* part_start = nullptr;     ///< [P] exclusive prefix of part_misses over all parts
+  BlockKey* miss_key = nullptr;           ///< [N] misses of part p compacted from its first entry
+  std::int32_t* row_acc = nullptr;        ///< [B][4] hits, misses, bypass, fresh (unpinned, stamp now)
   std::int32_t* row_hist = nullptr;       ///< [B][kCacheEvictionClasses] evictable blocks per class
-  std::int32_t* row_evict_from = nullptr; ///< [B] first evicted class (kCacheEvictionClasses = none)
-  std::int32_t* row_quota = nullptr;      ///< [B] misses to admit
-  std::int32_t* gather_page = nullptr;    ///< [N]
+  CacheRowPlan* row_plan = nullptr;       ///< [B]
+  std::int32_t* row_ticket = nullptr;     ///< [B] evictions claimed so far by the eviction kernel
+  std::int32_t* gather_page = nullptr;    ///< [N] the gather list, written by the claims
   std::int32_t* gather_head = nullptr;    ///< [N]
   std::int32_t* gather_slot = nullptr;    ///< [N]
   BlockKey* gather_key = nullptr;         ///< [N]
-  std::int32_t slots = 0, max_requests = 0, max_batch = 0, kv_heads = 0, max_selected = 0;
+  std::int32_t slots = 0, max_requests = 0, max_batch = 0, kv_heads = 0, max_selected = 0, max_parts = 0;
   std::int64_t block_bytes = 0;
 };
 
@@ -72,20 +91,23 @@ struct CacheCallArgs {
   std::uint32_t step = 0;       ///< for statistics
   std::uint32_t now = 0;        ///< stamp clock of this call, CacheShape::clock(step, layer)
   std::uint32_t age_width = 1;  ///< cache_age_width(layers)
+  std::uint32_t call_id = 1;    ///< distinct for every call (never 0), marks hits in slot_hit
   int capacity = 0;             ///< entries of `selected`: a bound on this call's admissions
+  int parts = 1;                ///< lookup blocks per segment, <= max_parts
 };
 
-/// Stage 1: hits (stamps refreshed) and misses per segment, misses compacted per segment.
-void launch_cache_lookup(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
-/// Stage 2: age histograms of the rows' requests over all slots, then (last block) per row the
-/// admission quota, the eviction threshold bucket, the new use count and the statistics.
-void launch_cache_plan(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
-/// Stage 3: evicts every evictable block of a row's request in buckets >= its threshold.
-void launch_cache_evict(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
-/// Stage 4: claims slots for the first quota misses of each row and lists them for the gather.
-void launch_cache_admit(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
-/// Stage 6 (after the gather): points slot_of at the gathered slots; clears the row map.
-void launch_cache_publish(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
+/// Lookup blocks per segment for a call: enough blocks to cover `capacity` entries over the
+/// segments in chunks of a block's threads, at most `max_parts`.
+int cache_lookup_parts(int capacity, int segments, int max_parts) noexcept;
+
+/// Stage 1, one kernel: lookup (hits marked, misses compacted per part in order) beside a scan of
+/// every slot building the rows' age histograms; the last block to finish plans every row (quota,
+/// eviction threshold, use count, statistics) and lays out the claims of stage 2.
+void launch_cache_lookup_plan(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
+/// Stage 2, one kernel: refreshes stamps of hits, evicts every evictable block of a row in classes
+/// >= its threshold, hands evicted slots straight to the row's admissions (the rest from the ring)
+/// and lists the admissions for the gather. Launched as a programmatic dependent of stage 1.
+void launch_cache_evict_admit(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
 /// slot_of[keys[i]] = values[i] for i < n (host-side operations).
 void launch_cache_scatter(std::int32_t* slot_of, const BlockKey* keys, const std::int32_t* values, int n,
                           cuda::Stream stream);
