@@ -20,6 +20,7 @@
 #include "hattn/core/dtype.hpp"
 #include "hattn/core/error.hpp"
 #include "hattn/core/model_shape.hpp"
+#include "hattn/detail/select_by_rule.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 #include "hattn/policy/concepts.hpp"
@@ -131,20 +132,6 @@ inline bool needle_hit(std::span<const std::int32_t> selected, std::int64_t begi
   return true;
 }
 
-/// Widens each selected page to its aligned run of `g` pages inside [begin, end), as the engine
-/// does for coarse-granularity heads.
-inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin, int end) {
-  if (g <= 1 || positions.empty()) return;
-  std::vector<std::int32_t> wide;
-  for (std::int32_t p : positions) {
-    const int run = p / g * g;
-    for (int i = std::max(run, begin); i < std::min(run + g, end); ++i) wide.push_back(i);
-  }
-  std::sort(wide.begin(), wide.end());
-  wide.erase(std::unique(wide.begin(), wide.end()), wide.end());
-  positions.swap(wide);
-}
-
 /// Replays the selection of one segment (request, KV head) under `rule`: the pages (positions in the
 /// page table, ascending) the rule picks from the page summaries with the CPU kernels, over the whole
 /// table, as both backends select (the GPU backend on the GPU, whatever the CPU/GPU split; only the
@@ -162,15 +149,7 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   std::vector<float> upper(static_cast<std::size_t>(n)), estimate(static_cast<std::size_t>(n));
   cpu_score_pages(store.pool(), kv_head, q_group, shape.group_size(), scale, table, tail, upper, estimate);
   std::vector<std::int32_t> out;
-  if (rule.mass_threshold > 0) {
-    // The mass rule's cap counts the pages beyond the forced ones, the rule's budget counts them too.
-    const int forced = detail::forced_pages(n, sink_pages, local_pages);
-    cpu_select_mass(upper, estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced), sink_pages,
-                    local_pages, 0, n, out);
-  } else {
-    cpu_select_top_k(upper, rule.budget_pages, sink_pages, local_pages, 0, n, out);
-  }
-  if (widen) widen_to_runs(out, rule.granularity_pages, 0, n);
+  detail::select_by_rule(upper, estimate, rule, sink_pages, local_pages, widen, out);
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <limits>
 #include <numeric>
 
+#include "hattn/detail/select_by_rule.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 
 namespace hattn::detail {
@@ -11,24 +12,6 @@ namespace hattn::detail {
 CpuSide::CpuSide(const Config& config, const PagedKVStore& store, ThreadPool& threads, CpuIsa isa)
     : config_(config), store_(store), threads_(threads), decoder_(threads, isa) {}
 
-namespace {
-
-// Widens each selected page to its aligned run of `g` pages inside [begin, end): coarse granularity
-// reads longer contiguous runs for heads whose mass is spread out.
-void widen_to_runs(std::vector<std::int32_t>& positions, int g, int begin, int end) {
-  if (g <= 1 || positions.empty()) return;
-  std::vector<std::int32_t> wide;
-  wide.reserve(positions.size() * g);
-  for (std::int32_t p : positions) {
-    const int run = p / g * g;
-    for (int i = std::max(run, begin); i < std::min(run + g, end); ++i) wide.push_back(i);
-  }
-  std::sort(wide.begin(), wide.end());
-  wide.erase(std::unique(wide.begin(), wide.end()), wide.end());
-  positions.swap(wide);
-}
-
-}  // namespace
 
 void CpuSide::select_segment(const LayerWork& work, int row, int head, const float* q, Segment& seg,
                              int& last_tokens) {
@@ -52,15 +35,8 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
                             shape.head_dim;
   cpu_score_pages(store_.pool(), head, {qg, static_cast<std::size_t>(group) * shape.head_dim}, group,
                   config_.logit_scale(), table, tail_tokens, seg.upper, seg.estimate);
-  if (rule.mass_threshold > 0) {
-    // The mass rule's cap counts pages beyond the forced ones; the rule's budget counts them too.
-    const int forced = forced_pages(n, config_.sink_pages, config_.local_pages);
-    cpu_select_mass(seg.upper, seg.estimate, rule.mass_threshold, std::max(0, rule.budget_pages - forced),
-                    config_.sink_pages, config_.local_pages, 0, n, seg.positions);
-  } else {
-    cpu_select_top_k(seg.upper, rule.budget_pages, config_.sink_pages, config_.local_pages, 0, n, seg.positions);
-  }
-  widen_to_runs(seg.positions, rule.granularity_pages, 0, n);
+  select_by_rule(seg.upper, seg.estimate, rule, config_.sink_pages, config_.local_pages, /*widen=*/true,
+                 seg.positions);
   for (std::int32_t p : seg.positions) seg.pages.push_back(table[p]);
   if (!seg.positions.empty() && seg.positions.back() == n - 1) last_tokens = tail_tokens;
 }

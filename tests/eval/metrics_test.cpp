@@ -104,14 +104,27 @@ TEST(Metrics, NeedleHitNeedsEveryPageOfTheSpan) {
 
 TEST(Metrics, WidenToRuns) {
   std::vector<std::int32_t> p = {1, 9, 10};
-  widen_to_runs(p, 4, 0, 11);
+  detail::widen_to_runs(p, 4, 11);
   EXPECT_EQ(p, (std::vector<std::int32_t>{0, 1, 2, 3, 8, 9, 10}));
-  p = {5};
-  widen_to_runs(p, 4, 5, 7);
-  EXPECT_EQ(p, (std::vector<std::int32_t>{5, 6}));
   p = {2, 3};
-  widen_to_runs(p, 1, 0, 4);
+  detail::widen_to_runs(p, 1, 4);
   EXPECT_EQ(p, (std::vector<std::int32_t>{2, 3}));
+}
+
+TEST(Metrics, WidenedSelectionsKeepTheirBudget) {
+  // 64 pages, rising scores: the top pages are the last ones. Budget 12 with 1 sink and 1 local page:
+  // 10 pages beyond the forced ones buy ceil(10 / 4) = 3 runs of 4.
+  std::vector<float> upper(64), estimate(64);
+  for (int i = 0; i < 64; ++i) upper[i] = estimate[i] = static_cast<float>(i);
+  std::vector<std::int32_t> out;
+  detail::select_by_rule(upper, estimate, SegmentRule{12, 0.0f, 4}, 1, 1, /*widen=*/true, out);
+  // The sink widens to [0, 4); the local page 63 and the best pages 62, 61, 60 share the run [60, 64).
+  // The widened selection stays within the budget (without the division it would take 5 runs, 20 pages).
+  EXPECT_EQ(out, (std::vector<std::int32_t>{0, 1, 2, 3, 60, 61, 62, 63}));
+  // Without widening the rule takes exactly its budget.
+  detail::select_by_rule(upper, estimate, SegmentRule{12, 0.0f, 4}, 1, 1, /*widen=*/false, out);
+  EXPECT_EQ(out.size(), 12u);
+  EXPECT_EQ(out[1], 53);
 }
 
 TEST(Metrics, ReplaySelectionFindsTheHotPage) {
