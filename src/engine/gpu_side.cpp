@@ -15,6 +15,7 @@
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
 #include "hattn/kernels/cuda_hit_count.hpp"
+#include "hattn/kernels/cuda_rank.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
@@ -385,7 +386,7 @@ struct GpuSide::Impl {
     const std::size_t heads = config.shape.kv_heads;
     const std::size_t qrows = batch * config.shape.q_heads;
     const std::size_t dim = config.shape.head_dim;
-    const std::size_t meta = 2 * (batch + 1) + total + 4 * batch * heads + 3 * batch;
+    const std::size_t meta = 2 * (batch + 1) + total + 5 * batch * heads + 3 * batch;
     const std::size_t splits = split_count(static_cast<int>(batch));
     if (total > planned_pages || static_cast<int>(batch) > planned_batch) {
       for (Slot& slot : slots) {
@@ -499,10 +500,12 @@ struct GpuSide::Impl {
     std::int32_t* excl_end = excl_begin + batch;
     std::int32_t* sel_offset = excl_end + batch;
     std::int32_t* request_row = sel_offset + batch * heads;
-    const std::int32_t* meta_end = request_row + batch;
+    std::int32_t* blended = request_row + batch;
+    const std::int32_t* meta_end = blended + batch * heads;
     for (int b = 0; b < batch; ++b) request_row[b] = cache ? request_of.at(work.rows[b]) : -1;
     float threshold = -1;
     bool has_cpu = false;
+    bool any_blended = false;
     for (int b = 0; b < batch; ++b) {
       const int n = pages[b];
       const PageRange r{std::clamp(work.cpu_range[b].begin, 0, n), std::clamp(work.cpu_range[b].end, 0, n)};
@@ -518,6 +521,8 @@ struct GpuSide::Impl {
         const int g = rule.budget_pages;
         budget[b * heads + h] = rule.mass_threshold > 0 ? std::max(0, g - forced) : g;
         sel_offset[b * heads + h] = indptr[b] * heads + h * n;
+        blended[b * heads + h] = rule.rank == PageRank::kBlend;
+        any_blended = any_blended || rule.rank == PageRank::kBlend;
         if (threshold < 0) threshold = rule.mass_threshold;
         require(rule.mass_threshold == threshold, "HybridAttention::run", "rules", "mixed top-k and mass rules",
                 "one rule kind and threshold per layer on the GPU");
@@ -534,6 +539,7 @@ struct GpuSide::Impl {
     const std::int32_t* d_excl_end = d_excl_begin + batch;
     const std::int32_t* d_sel_offset = d_excl_end + batch;
     const std::int32_t* d_request_row = d_sel_offset + batch * heads;
+    const std::int32_t* d_blended = d_request_row + batch;
     HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
 
     const std::size_t qrows = static_cast<std::size_t>(batch) * shape.q_heads;
@@ -553,12 +559,24 @@ struct GpuSide::Impl {
     sp.dtype = shape.kv_dtype;
     sp.scale = scale;
     sp.upper = slot.upper.get();
-    sp.estimate = threshold > 0 ? slot.estimate.get() : nullptr;  // top-k needs only the bound
+    // Top-k ranking by the bound alone needs no estimate (and skips the summaries' mean rows).
+    sp.estimate = threshold > 0 || any_blended ? slot.estimate.get() : nullptr;
     cuda::launch_score_pages(sp, s);
+    if (any_blended) {
+      cuda::RankScoresParams rk;
+      rk.page_indptr = d_indptr;
+      rk.blended = d_blended;
+      rk.estimate = slot.estimate.get();
+      rk.rank = slot.upper.get();
+      rk.blend = kRankBlend;
+      rk.batch = batch;
+      rk.kv_heads = heads;
+      cuda::launch_rank_scores(rk, s);
+    }
     mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
-    sel.scores = slot.upper.get();
+    sel.scores = slot.upper.get();  // the bound, or the blend where a rule ranks by it
     sel.log_mass = threshold > 0 ? slot.estimate.get() : nullptr;
     sel.page_indptr = d_indptr;
     sel.batch = batch;

@@ -178,6 +178,22 @@ TEST(Metrics, OracleSharesTheLayerBudgetAcrossHeads) {
   EXPECT_TRUE(sel[0].empty() && sel[1].empty());
 }
 
+TEST(Metrics, BlendedRankFollowsTheEstimateButKeepsStrongNeedles) {
+  // 8 pages, page 0 (sink) and 7 (local) forced, one more page affordable. Page 5 carries the most
+  // estimated mass; page 3 has the highest bound.
+  std::vector<float> upper = {4, 4, 4, 10, 4, 5, 4, 4}, estimate = {3.9f, 3.9f, 3.9f, 0, 3.9f, 4, 3.9f, 3.9f};
+  std::vector<std::int32_t> out;
+  detail::select_by_rule(upper, estimate, SegmentRule{3, 0.0f, 1, PageRank::kBound}, 1, 1, false, out);
+  EXPECT_EQ(out, (std::vector<std::int32_t>{0, 3, 7}));
+  // Blend: page 3 scores 0 + 0.1 x 10 = 1.0, page 5 scores 4 + 0.1 x 1 = 4.1.
+  detail::select_by_rule(upper, estimate, SegmentRule{3, 0.0f, 1, PageRank::kBlend}, 1, 1, false, out);
+  EXPECT_EQ(out, (std::vector<std::int32_t>{0, 5, 7}));
+  // A needle whose bound stands far above the rest stays first under the blend: 3.5 + 0.1 x 26.5.
+  upper[3] = 30, estimate[3] = 3.5f;
+  detail::select_by_rule(upper, estimate, SegmentRule{3, 0.0f, 1, PageRank::kBlend}, 1, 1, false, out);
+  EXPECT_EQ(out, (std::vector<std::int32_t>{0, 3, 7}));
+}
+
 TEST(Metrics, SumsAverage) {
   MetricSums a;
   a.output_error = 0.2, a.mass_recall = 1.8, a.q_samples = 2, a.budget = 0.1, a.segments = 1;

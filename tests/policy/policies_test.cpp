@@ -73,6 +73,7 @@ TEST(OutputAware, KeepsTheLayerWithinTheAverageBudgetWhenHeadsAskForMore) {
   for (const auto& r : rules) {
     EXPECT_GE(r.budget_pages, 3);
     EXPECT_GT(r.mass_threshold, 0.0f);
+    EXPECT_EQ(r.rank, PageRank::kBlend);
   }
 }
 

@@ -26,7 +26,8 @@ inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int n) {
   positions.swap(wide);
 }
 
-/// Positions (ascending) `rule` selects from scores over n = upper.size() pages. With widening, the
+/// Positions (ascending) `rule` selects from scores over n = upper.size() pages, ranked as rule.rank
+/// says. With widening, the
 /// budget counts pages after widening: the rule picks one page per run it may afford (the forced
 /// pages aside), so coarse heads stay near their budget instead of multiplying it by g.
 inline void select_by_rule(std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
@@ -36,10 +37,16 @@ inline void select_by_rule(std::span<const float> upper, std::span<const float> 
   const int g = widen ? std::max(1, rule.granularity_pages) : 1;
   // Pages beyond the forced ones, in runs of g.
   const int extra = (std::max(0, rule.budget_pages - forced) + g - 1) / g;
+  std::vector<float> blend;
+  if (rule.rank == PageRank::kBlend) {
+    blend.resize(upper.size());
+    for (std::size_t i = 0; i < blend.size(); ++i) blend[i] = estimate[i] + kRankBlend * (upper[i] - estimate[i]);
+  }
+  const std::span<const float> rank = rule.rank == PageRank::kBlend ? std::span<const float>(blend) : upper;
   if (rule.mass_threshold > 0)
-    cpu_select_mass(upper, estimate, rule.mass_threshold, extra, sink_pages, local_pages, 0, n, out);
+    cpu_select_mass(rank, estimate, rule.mass_threshold, extra, sink_pages, local_pages, 0, n, out);
   else
-    cpu_select_top_k(upper, forced + extra, sink_pages, local_pages, 0, n, out);
+    cpu_select_top_k(rank, forced + extra, sink_pages, local_pages, 0, n, out);
   widen_to_runs(out, g, n);
 }
 

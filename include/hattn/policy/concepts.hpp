@@ -45,11 +45,22 @@ struct HeadObservation {
   bool mass_rule = false;   ///< selected_pages is the count that reached the mass threshold (if < cap)
 };
 
+/// What a segment's pages are ranked by for selection. The Quest bound (the summary's min/max) keeps
+/// a page holding a short needle near the top but also favours pages with one noisy key; the mean-key
+/// estimate ranks by likely mass but dilutes needles. kBlend ranks by estimate + kRankBlend x (bound -
+/// estimate): on the head zoo at 5% (CPU backend, weights 0 to 0.5 swept) 0.1 kept every needle the
+/// bound finds and cut the mean output error from 0.129 to 0.104 for top-k.
+enum class PageRank : std::uint8_t { kBound, kBlend };
+inline constexpr float kRankBlend = 0.1f;
+
 /// The rule a selector sets for one segment (request, KV head); the kernels carry it out.
 struct SegmentRule {
   int budget_pages = 0;         ///< top-k: k; mass rule: the cap. Counts sinks and local pages.
-  float mass_threshold = 0.0f;  ///< 0: top-k on the Quest bound; (0, 1]: PSA mass rule on the estimate
+  /// 0: top-k; (0, 1]: PSA's mass rule: pages in rank order until their estimated mass reaches this
+  /// share of the segment's estimated mass.
+  float mass_threshold = 0.0f;
   int granularity_pages = 1;
+  PageRank rank = PageRank::kBound;
   friend bool operator==(const SegmentRule&, const SegmentRule&) = default;
 };
 

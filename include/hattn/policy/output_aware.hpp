@@ -2,8 +2,9 @@
 // Fluxion's granularity-budget selector: each head gets the pages its output needs, not a fixed k.
 // Per head, the predictor's expected share (what the mass rule needed in recent steps) sets a cap;
 // caps are scaled to the layer's average budget, and what local heads leave unused goes to heads that
-// need more. Within its cap a head stops as soon as the estimated mass passes the threshold, and
-// diffuse heads are selected in coarser aligned runs of pages.
+// need more. Within its cap a head stops as soon as the estimated mass passes the threshold, pages
+// are ranked by the blend of bound and estimate (PageRank::kBlend), and diffuse heads are selected in
+// coarser aligned runs of pages.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -53,8 +54,8 @@ class OutputAware {
       for (int h = 0; h < in.kv_heads; ++h) {
         const double extra = free_need > 0 ? (need_[h] - forced) * factor : free_total / in.kv_heads;
         const int cap = std::clamp(static_cast<int>(std::ceil(forced + extra)), forced, n);
-        out.rules[b * in.kv_heads + h] =
-            SegmentRule{cap, tuning_.mass_threshold, std::max(1, in.advice[h].granularity_pages)};
+        out.rules[b * in.kv_heads + h] = SegmentRule{cap, tuning_.mass_threshold,
+                                                     std::max(1, in.advice[h].granularity_pages), PageRank::kBlend};
       }
     }
   }
