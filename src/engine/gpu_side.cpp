@@ -421,16 +421,15 @@ struct GpuSide::Impl {
     }
   }
 
-  // The CPU side starts once q and the split selection are on the host: a copy stream brings them
-  // while the GPU goes on with cache maintenance and its decode; the driver thread waits for them.
-  void enqueue_cpu_job(Slot& slot, const LayerWork& work, const float* q, std::size_t selected_capacity,
+  // The CPU side starts once q and the selection are on the host. q is copied on the caller's stream
+  // (before kSelected), because the caller may overwrite its buffer with work it enqueues after run();
+  // the selection, which the slot owns, comes on a copy stream while the GPU goes on with cache
+  // maintenance and its decode. The driver thread waits for the copy stream's event, which follows
+  // kSelected and so the q copy too.
+  void enqueue_cpu_job(Slot& slot, const LayerWork& work, std::size_t selected_capacity,
                        const std::int32_t* sel_offset) {
-    const ModelShape& shape = config.shape;
-    const std::size_t segments = work.rows.size() * static_cast<std::size_t>(shape.kv_heads);
-    const std::size_t qrows = work.rows.size() * static_cast<std::size_t>(shape.q_heads);
+    const std::size_t segments = work.rows.size() * static_cast<std::size_t>(config.shape.kv_heads);
     HATTN_CUDA_CHECK(cudaStreamWaitEvent(copy_stream, slot.phase[kSelected], 0));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
-                                     cudaMemcpyDeviceToHost, copy_stream));
     HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_host.host(), slot.selected.get(),
                                      selected_capacity * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
     HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_count_host.host(), slot.selected_count.get(),
@@ -608,9 +607,11 @@ struct GpuSide::Impl {
       cuda::launch_split_selection(split, s);
       gpu_selected = slot.gpu_selected.get();
       gpu_count = slot.gpu_count.get();
+      HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream));
     }
     mark_phase(slot, kSelected, stream);
-    if (has_cpu) enqueue_cpu_job(slot, work, q, static_cast<std::size_t>(total) * heads, sel_offset);
+    if (has_cpu) enqueue_cpu_job(slot, work, static_cast<std::size_t>(total) * heads, sel_offset);
 
     if (cache) {
       CacheStepParams cp;
