@@ -18,14 +18,8 @@ namespace hattn::detail::cpu {
 namespace {
 
 template <>
-struct Isa<avx512bf16> {
-  using B = xsimd::batch<float, xsimd::avx512bw>;
+struct Isa<avx512bf16> : avx512::IsaCommon {
   static constexpr bool kBf16Dot = true;
-  static constexpr int kChunkBlock = 4;  // row chunks per value pass: fits the register file
-  static B load(const float* p) { return B::load_unaligned(p); }
-  static __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
-  static B load(const bfloat16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static B load(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
   // q_bf16[h] = [high halves: D][low halves: D], in the order of the key elements, so pair i of a
   // key vector meets pair i of the query.
@@ -61,18 +55,6 @@ struct Isa<avx512bf16> {
       }
     }
     for (int j = 0; j < NB; ++j) logits[j * kMaxPageTokens] = _mm512_reduce_add_ps(acc[j]);
-  }
-
-  static void load_bf16_pairs(const bfloat16_t* p, B& even, B& odd) {
-    __m512 e, o;
-    avx512::load_bf16_pairs(reinterpret_cast<const std::uint16_t*>(p), e, o);
-    even = e;
-    odd = o;
-  }
-  static B reduce_rows(const B* acc) {
-    __m512 a[16];
-    for (int i = 0; i < 16; ++i) a[i] = acc[i];
-    return avx512::reduce16(a);
   }
 
   // NB heads (1, 2 or 4) against TB = 16 / NB consecutive key rows: the 16 accumulators reduce with

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "decode_kernel.hpp"
+
 namespace hattn::detail::cpu {
 namespace {
 namespace avx512 {
@@ -37,6 +39,29 @@ inline void load_bf16_pairs(const std::uint16_t* p, __m512& even, __m512& odd) {
   even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
+
+// The primitives of Isa<Tag> (decode_kernel_impl.hpp) that both AVX-512 paths have alike: loads in
+// fp32 from every KV dtype, the parity split of bf16 rows and the 16-accumulator reduction. Each path
+// derives its Isa specialisation from this and adds how it computes q.k.
+struct IsaCommon {
+  using B = xsimd::batch<float, xsimd::avx512bw>;
+  static constexpr int kChunkBlock = 4;  // row chunks per value pass: fits the register file
+  static __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
+  static B load(const float* p) { return B::load_unaligned(p); }
+  static B load(const bfloat16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static B load(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void load_bf16_pairs(const bfloat16_t* p, B& even, B& odd) {
+    __m512 e, o;
+    avx512::load_bf16_pairs(reinterpret_cast<const std::uint16_t*>(p), e, o);
+    even = e;
+    odd = o;
+  }
+  static B reduce_rows(const B* acc) {
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) a[i] = acc[i];
+    return avx512::reduce16(a);
+  }
+};
 
 }  // namespace avx512
 }  // namespace
