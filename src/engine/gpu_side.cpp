@@ -495,9 +495,9 @@ struct GpuSide::Impl {
     }
     const int total = indptr[batch];
     std::int32_t* budget = table + total;
-    std::int32_t* excl_begin = budget + batch * heads;
-    std::int32_t* excl_end = excl_begin + batch;
-    std::int32_t* sel_offset = excl_end + batch;
+    std::int32_t* cpu_begin = budget + batch * heads;
+    std::int32_t* cpu_end = cpu_begin + batch;
+    std::int32_t* sel_offset = cpu_end + batch;
     std::int32_t* request_row = sel_offset + batch * heads;
     std::int32_t* blended = request_row + batch;
     const std::int32_t* meta_end = blended + batch * heads;
@@ -508,8 +508,8 @@ struct GpuSide::Impl {
     for (int b = 0; b < batch; ++b) {
       const int n = pages[b];
       const PageRange r{std::clamp(work.cpu_range[b].begin, 0, n), std::clamp(work.cpu_range[b].end, 0, n)};
-      excl_begin[b] = r.begin;
-      excl_end[b] = std::max(r.begin, r.end);
+      cpu_begin[b] = r.begin;
+      cpu_end[b] = std::max(r.begin, r.end);
       has_cpu = has_cpu || r.size() > 0;
       const int forced = forced_pages(n, config.sink_pages, config.local_pages);
       for (int h = 0; h < heads; ++h) {
@@ -534,9 +534,9 @@ struct GpuSide::Impl {
     const std::int32_t* d_seq_len = d_indptr + batch + 1;
     const std::int32_t* d_table = d_seq_len + batch;
     const std::int32_t* d_budget = d_table + total;
-    const std::int32_t* d_excl_begin = d_budget + batch * heads;
-    const std::int32_t* d_excl_end = d_excl_begin + batch;
-    const std::int32_t* d_sel_offset = d_excl_end + batch;
+    const std::int32_t* d_cpu_begin = d_budget + batch * heads;
+    const std::int32_t* d_cpu_end = d_cpu_begin + batch;
+    const std::int32_t* d_sel_offset = d_cpu_end + batch;
     const std::int32_t* d_request_row = d_sel_offset + batch * heads;
     const std::int32_t* d_blended = d_request_row + batch;
     HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
@@ -584,8 +584,6 @@ struct GpuSide::Impl {
     sel.mass_threshold = std::max(0.0f, threshold);
     sel.sink_pages = config.sink_pages;
     sel.local_pages = config.local_pages;
-    sel.exclude_begin = nullptr;
-    sel.exclude_end = nullptr;
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
@@ -598,8 +596,8 @@ struct GpuSide::Impl {
       split.selected = slot.selected.get();
       split.selected_offset = d_sel_offset;
       split.selected_count = slot.selected_count.get();
-      split.cpu_begin = d_excl_begin;
-      split.cpu_end = d_excl_end;
+      split.cpu_begin = d_cpu_begin;
+      split.cpu_end = d_cpu_end;
       split.batch = batch;
       split.kv_heads = heads;
       split.gpu_selected = slot.gpu_selected.get();
