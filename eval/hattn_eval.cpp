@@ -199,6 +199,24 @@ class DeviceBuffers {
 #endif
 };
 
+// What a selection of KV head h captures, into m: per query head of its group the mass recall and
+// the LSE error it implies, and whether the needles the head looks for at this step are covered.
+void add_selection_metrics(const zoo::HeadZoo& zoo, const eval::ExactLayer& ex, int layer, int h, int step,
+                           std::span<const std::int32_t> sel, int page_size, MetricSums& m) {
+  const int group = zoo.shape().group_size();
+  for (int g = 0; g < group; ++g) {
+    const std::size_t qh = static_cast<std::size_t>(h * group + g);
+    const double recall = eval::mass_recall(std::span<const double>(ex.page_mass).subspan(qh * ex.pages, ex.pages), sel);
+    m.mass_recall += recall;
+    m.lse_error += eval::lse_error_of_recall(recall);
+    ++m.q_samples;
+  }
+  for (const zoo::Span& t : zoo.targets(layer, h, step)) {
+    ++m.needles;
+    m.needle_hits += eval::needle_hit(sel, t.begin, t.length, page_size);
+  }
+}
+
 template <class Attn>
 void evaluate(Attn& attn, const Options& o, const ContextData& d, std::int64_t context,
               std::map<int, MetricSums>& by_kind) {
@@ -239,19 +257,11 @@ void evaluate(Attn& attn, const Options& o, const ContextData& d, std::int64_t c
         m.budget = static_cast<double>(counted >= 0 ? counted : static_cast<int>(sel.size())) / pages;
         m.segments = 1;
         for (int g = 0; g < group; ++g) {
-          const int qh = h * group + g;
-          const double err = eval::relative_l2(std::span<const float>(out).subspan(static_cast<std::size_t>(qh) * s.head_dim, s.head_dim),
-                                               std::span<const double>(ex.out).subspan(static_cast<std::size_t>(qh) * s.head_dim, s.head_dim));
-          const double recall = eval::mass_recall(std::span<const double>(ex.page_mass).subspan(static_cast<std::size_t>(qh) * pages, pages), sel);
-          m.output_error += err;
-          m.mass_recall += recall;
-          m.lse_error += eval::lse_error_of_recall(recall);
-          ++m.q_samples;
+          const std::size_t qh = static_cast<std::size_t>(h * group + g);
+          m.output_error += eval::relative_l2(std::span<const float>(out).subspan(qh * s.head_dim, s.head_dim),
+                                              std::span<const double>(ex.out).subspan(qh * s.head_dim, s.head_dim));
         }
-        for (const zoo::Span& t : zoo.targets(l, h, st)) {
-          ++m.needles;
-          m.needle_hits += eval::needle_hit(sel, t.begin, t.length, o.page_size);
-        }
+        add_selection_metrics(zoo, ex, l, h, st, sel, o.page_size, m);
         by_kind[static_cast<int>(zoo.kind(l, h))].add(m);
         by_kind[-1].add(m);
       }
@@ -268,24 +278,13 @@ void evaluate_oracle(const Options& o, const ContextData& d, double budget, std:
   for (int st = o.warmup; st < o.warmup + o.steps; ++st)
     for (int l = 0; l < s.layers; ++l) {
       const eval::ExactLayer& ex = d.exact[st][l];
-      const int pages = ex.pages;
       const auto sel = eval::oracle_selection(ex, s.kv_heads, group, budget);
       for (int h = 0; h < s.kv_heads; ++h) {
         MetricSums m;
         m.has_output = false;
-        m.budget = static_cast<double>(sel[h].size()) / pages;
+        m.budget = static_cast<double>(sel[h].size()) / ex.pages;
         m.segments = 1;
-        for (int g = 0; g < group; ++g) {
-          const std::size_t qh = static_cast<std::size_t>(h * group + g);
-          const double recall = eval::mass_recall(std::span<const double>(ex.page_mass).subspan(qh * pages, pages), sel[h]);
-          m.mass_recall += recall;
-          m.lse_error += eval::lse_error_of_recall(recall);
-          ++m.q_samples;
-        }
-        for (const zoo::Span& t : zoo.targets(l, h, st)) {
-          ++m.needles;
-          m.needle_hits += eval::needle_hit(sel[h], t.begin, t.length, o.page_size);
-        }
+        add_selection_metrics(zoo, ex, l, h, st, sel[h], o.page_size, m);
         by_kind[static_cast<int>(zoo.kind(l, h))].add(m);
         by_kind[-1].add(m);
       }

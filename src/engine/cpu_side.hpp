@@ -37,7 +37,6 @@ class CpuSide {
     std::vector<float> upper, estimate;
     std::vector<std::int32_t> positions;
     std::vector<PageId> pages;
-    std::vector<std::uint64_t> masks;
   };
   void select_segment(const LayerWork& work, int row, int head, const float* q, Segment& seg, int& last_tokens);
   // Decodes the pages of segments_[0, batch * kv_heads) and writes every row's out and lse.
