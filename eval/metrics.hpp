@@ -143,9 +143,7 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   const ModelShape& shape = store.shape();
   const auto table = store.pages(seq, layer);
   const int n = static_cast<int>(table.size());
-  const int page_size = store.layout().page_size;
-  const std::int64_t length = store.length(seq, layer);
-  const int tail = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
+  const int tail = store.last_page_tokens(seq, layer);
   std::vector<float> upper(static_cast<std::size_t>(n)), estimate(static_cast<std::size_t>(n));
   cpu_score_pages(store.pool(), kv_head, q_group, shape.group_size(), scale, table, tail, upper, estimate);
   std::vector<std::int32_t> out;

@@ -19,12 +19,10 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
   const SeqId seq = work.rows[row];
   const auto table = store_.pages(seq, work.layer);
   const int n = static_cast<int>(table.size());
-  const int page_size = config_.page_size;
-  const std::int64_t length = store_.length(seq, work.layer);
-  const int tail_tokens = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
+  const int tail_tokens = store_.last_page_tokens(seq, work.layer);
   seg.positions.clear();
   seg.pages.clear();
-  last_tokens = page_size;
+  last_tokens = config_.page_size;
   if (n == 0) return;
 
   const SegmentRule& rule = work.rules[static_cast<std::size_t>(row) * shape.kv_heads + head];
@@ -58,10 +56,9 @@ void CpuSide::compute_selected(const LayerWork& work, const float* q, const std:
                                const std::int32_t* offsets, const std::int32_t* counts, float* out, float* lse,
                                int* selected) {
   const int heads = config_.shape.kv_heads;
-  const int page_size = config_.page_size;
   const std::size_t segments = work.rows.size() * static_cast<std::size_t>(heads);
   if (segments_.size() < segments) segments_.resize(segments);
-  std::vector<int> last_tokens(segments, page_size);
+  std::vector<int> last_tokens(segments, config_.page_size);
   for (std::size_t s = 0; s < segments; ++s) {
     const int row = static_cast<int>(s / heads);
     const SeqId seq = work.rows[row];
@@ -76,10 +73,7 @@ void CpuSide::compute_selected(const LayerWork& work, const float* q, const std:
     const std::int32_t* first = std::lower_bound(list, list + counts[s], begin);
     const std::int32_t* last = std::lower_bound(first, list + counts[s], end);
     for (const std::int32_t* p = first; p != last; ++p) seg.pages.push_back(table[*p]);
-    if (last != first && *(last - 1) == n - 1) {
-      const std::int64_t length = store_.length(seq, work.layer);
-      last_tokens[s] = static_cast<int>(length - static_cast<std::int64_t>(n - 1) * page_size);
-    }
+    if (last != first && *(last - 1) == n - 1) last_tokens[s] = store_.last_page_tokens(seq, work.layer);
   }
   decode_segments(work, q, last_tokens, out, lse, selected);
 }

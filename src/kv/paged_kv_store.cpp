@@ -55,6 +55,13 @@ std::int64_t PagedKVStore::length(SeqId seq, int layer) const {
   return find(seq, "PagedKVStore::length").layers[layer].length;
 }
 
+int PagedKVStore::last_page_tokens(SeqId seq, int layer) const {
+  check_layer(layer, "PagedKVStore::last_page_tokens");
+  const auto& l = find(seq, "PagedKVStore::last_page_tokens").layers[layer];
+  if (l.pages.empty()) return 0;
+  return static_cast<int>(l.length - static_cast<std::int64_t>(l.pages.size() - 1) * pool_.layout().page_size);
+}
+
 std::span<const PageId> PagedKVStore::pages(SeqId seq, int layer) const {
   check_layer(layer, "PagedKVStore::pages");
   return find(seq, "PagedKVStore::pages").layers[layer].pages;

@@ -322,6 +322,9 @@ TEST(PagedKVStore, ExhaustionThrowsClearlyAndLeavesEveryStoredPageIntact) {
   // Tokens that fit in the last page's free slots still go in while the pool is full.
   append(a, 0, ma, 8);
   EXPECT_EQ(store.length(a, 0), 48);
+  EXPECT_EQ(store.last_page_tokens(a, 0), 16);
+  EXPECT_EQ(store.last_page_tokens(b, 1), 2);  // 50 tokens: 3 full pages and 2
+  EXPECT_EQ(store.last_page_tokens(b, 0), 0);  // no pages
   std::mt19937 rng(5);
   expect_stream_bytes(store, a, 0, ma, rng);
   expect_summaries(store, a, 0, ma);

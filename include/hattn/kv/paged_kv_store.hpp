@@ -40,6 +40,8 @@ class PagedKVStore {
 
   bool contains(SeqId seq) const;
   std::int64_t length(SeqId seq, int layer) const;
+  /// Tokens in the last page of `layer` (page_size when it is full; 0 when there are no pages).
+  int last_page_tokens(SeqId seq, int layer) const;
   /// Page ids of `layer` in token order; page i holds tokens [i * page_size, (i + 1) * page_size).
   /// The span is valid until the next append to this (seq, layer).
   std::span<const PageId> pages(SeqId seq, int layer) const;
