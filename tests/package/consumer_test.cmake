@@ -41,10 +41,14 @@ endif()
 set(build ${HATTN_WORK_DIR}/build-${MODE})
 file(REMOVE_RECURSE ${build})
 # The install prefix first, then whatever this build searched (e.g. where xsimd lives on the device).
+# The list goes through the environment (":"-separated): a ";" inside one -D argument would be split
+# into separate arguments when ${configure} is expanded.
 set(search_path ${prefix} ${HATTN_PREFIX_PATH})
-set(configure ${CMAKE_COMMAND} -S ${HATTN_CONSUMER_SOURCE_DIR} -B ${build} -G ${HATTN_GENERATOR}
+list(JOIN search_path ":" search_path_env)
+set(configure ${CMAKE_COMMAND} -E env "CMAKE_PREFIX_PATH=${search_path_env}"
+    ${CMAKE_COMMAND} -S ${HATTN_CONSUMER_SOURCE_DIR} -B ${build} -G ${HATTN_GENERATOR}
     -DCMAKE_CXX_COMPILER=${HATTN_CXX_COMPILER} -DCMAKE_BUILD_TYPE=${HATTN_BUILD_TYPE}
-    "-DCMAKE_PREFIX_PATH=${search_path}" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
+    -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
     -DCONSUMER_REQUIRE_CUDA=${require_cuda})
 if(HATTN_CUDA_TOOLKIT_ROOT)
   list(APPEND configure -DCUDAToolkit_ROOT=${HATTN_CUDA_TOOLKIT_ROOT})
