@@ -538,6 +538,16 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
   if (threadIdx.x == 0) p.selected_count[s] = written;
 }
 
+__global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
+  const int s = blockIdx.x;
+  const int b = s / p.kv_heads;
+  const int first = p.page_indptr[b];
+  const int n = p.page_indptr[b + 1] - first;
+  std::int32_t* out = p.selected + static_cast<long long>(first) * p.kv_heads + static_cast<long long>(s % p.kv_heads) * n;
+  for (int i = threadIdx.x; i < n; i += kThreads) out[i] = i;
+  if (threadIdx.x == 0) p.selected_count[s] = n;
+}
+
 }  // namespace
 
 std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int batch) {
@@ -569,6 +579,18 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         2 * kSmemPages * static_cast<int>(sizeof(float))));
   SelectPagesKernel<<<static_cast<unsigned>(segments), kThreads, smem, stream>>>(p);
+  HATTN_CUDA_CHECK_LAUNCH();
+}
+
+void launch_select_all_pages(const SelectParams& p, Stream stream) {
+  constexpr const char* kWhere = "launch_select_all_pages";
+  hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
+  hattn::detail::require(p.kv_heads > 0, kWhere, "kv_heads", p.kv_heads, "> 0");
+  if (p.batch == 0) return;
+  hattn::detail::require(p.page_indptr && p.selected && p.selected_count, kWhere, "pointers", "null", "all set");
+  const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
+  hattn::detail::require(segments <= 0x7fffffffLL, kWhere, "batch * kv_heads", segments, "< 2^31");
+  SelectAllPagesKernel<<<static_cast<unsigned>(segments), kThreads, 0, stream>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }
 

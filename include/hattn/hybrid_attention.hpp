@@ -3,6 +3,7 @@
 // then run() per layer. Each run scores pages from their summaries, selects pages per request and KV
 // head (Selector), splits them between the GPU and the CPU (Scheduler), computes both sides at once and
 // merges their partials by LSE; the Predictor learns each head's needs from what the steps revealed.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <span>
@@ -26,11 +27,11 @@
 namespace hattn {
 
 /// The host-side decisions for one decode step of a batch: rows, and per layer the selector's rules
-/// and the scheduler's CPU ranges. Made by plan(), consumed by run(); cheap to keep one per step.
+/// and the scheduler's CPU shares. Made by plan(), consumed by run(); cheap to keep one per step.
 struct Plan {
   std::vector<SeqId> rows;                          ///< [batch]
   std::vector<std::vector<SegmentRule>> rules;      ///< [layers][batch * kv_heads]
-  std::vector<std::vector<PageRange>> cpu_range;    ///< [layers][batch]
+  std::vector<std::vector<double>> cpu_share;        ///< [layers][batch]
 };
 
 template <HeadPredictor Predictor = OnlineHeadProfile, BudgetSelector Selector = OutputAware,
@@ -57,7 +58,7 @@ class HybridAttention {
   }
 
   /// Host side, once per step: validates the batch, feeds back what finished steps revealed, and asks
-  /// the policies for every layer's rules and CPU ranges.
+  /// the policies for every layer's rules and CPU shares.
   Plan plan(std::span<const SeqId> batch) {
     engine_.prepare(batch);
     const Config& c = engine_.config();
@@ -65,7 +66,7 @@ class HybridAttention {
     Plan p;
     p.rows.assign(batch.begin(), batch.end());
     p.rules.resize(static_cast<std::size_t>(c.shape.layers));
-    p.cpu_range.resize(static_cast<std::size_t>(c.shape.layers));
+    p.cpu_share.resize(static_cast<std::size_t>(c.shape.layers));
     std::vector<int> pages(batch.size());
     std::vector<HeadAdvice> advice(static_cast<std::size_t>(heads));
     for (int layer = 0; layer < c.shape.layers; ++layer) {
@@ -78,19 +79,18 @@ class HybridAttention {
       SelectOutputs out{rules};
       selector_.select(in, out);
       validate_rules(rules, pages, heads);
-      auto& ranges = p.cpu_range[layer];
-      ranges.assign(batch.size(), PageRange{});
+      auto& shares = p.cpu_share[layer];
+      shares.assign(batch.size(), 0.0);
       const PageLayout& l = engine_.store().layout();
       ScheduleInputs sin{layer, heads, c.sink_pages, c.local_pages, engine_.backend() == Backend::kGpu,
                          engine_.hbm_hit_rate(),
                          static_cast<double>(2 * l.head_block_elems() * dtype_bytes(l.dtype)),
                          static_cast<double>(PageLayout::kSummaryRows * l.head_dim * dtype_bytes(l.dtype)),
                          p.rows, pages, rules};
-      ScheduleOutputs sout{ranges};
+      ScheduleOutputs sout{shares};
       scheduler_.schedule(sin, sout);
-      if (engine_.backend() == Backend::kCpu)  // no GPU side: the CPU computes every page
-        for (std::size_t b = 0; b < batch.size(); ++b) ranges[b] = {0, pages[b]};
-      validate_ranges(ranges, pages);
+      validate_shares(shares);
+      if (engine_.backend() == Backend::kCpu) std::fill(shares.begin(), shares.end(), 1.0);  // no GPU side
     }
     return p;
   }
@@ -105,7 +105,7 @@ class HybridAttention {
                     "a layer of the model");
     detail::require(plan.rules.size() == static_cast<std::size_t>(engine_.config().shape.layers),
                     "HybridAttention::run", "plan", "empty", "a plan made by plan()");
-    engine_.run(detail::LayerWork{layer, plan.rows, plan.rules[layer], plan.cpu_range[layer]}, queries, output,
+    engine_.run(detail::LayerWork{layer, plan.rows, plan.rules[layer], plan.cpu_share[layer]}, queries, output,
                 stream);
   }
 
@@ -170,11 +170,8 @@ class HybridAttention {
                       ">= 1");
     }
   }
-  static void validate_ranges(std::span<const PageRange> ranges, std::span<const int> pages) {
-    for (std::size_t b = 0; b < ranges.size(); ++b)
-      detail::require(ranges[b].begin >= 0 && ranges[b].begin <= ranges[b].end && ranges[b].end <= pages[b],
-                      "Scheduler", "cpu_range", detail::concat("[", ranges[b].begin, ", ", ranges[b].end, ")"),
-                      detail::concat("inside [0, ", pages[b], "]").c_str());
+  static void validate_shares(std::span<const double> shares) {
+    for (double x : shares) detail::require(x >= 0 && x <= 1, "Scheduler", "cpu_share", x, "in [0, 1]");
   }
 
   detail::DecodeEngine engine_;

@@ -30,7 +30,7 @@ struct StepStats {
   double gpu_selected_us = 0, gpu_decoded_us = 0;
   std::vector<int> selected_pages;     ///< [batch * kv_heads] selected pages per segment (both sides)
   std::vector<SegmentRule> rules;      ///< [batch * kv_heads] what the selector asked for
-  std::vector<PageRange> cpu_range;    ///< [batch] what the scheduler gave the CPU
+  std::vector<double> cpu_share;       ///< [batch] share of the selected blocks the scheduler gave the CPU
 
   /// Where the GPU side's time went, from CUDA events between its phases on the caller's stream
   /// (only with Config::time_phases; zeros otherwise). cache_wait_us is the wait for the previous

@@ -60,20 +60,19 @@ void CpuSide::compute_selected(const LayerWork& work, const float* q, const std:
   if (segments_.size() < segments) segments_.resize(segments);
   std::vector<int> last_tokens(segments, config_.page_size);
   for (std::size_t s = 0; s < segments; ++s) {
-    const int row = static_cast<int>(s / heads);
-    const SeqId seq = work.rows[row];
+    const SeqId seq = work.rows[s / heads];
     const auto table = store_.pages(seq, work.layer);
     const int n = static_cast<int>(table.size());
-    const int begin = std::clamp(work.cpu_range[row].begin, 0, n);
-    const int end = std::clamp(work.cpu_range[row].end, begin, n);
     Segment& seg = segments_[s];
     seg.positions.clear();
     seg.pages.clear();
     const std::int32_t* list = positions + offsets[s];
-    const std::int32_t* first = std::lower_bound(list, list + counts[s], begin);
-    const std::int32_t* last = std::lower_bound(first, list + counts[s], end);
-    for (const std::int32_t* p = first; p != last; ++p) seg.pages.push_back(table[*p]);
-    if (last != first && *(last - 1) == n - 1) last_tokens[s] = store_.last_page_tokens(seq, work.layer);
+    for (int i = 0; i < counts[s]; ++i) {
+      require(list[i] >= 0 && list[i] < n, "HybridAttention::run", "CPU selection position", list[i],
+              concat("in [0, ", n, ") (pages of the request)").c_str());
+      seg.pages.push_back(table[list[i]]);
+    }
+    if (counts[s] > 0 && list[counts[s] - 1] == n - 1) last_tokens[s] = store_.last_page_tokens(seq, work.layer);
   }
   decode_segments(work, q, last_tokens, out, lse, selected);
 }

@@ -1,7 +1,7 @@
 #pragma once
 // The CPU half of a layer: either score every page from its summary and select by the segment's rule
-// (the CPU backend), or take the part of the GPU's selection inside each request's CPU range (the
-// GPU backend); then run the SIMD kernel over the selected pages.
+// (the CPU backend), or take the CPU's part of a selection the GPU made and split (the GPU backend);
+// then run the SIMD kernel over the selected pages.
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -26,8 +26,8 @@ class CpuSide {
   void compute(const LayerWork& work, const float* q, float* out, float* lse, int* selected);
 
   /// The CPU's part of a selection the GPU made over whole sequences: for segment s = b * kv_heads + h,
-  /// the positions of positions[offsets[s] .. offsets[s] + counts[s]) (ascending) that lie inside row
-  /// b's CPU range. No scoring or selection here. Same outputs as compute().
+  /// the positions positions[offsets[s] .. offsets[s] + counts[s]), ascending. No scoring or selection
+  /// here. Same outputs as compute().
   void compute_selected(const LayerWork& work, const float* q, const std::int32_t* positions,
                         const std::int32_t* offsets, const std::int32_t* counts, float* out, float* lse,
                         int* selected);

@@ -169,7 +169,7 @@ void DecodeEngine::run(const LayerWork& work, const TensorView& queries, const T
   s.generation = generation;
   s.row_ids.assign(work.rows.begin(), work.rows.end());
   s.rules.assign(work.rules.begin(), work.rules.end());
-  s.cpu_range.assign(work.cpu_range.begin(), work.cpu_range.end());
+  s.cpu_share.assign(work.cpu_share.begin(), work.cpu_share.end());
   s.selected_pages.assign(segments, 0);
   impl_->lse_scratch.resize(static_cast<std::size_t>(batch) * shape.q_heads);
   s.cpu_begin_us = engine_clock_us();

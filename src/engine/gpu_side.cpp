@@ -14,7 +14,6 @@
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
-#include "hattn/kernels/cuda_hit_count.hpp"
 #include "hattn/kernels/cuda_rank.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
@@ -95,17 +94,17 @@ struct GpuSide::Impl {
     DeviceArray<std::int32_t> meta;
     DeviceArray<float> upper, estimate, partial_out, partial_lse;
     DeviceArray<std::int32_t> selected, selected_count;
-    DeviceArray<std::int32_t> gpu_selected, gpu_count;  // the GPU's part when the CPU takes a range
-    PinnedArray<std::int32_t> selected_host, selected_count_host;
+    DeviceArray<std::int32_t> gpu_selected, gpu_count, cpu_selected, cpu_count;  // the split's parts
+    PinnedArray<std::int32_t> cpu_selected_host, cpu_count_host;
     DeviceArray<std::byte> select_workspace;
     PinnedArray<float> q_host, cpu_out, cpu_lse;
-    PinnedArray<std::int32_t> gpu_counts;  // [2][batch * kv_heads]: GPU blocks, then those found in HBM
+    PinnedArray<std::int32_t> gpu_counts;  // [2][batch * kv_heads]: GPU blocks, then those cached in HBM
     std::vector<int> cpu_counts;
     std::vector<std::int32_t> selected_offset;  // [batch * kv_heads], host copy for the CPU job
     // The CPU job works on copies: the caller's Plan may be gone before the job runs.
     std::vector<SeqId> rows;
     std::vector<SegmentRule> rules;
-    std::vector<PageRange> ranges;
+    std::vector<double> shares;
     int layer = 0;
     bool has_cpu = false;
     std::mutex mutex;
@@ -274,9 +273,9 @@ struct GpuSide::Impl {
       try {
         HATTN_CUDA_CHECK(cudaEventSynchronize(slot->cpu_inputs));
         slot->cpu_begin_us = engine_clock_us();
-        LayerWork work{slot->layer, slot->rows, slot->rules, slot->ranges};
-        cpu.compute_selected(work, slot->q_host.host(), slot->selected_host.host(), slot->selected_offset.data(),
-                             slot->selected_count_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(),
+        LayerWork work{slot->layer, slot->rows, slot->rules, slot->shares};
+        cpu.compute_selected(work, slot->q_host.host(), slot->cpu_selected_host.host(), slot->selected_offset.data(),
+                             slot->cpu_count_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(),
                              slot->cpu_counts.data());
         slot->cpu_end_us = engine_clock_us();
       } catch (const std::exception& e) {
@@ -399,8 +398,10 @@ struct GpuSide::Impl {
         slot.selected_count.reserve(batch * heads);
         slot.gpu_selected.reserve(total * heads);
         slot.gpu_count.reserve(batch * heads);
-        slot.selected_host.reserve(total * heads);
-        slot.selected_count_host.reserve(batch * heads);
+        slot.cpu_selected.reserve(total * heads);
+        slot.cpu_count.reserve(batch * heads);
+        slot.cpu_selected_host.reserve(total * heads);
+        slot.cpu_count_host.reserve(batch * heads);
         slot.gpu_counts.reserve(2 * batch * heads);
         slot.cpu_counts.resize(batch * heads);
         slot.partial_out.reserve(splits * qrows * dim);
@@ -421,24 +422,24 @@ struct GpuSide::Impl {
     }
   }
 
-  // The CPU side starts once q and the selection are on the host. q is copied on the caller's stream
-  // (before kSelected), because the caller may overwrite its buffer with work it enqueues after run();
-  // the selection, which the slot owns, comes on a copy stream while the GPU goes on with cache
-  // maintenance and its decode. The driver thread waits for the copy stream's event, which follows
+  // The CPU side starts once q and its part of the selection are on the host. q is copied on the
+  // caller's stream (before kSelected), because the caller may overwrite its buffer with work it
+  // enqueues after run(); the CPU's part, which the slot owns, comes on a copy stream while the GPU
+  // goes on with cache maintenance and its decode. The driver thread waits for the copy stream's event, which follows
   // kSelected and so the q copy too.
   void enqueue_cpu_job(Slot& slot, const LayerWork& work, std::size_t selected_capacity,
                        const std::int32_t* sel_offset) {
     const std::size_t segments = work.rows.size() * static_cast<std::size_t>(config.shape.kv_heads);
     HATTN_CUDA_CHECK(cudaStreamWaitEvent(copy_stream, slot.phase[kSelected], 0));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_host.host(), slot.selected.get(),
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.cpu_selected_host.host(), slot.cpu_selected.get(),
                                      selected_capacity * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.selected_count_host.host(), slot.selected_count.get(),
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.cpu_count_host.host(), slot.cpu_count.get(),
                                      segments * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
     HATTN_CUDA_CHECK(cudaEventRecord(slot.cpu_inputs, copy_stream));
     slot.selected_offset.assign(sel_offset, sel_offset + segments);
     slot.rows.assign(work.rows.begin(), work.rows.end());
     slot.rules.assign(work.rules.begin(), work.rules.end());
-    slot.ranges.assign(work.cpu_range.begin(), work.cpu_range.end());
+    slot.shares.assign(work.cpu_share.begin(), work.cpu_share.end());
     slot.layer = work.layer;
     {
       std::lock_guard lock(slot.mutex);
@@ -495,9 +496,8 @@ struct GpuSide::Impl {
     }
     const int total = indptr[batch];
     std::int32_t* budget = table + total;
-    std::int32_t* cpu_begin = budget + batch * heads;
-    std::int32_t* cpu_end = cpu_begin + batch;
-    std::int32_t* sel_offset = cpu_end + batch;
+    float* cpu_share = reinterpret_cast<float*>(budget + batch * heads);  // int32-sized, one copy with the rest
+    std::int32_t* sel_offset = budget + batch * heads + batch;
     std::int32_t* request_row = sel_offset + batch * heads;
     std::int32_t* blended = request_row + batch;
     const std::int32_t* meta_end = blended + batch * heads;
@@ -505,21 +505,21 @@ struct GpuSide::Impl {
     float threshold = -1;
     bool has_cpu = false;
     bool any_blended = false;
+    bool whole = true;  // every segment keeps every page: nothing to score or rank
     for (int b = 0; b < batch; ++b) {
       const int n = pages[b];
-      const PageRange r{std::clamp(work.cpu_range[b].begin, 0, n), std::clamp(work.cpu_range[b].end, 0, n)};
-      cpu_begin[b] = r.begin;
-      cpu_end[b] = std::max(r.begin, r.end);
-      has_cpu = has_cpu || r.size() > 0;
+      cpu_share[b] = static_cast<float>(std::clamp(work.cpu_share[b], 0.0, 1.0));
+      has_cpu = has_cpu || cpu_share[b] > 0;
       const int forced = forced_pages(n, config.sink_pages, config.local_pages);
       for (int h = 0; h < heads; ++h) {
         const SegmentRule& rule = work.rules[static_cast<std::size_t>(b) * heads + h];
-        // The GPU selects over the whole sequence with the whole rule; the CPU range only decides who
+        // The GPU selects over the whole sequence with the whole rule; the CPU share only decides who
         // computes which selected page. Top-k counts the forced pages inside k; the mass rule's cap
         // counts only pages beyond them (the kernels' convention, the same as cpu_select_mass).
         const int g = rule.budget_pages;
         budget[b * heads + h] = rule.mass_threshold > 0 ? std::max(0, g - forced) : g;
         sel_offset[b * heads + h] = indptr[b] * heads + h * n;
+        whole = whole && rule.mass_threshold == 0 && g >= n;
         blended[b * heads + h] = rule.rank == PageRank::kBlend;
         any_blended = any_blended || rule.rank == PageRank::kBlend;
         if (threshold < 0) threshold = rule.mass_threshold;
@@ -534,9 +534,8 @@ struct GpuSide::Impl {
     const std::int32_t* d_seq_len = d_indptr + batch + 1;
     const std::int32_t* d_table = d_seq_len + batch;
     const std::int32_t* d_budget = d_table + total;
-    const std::int32_t* d_cpu_begin = d_budget + batch * heads;
-    const std::int32_t* d_cpu_end = d_cpu_begin + batch;
-    const std::int32_t* d_sel_offset = d_cpu_end + batch;
+    const float* d_cpu_share = reinterpret_cast<const float*>(d_budget + batch * heads);
+    const std::int32_t* d_sel_offset = d_budget + batch * heads + batch;
     const std::int32_t* d_request_row = d_sel_offset + batch * heads;
     const std::int32_t* d_blended = d_request_row + batch;
     HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
@@ -560,8 +559,8 @@ struct GpuSide::Impl {
     sp.upper = slot.upper.get();
     // Top-k ranking by the bound alone needs no estimate (and skips the summaries' mean rows).
     sp.estimate = threshold > 0 || any_blended ? slot.estimate.get() : nullptr;
-    cuda::launch_score_pages(sp, s);
-    if (any_blended) {
+    if (!whole) cuda::launch_score_pages(sp, s);
+    if (any_blended && !whole) {
       cuda::RankScoresParams rk;
       rk.page_indptr = d_indptr;
       rk.blended = d_blended;
@@ -587,27 +586,38 @@ struct GpuSide::Impl {
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
-    cuda::launch_select_pages(sel, s);
-    // What the GPU computes: the whole selection, or what lies outside the CPU ranges.
+    if (whole) cuda::launch_select_all_pages(sel, s);
+    else cuda::launch_select_pages(sel, s);
+    // What the GPU computes: the whole selection, or what the CPU's share leaves it. The split also
+    // counts the GPU's cached blocks for the stats.
     const std::int32_t* gpu_selected = slot.selected.get();
     const std::int32_t* gpu_count = slot.selected_count.get();
-    if (has_cpu) {
+    std::int32_t* gpu_hits = slot.gpu_counts.host() + static_cast<std::size_t>(batch) * heads;  // mapped
+    if (has_cpu || cache) {
       cuda::SplitSelectionParams split;
       split.selected = slot.selected.get();
       split.selected_offset = d_sel_offset;
       split.selected_count = slot.selected_count.get();
-      split.cpu_begin = d_cpu_begin;
-      split.cpu_end = d_cpu_end;
+      split.page_table = d_table;
+      split.page_indptr = d_indptr;
+      split.slot_of = cache ? cache->slot_of() : nullptr;
       split.batch = batch;
       split.kv_heads = heads;
-      split.gpu_selected = slot.gpu_selected.get();
-      split.gpu_count = slot.gpu_count.get();
+      split.gpu_hits = gpu_hits;
+      if (has_cpu) {
+        split.cpu_share = d_cpu_share;
+        split.gpu_selected = slot.gpu_selected.get();
+        split.gpu_count = slot.gpu_count.get();
+        split.cpu_selected = slot.cpu_selected.get();
+        split.cpu_count = slot.cpu_count.get();
+        gpu_selected = slot.gpu_selected.get();
+        gpu_count = slot.gpu_count.get();
+      }
       cuda::launch_split_selection(split, s);
-      gpu_selected = slot.gpu_selected.get();
-      gpu_count = slot.gpu_count.get();
+    }
+    if (has_cpu)
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream));
-    }
     mark_phase(slot, kSelected, stream);
     if (has_cpu) enqueue_cpu_job(slot, work, static_cast<std::size_t>(total) * heads, sel_offset);
 
@@ -615,9 +625,10 @@ struct GpuSide::Impl {
       CacheStepParams cp;
       cp.page_table = d_table;
       cp.page_indptr = d_indptr;
-      cp.selected = gpu_selected;
+      // The whole selection: blocks the CPU computes this step are admitted too, for the GPU's next.
+      cp.selected = slot.selected.get();
       cp.selected_offset = d_sel_offset;
-      cp.selected_count = gpu_count;
+      cp.selected_count = slot.selected_count.get();
       cp.request_of_row = d_request_row;
       cp.batch = batch;
       cp.kv_heads = heads;
@@ -654,22 +665,6 @@ struct GpuSide::Impl {
     dp.partial_lse = slot.partial_lse.get();
     cuda::launch_sparse_decode(dp, s);
     mark_phase(slot, kDecoded, stream);
-    if (cache) {
-      // After the decode, off its path. Blocks this step's admission publishes meanwhile count as
-      // hits though the decode may have read them from host memory: the count errs towards HBM.
-      cuda::HitCountParams hc;
-      hc.page_table = d_table;
-      hc.page_indptr = d_indptr;
-      hc.selected = gpu_selected;
-      hc.selected_offset = d_sel_offset;
-      hc.selected_count = gpu_count;
-      hc.slot_of = cache->slot_of();
-      hc.batch = batch;
-      hc.kv_heads = heads;
-      hc.hits = slot.gpu_counts.host() + static_cast<std::size_t>(batch) * heads;  // mapped: written in place
-      cuda::launch_count_hits(hc, s);
-    }
-
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
     mark_phase(slot, kGated, stream);
     cuda::MergeParams mp;
@@ -696,7 +691,7 @@ struct GpuSide::Impl {
     st.pages_per_row = pages;
     for (int n : pages) st.total_blocks += static_cast<std::int64_t>(n) * heads;
     st.rules.assign(work.rules.begin(), work.rules.end());
-    st.cpu_range.assign(work.cpu_range.begin(), work.cpu_range.end());
+    st.cpu_share.assign(work.cpu_share.begin(), work.cpu_share.end());
     slot.in_flight = true;
     slot.enqueued = true;
     last_slot[work.layer] = static_cast<int>(generation % kRing);

@@ -151,6 +151,28 @@ TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
   EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
 }
 
+// With a cache and a CPU share, the CPU's part is filled with the blocks the cache lacks: once the
+// repeated selection is cached the GPU's part is all HBM hits. The output is the uncached one.
+TEST(HybridAttentionGpu, HybridSplitWithACacheLeavesTheGpuItsCachedBlocks) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto layer = test::make_structured_layer(kShape, 16384, 16);
+  QuestGpuAttention plain(gpu_config(0.05), {}, FixedBudget(0.05));
+  const auto want = decode_on_gpu(plain, plain.add_sequence(), layer);
+  Config c = gpu_config(0.05);
+  c.hbm_cache_bytes = 16ull << 20;
+  HybridGenFeedback::Tuning t;
+  t.initial_cpu_share = 0.3;
+  t.grow = t.shrink = 1.0;  // keep the share fixed
+  Fixed5HybridAttention hybrid(c, {}, FixedBudget(0.05), HybridGenFeedback(t));
+  const auto got = decode_on_gpu(hybrid, hybrid.add_sequence(), layer, 4);
+  const StepStats& s = hybrid.stats(0);
+  EXPECT_GT(s.cpu_blocks, 0);
+  EXPECT_GT(s.gpu_blocks, 0);
+  EXPECT_EQ(s.cpu_blocks + s.gpu_blocks, plain.stats(0).gpu_blocks);
+  EXPECT_EQ(s.hbm_hits, s.gpu_blocks);
+  EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
+}
+
 TEST(HybridAttentionGpu, DefaultPoliciesStayCloseOnStructuredHeads) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 32768, 13);

@@ -23,7 +23,7 @@ struct LayerWork {
   int layer = 0;
   std::span<const SeqId> rows;            ///< [batch]
   std::span<const SegmentRule> rules;     ///< [batch * kv_heads]
-  std::span<const PageRange> cpu_range;   ///< [batch]
+  std::span<const double> cpu_share;      ///< [batch] share of each row's selected blocks for the CPU
 };
 
 class DecodeEngine {

@@ -35,5 +35,8 @@ struct SelectParams {
 /// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).
 std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int batch);
 void launch_select_pages(const SelectParams& p, Stream stream);
+/// Every position of every segment (a budget that covers whole sequences): no scores are read, only
+/// page_indptr, batch, kv_heads, selected and selected_count.
+void launch_select_all_pages(const SelectParams& p, Stream stream);
 
 }  // namespace hattn::cuda

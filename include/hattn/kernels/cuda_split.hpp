@@ -1,7 +1,10 @@
 #pragma once
-// The CPU/GPU split of one selection: the GPU selects every segment's pages over the whole sequence,
-// then the pages inside each request's CPU range go to the CPU and the rest stay on the GPU. The
-// selection does not depend on the split, so neither does the result.
+// The CPU/GPU split of one selection. The GPU selects every segment's pages over the whole sequence;
+// then each segment's CPU quota (its row's share of the segment's selected blocks) is filled with the
+// blocks the HBM cache lacks first, in ascending order, and only then with cached ones. A block the
+// CPU computes is read from host DRAM at its full bandwidth; the GPU keeps what it can read from HBM
+// and reads the rest of the misses across PCIe. The selection does not depend on the split, so
+// neither does the result.
 #include <cstdint>
 
 #include "hattn/kernels/cuda_stream.hpp"
@@ -14,12 +17,22 @@ struct SplitSelectionParams {
   const std::int32_t* selected = nullptr;
   const std::int32_t* selected_offset = nullptr;  ///< [batch * kv_heads]
   const std::int32_t* selected_count = nullptr;   ///< [batch * kv_heads]
-  const std::int32_t* cpu_begin = nullptr;        ///< [batch] first position of the CPU range of row b
-  const std::int32_t* cpu_end = nullptr;          ///< [batch] one past its last
+  const std::int32_t* page_table = nullptr;       ///< positions -> page ids, SparseDecodeParams convention
+  const std::int32_t* page_indptr = nullptr;      ///< [batch + 1]
+  /// [pool_pages * kv_heads] HBM slot of (page, head) or -1; null: no cache, every block is a miss.
+  const std::int32_t* slot_of = nullptr;
+  /// [batch] share in [0, 1] of each segment's selected blocks the CPU computes (rounded to blocks);
+  /// null: none (the kernel then only counts the cached blocks).
+  const float* cpu_share = nullptr;
   int batch = 0, kv_heads = 0;
-  /// Positions outside the CPU range, at the same offsets, still ascending; gpu_count[s] of them.
+  /// The two parts, at the selection's offsets, each ascending. Unused (may be null) without cpu_share.
   std::int32_t* gpu_selected = nullptr;
   std::int32_t* gpu_count = nullptr;  ///< [batch * kv_heads]
+  std::int32_t* cpu_selected = nullptr;
+  std::int32_t* cpu_count = nullptr;  ///< [batch * kv_heads]
+  /// [batch * kv_heads] blocks of the GPU's part that are cached (may be mapped host memory). It is
+  /// the cache as this kernel saw it: blocks an admission still in flight publishes later count as misses.
+  std::int32_t* gpu_hits = nullptr;
 };
 
 void launch_split_selection(const SplitSelectionParams& p, Stream stream);

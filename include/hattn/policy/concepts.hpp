@@ -77,20 +77,15 @@ struct SelectOutputs {
   std::span<SegmentRule> rules;             ///< [batch * kv_heads], segment s = b * kv_heads + h
 };
 
-/// A page range [begin, end) of one request that the CPU computes; the GPU takes the rest.
-struct PageRange {
-  int begin = 0;
-  int end = 0;
-  int size() const noexcept { return end - begin; }
-};
-
 struct ScheduleInputs {
   int layer = 0;
   int kv_heads = 0;
   int sink_pages = 1;
   int local_pages = 1;
   bool gpu = false;                          ///< a GPU side exists
-  double hbm_hit_rate = 0.0;                 ///< recent share of GPU-side pages found in HBM
+  /// Recent share of the selected (page, head) blocks that were resident in the HBM cache when the
+  /// step split its selection (0 without a cache).
+  double hbm_hit_rate = 0.0;
   double block_bytes = 0;                    ///< K and V of one head of one page
   double summary_bytes = 0;                  ///< summary of one head of one page
   std::span<const SeqId> rows;               ///< [batch]
@@ -98,7 +93,11 @@ struct ScheduleInputs {
   std::span<const SegmentRule> rules;        ///< [batch * kv_heads]
 };
 struct ScheduleOutputs {
-  std::span<PageRange> cpu_range;            ///< [batch]
+  /// [batch] share in [0, 1] of each request's selected blocks (per segment, rounded to blocks) that
+  /// the CPU computes. The engine fills it with blocks the HBM cache lacks first (the CPU reads them
+  /// from DRAM faster than the GPU can across PCIe) and only then with cached ones; without a cache,
+  /// with the earliest positions. The CPU backend computes everything whatever the share.
+  std::span<double> cpu_share;
 };
 
 /// Measured times of one run() of one layer, fed back to the scheduler.

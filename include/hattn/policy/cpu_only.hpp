@@ -6,7 +6,7 @@ namespace hattn {
 
 struct CpuOnly {
   void schedule(const ScheduleInputs& in, ScheduleOutputs& out) {
-    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_range[b] = {0, in.pages_per_row[b]};
+    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_share[b] = 1.0;
   }
   void feedback(const StepTiming& /*t*/) {}
   void reset(SeqId /*seq*/) {}

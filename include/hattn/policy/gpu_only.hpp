@@ -6,7 +6,7 @@ namespace hattn {
 
 struct GpuOnly {
   void schedule(const ScheduleInputs& in, ScheduleOutputs& out) {
-    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_range[b] = {0, 0};
+    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_share[b] = 0.0;
   }
   void feedback(const StepTiming& /*t*/) {}
   void reset(SeqId /*seq*/) {}

@@ -1,8 +1,8 @@
 #pragma once
-// HybridGen's feedback rule, the hybrid baseline: the sinks and the recent pages stay on the GPU, the
-// older pages go to the CPU, and the CPU's share moves by fixed factors from measured times.
+// HybridGen's feedback rule, the hybrid baseline: the CPU computes a share of every request's selected
+// pages, and that share moves by fixed factors from measured times (HybridGen adapts its CPU/GPU ratio
+// the same way). Which pages the share covers is the engine's rule (ScheduleOutputs::cpu_share).
 #include <algorithm>
-#include <cmath>
 #include <unordered_map>
 
 #include "hattn/core/error.hpp"
@@ -13,7 +13,7 @@ namespace hattn {
 class HybridGenFeedback {
  public:
   struct Tuning {
-    /// Share of the non-forced pages the CPU starts with for a new request.
+    /// Share of the selected pages the CPU starts with for a new request.
     double initial_cpu_share = 0.5;
     /// HybridGen's factors and bounds: x1.2 when the CPU side finished first, x0.8 otherwise,
     /// within [0.01, 0.5] of its ratio; here applied to the CPU's share of the pages.
@@ -31,13 +31,7 @@ class HybridGenFeedback {
   }
 
   void schedule(const ScheduleInputs& in, ScheduleOutputs& out) {
-    for (std::size_t b = 0; b < in.rows.size(); ++b) {
-      const int n = in.pages_per_row[b];
-      const int begin = std::min(n, std::max(0, in.sink_pages));
-      const int end = std::max(begin, n - std::max(0, in.local_pages));
-      const double share = state(in.rows[b]).share;
-      out.cpu_range[b] = {begin, begin + static_cast<int>(std::lround(share * (end - begin)))};
-    }
+    for (std::size_t b = 0; b < in.rows.size(); ++b) out.cpu_share[b] = state(in.rows[b]).share;
   }
 
   void feedback(const StepTiming& t) {

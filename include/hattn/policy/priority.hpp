@@ -1,11 +1,11 @@
 #pragma once
 // Fluxion's scheduler: a cost model of the GPU (HBM and zero-copy host reads), PCIe and the CPU decides
-// how many of each request's pages the CPU takes so both sides finish together; measured times correct
-// the model step by step. The engine starts the longest CPU work first. With a GPU the selection is
-// made on the GPU over whole sequences and the CPU computes the selected pages of its range, so the
-// CPU's cost is its share of the selected bytes; without one the CPU also scores every page.
+// how many of each request's selected blocks the CPU takes so both sides finish together; measured
+// times correct the model step by step. The engine starts the longest CPU work first. With a GPU the
+// selection is made on the GPU over whole sequences and the CPU's share is filled with the blocks the
+// HBM cache lacks first, so the GPU side keeps its HBM hits and the CPU replaces PCIe reads with DRAM
+// reads; without a GPU the CPU also scores every page.
 #include <algorithm>
-#include <cmath>
 #include <ostream>
 
 #include "hattn/core/error.hpp"
@@ -48,23 +48,22 @@ class Priority {
   void schedule(const ScheduleInputs& in, ScheduleOutputs& out) {
     predicted_cpu_us_ = predicted_gpu_us_ = 0;
     for (std::size_t b = 0; b < in.rows.size(); ++b) {
-      const int n = in.pages_per_row[b];
-      const int begin = std::min(n, std::max(0, in.sink_pages));
-      const int end = std::max(begin, n - std::max(0, in.local_pages));
       double selected = 0;
       for (int h = 0; h < in.kv_heads; ++h) selected += in.rules[b * in.kv_heads + h].budget_pages;
-      const double x = in.gpu ? cpu_share(in, selected, end - begin) : 1.0;
-      out.cpu_range[b] = {begin, begin + static_cast<int>(std::lround(x * (end - begin)))};
-      const double share = static_cast<double>(out.cpu_range[b].size()) / std::max(1, n);
-      predicted_cpu_us_ += cpu_time(in, selected * share, in.gpu ? 0 : n * in.kv_heads);
-      predicted_gpu_us_ += gpu_time(in, selected * (1 - share));
+      const double x = in.gpu ? cpu_share(in, selected) : 1.0;
+      out.cpu_share[b] = x;
+      predicted_cpu_us_ += cpu_time(in, x * selected, in.gpu ? 0 : in.pages_per_row[b] * in.kv_heads);
+      predicted_gpu_us_ += gpu_time(in, selected, x * selected);
     }
   }
 
   void feedback(const StepTiming& t) {
     auto correct = [&](double& factor, double measured, double predicted) {
       if (measured <= 0 || predicted <= 0) return;
-      factor = std::clamp((1 - model_.ema) * factor + model_.ema * (measured / predicted), 0.1, 100.0);
+      // Bounded: a side measured 5x off its rates is waiting on something the model does not see
+      // (an admission in flight, a busy DRAM), and an unbounded factor would also scale its fixed
+      // cost until the other side got everything.
+      factor = std::clamp((1 - model_.ema) * factor + model_.ema * (measured / predicted), 0.2, 5.0);
     };
     if (t.cpu_pages > 0) correct(cpu_factor_, t.cpu_us, predicted_cpu_us_);
     if (t.gpu_pages > 0) correct(gpu_factor_, t.gpu_us, predicted_gpu_us_);
@@ -76,25 +75,36 @@ class Priority {
   double gpu_correction() const noexcept { return gpu_factor_; }
 
  private:
-  double gpu_bytes_cost(const ScheduleInputs& in) const {  // us per byte of selected KV on the GPU side
-    const double h = std::clamp(in.hbm_hit_rate, 0.0, 1.0);
-    return h / model_.hbm_bytes_per_us + (1 - h) / model_.host_zero_copy_bytes_per_us;
-  }
   double cpu_time(const ScheduleInputs& in, double blocks, double scored_blocks) const {
     if (blocks <= 0) return 0;
     return cpu_factor_ * (model_.cpu_fixed_us +
                           (blocks * in.block_bytes + scored_blocks * in.summary_bytes) / model_.cpu_bytes_per_us);
   }
-  double gpu_time(const ScheduleInputs& in, double blocks) const {
-    return gpu_factor_ * (model_.gpu_fixed_us + blocks * in.block_bytes * gpu_bytes_cost(in));
+  // The GPU's part of `selected` blocks when the CPU takes `cpu` of them, uncached ones first: the
+  // cached blocks it keeps come from HBM, the uncached ones across PCIe.
+  double gpu_time(const ScheduleInputs& in, double selected, double cpu) const {
+    const double cached = std::clamp(in.hbm_hit_rate, 0.0, 1.0) * selected;
+    const double uncached = selected - cached;
+    const double from_host = std::max(0.0, uncached - cpu);
+    const double from_hbm = cached - std::max(0.0, cpu - uncached);
+    return gpu_factor_ * (model_.gpu_fixed_us + in.block_bytes * (from_hbm / model_.hbm_bytes_per_us +
+                                                                  from_host / model_.host_zero_copy_bytes_per_us));
   }
-  // Finish together: cpu_time(x) = gpu_time(1 - x), both linear in x.
-  double cpu_share(const ScheduleInputs& in, double selected, int splittable) const {
-    if (selected <= 0 || splittable <= 0) return 0;
-    const double g = gpu_factor_ * selected * in.block_bytes * gpu_bytes_cost(in);
-    // The GPU scored and selected every page, so the CPU's bytes are its share of the selection.
-    const double c = cpu_factor_ * selected * in.block_bytes / model_.cpu_bytes_per_us;
-    const double x = (gpu_factor_ * model_.gpu_fixed_us - cpu_factor_ * model_.cpu_fixed_us + g) / (c + g);
+  // Finish together: cpu_time(c) = gpu_time(c). Both are linear in c on each side of c = uncached
+  // (the GPU's saving per block moves from the PCIe rate to the HBM rate there).
+  double cpu_share(const ScheduleInputs& in, double selected) const {
+    if (selected <= 0) return 0;
+    const double b = in.block_bytes;
+    const double cached = std::clamp(in.hbm_hit_rate, 0.0, 1.0) * selected;
+    const double uncached = selected - cached;
+    const double fixed = gpu_factor_ * model_.gpu_fixed_us - cpu_factor_ * model_.cpu_fixed_us;
+    const double cpu_rate = cpu_factor_ * b / model_.cpu_bytes_per_us;
+    double c = (fixed + gpu_factor_ * b * (cached / model_.hbm_bytes_per_us + uncached / model_.host_zero_copy_bytes_per_us)) /
+               (cpu_rate + gpu_factor_ * b / model_.host_zero_copy_bytes_per_us);
+    if (c > uncached)
+      c = (fixed + gpu_factor_ * b * selected / model_.hbm_bytes_per_us) /
+          (cpu_rate + gpu_factor_ * b / model_.hbm_bytes_per_us);
+    const double x = std::max(0.0, c) / selected;
     return x < model_.min_cpu_share ? 0.0 : std::min(x, model_.max_cpu_share);
   }
 

@@ -1,0 +1,165 @@
+// The CPU/GPU split of a selection against a host model of its rule: per segment the CPU takes
+// round(share x count) blocks, uncached ones first (ascending), then cached ones; the GPU keeps the
+// rest, ascending; the GPU's cached blocks are counted. Lists span several of the kernel's tiles.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "cuda_test_support.hpp"
+#include "hattn/kernels/cuda_split.hpp"
+
+namespace hattn {
+namespace {
+
+using test::DeviceBuffer;
+
+struct SplitCase {
+  int kv_heads = 3;
+  std::vector<int> pages_per_row;   // [batch]
+  std::vector<float> shares;        // [batch]
+  double cached_share = 0.5;        // of the pool's (page, head) blocks
+  double selected_share = 0.3;
+  bool with_cache = true;
+  bool with_share = true;
+  unsigned seed = 1;
+};
+
+struct HostSplit {
+  std::vector<std::vector<std::int32_t>> gpu, cpu;
+  std::vector<int> gpu_hits;
+};
+
+void run_case(const SplitCase& c) {
+  const int batch = static_cast<int>(c.pages_per_row.size());
+  const int heads = c.kv_heads;
+  std::mt19937 rng(c.seed);
+  std::vector<std::int32_t> indptr{0}, table;
+  for (int n : c.pages_per_row) indptr.push_back(indptr.back() + n);
+  const int pool_pages = indptr.back() + 7;
+  // Page ids shuffled over the pool, so a position's page says nothing about its residency.
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(pool_pages));
+  for (int i = 0; i < pool_pages; ++i) ids[i] = i;
+  std::shuffle(ids.begin(), ids.end(), rng);
+  table.assign(ids.begin(), ids.begin() + indptr.back());
+  std::bernoulli_distribution is_cached(c.cached_share), is_selected(c.selected_share);
+  std::vector<std::int32_t> slot_of(static_cast<std::size_t>(pool_pages) * heads);
+  for (std::size_t i = 0; i < slot_of.size(); ++i) slot_of[i] = is_cached(rng) ? static_cast<std::int32_t>(i) : -1;
+
+  std::vector<std::int32_t> offset, count, selected;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h) {
+      const int n = c.pages_per_row[b];
+      offset.push_back(static_cast<std::int32_t>(selected.size()));
+      int k = 0;
+      for (int p = 0; p < n; ++p)
+        if (is_selected(rng)) selected.push_back(p), ++k;
+      count.push_back(k);
+      selected.resize(offset.back() + static_cast<std::size_t>(n), -5);  // room for the whole row, as the engine has
+    }
+
+  HostSplit want;
+  for (int s = 0; s < batch * heads; ++s) {
+    const int b = s / heads, h = s % heads;
+    const int n = count[s];
+    const float share = c.with_share ? c.shares[b] : 0.0f;
+    const int quota = std::clamp(static_cast<int>(std::nearbyint(share * static_cast<float>(n))), 0, n);
+    auto resident = [&](std::int32_t pos) {
+      return c.with_cache && slot_of[static_cast<std::size_t>(table[indptr[b] + pos]) * heads + h] >= 0;
+    };
+    int misses = 0;
+    for (int i = 0; i < n; ++i) misses += !resident(selected[offset[s] + i]);
+    const int cpu_misses = std::min(quota, misses), cpu_hits = quota - cpu_misses;
+    std::vector<std::int32_t> g, cp;
+    int seen_miss = 0, seen_hit = 0, hits_gpu = 0;
+    for (int i = 0; i < n; ++i) {
+      const std::int32_t pos = selected[offset[s] + i];
+      const bool r = resident(pos);
+      const bool to_cpu = r ? seen_hit++ < cpu_hits : seen_miss++ < cpu_misses;
+      if (to_cpu) cp.push_back(pos);
+      else g.push_back(pos), hits_gpu += r;
+    }
+    want.gpu.push_back(g);
+    want.cpu.push_back(cp);
+    want.gpu_hits.push_back(hits_gpu);
+  }
+
+  const std::size_t segments = static_cast<std::size_t>(batch) * heads;
+  DeviceBuffer<std::int32_t> d_sel(selected), d_off(offset), d_count(count), d_table(table), d_indptr(indptr),
+      d_slot(slot_of), d_gpu(selected.size()), d_gpu_count(segments), d_cpu(selected.size()),
+      d_cpu_count(segments), d_hits(segments);
+  DeviceBuffer<float> d_share(c.shares);
+  cuda::SplitSelectionParams p;
+  p.selected = d_sel.get();
+  p.selected_offset = d_off.get();
+  p.selected_count = d_count.get();
+  p.page_table = d_table.get();
+  p.page_indptr = d_indptr.get();
+  p.slot_of = c.with_cache ? d_slot.get() : nullptr;
+  p.batch = batch;
+  p.kv_heads = heads;
+  p.gpu_hits = d_hits.get();
+  if (c.with_share) {
+    p.cpu_share = d_share.get();
+    p.gpu_selected = d_gpu.get();
+    p.gpu_count = d_gpu_count.get();
+    p.cpu_selected = d_cpu.get();
+    p.cpu_count = d_cpu_count.get();
+  }
+  cuda::launch_split_selection(p, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto gpu = d_gpu.download(), cpu = d_cpu.download();
+  const auto gpu_count = d_gpu_count.download(), cpu_count = d_cpu_count.download(), hits = d_hits.download();
+  for (std::size_t s = 0; s < segments; ++s) {
+    EXPECT_EQ(hits[s], want.gpu_hits[s]) << "segment " << s;
+    if (!c.with_share) continue;
+    ASSERT_EQ(gpu_count[s], static_cast<int>(want.gpu[s].size())) << "segment " << s;
+    ASSERT_EQ(cpu_count[s], static_cast<int>(want.cpu[s].size())) << "segment " << s;
+    EXPECT_TRUE(std::equal(want.gpu[s].begin(), want.gpu[s].end(), gpu.begin() + offset[s])) << "segment " << s;
+    EXPECT_TRUE(std::equal(want.cpu[s].begin(), want.cpu[s].end(), cpu.begin() + offset[s])) << "segment " << s;
+  }
+}
+
+TEST(CudaSplit, CpuTakesUncachedBlocksFirstAcrossTiles) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  for (double cached : {0.0, 0.3, 0.9, 1.0}) {
+    SplitCase c;
+    c.pages_per_row = {9000, 1, 0, 2500};
+    c.shares = {0.4f, 1.0f, 0.5f, 0.05f};
+    c.cached_share = cached;
+    c.seed = static_cast<unsigned>(cached * 100) + 3;
+    run_case(c);
+  }
+}
+
+TEST(CudaSplit, WholeAndEmptySharesAndDenseSelections) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  SplitCase c;
+  c.pages_per_row = {5000, 300};
+  c.shares = {1.0f, 0.0f};
+  c.selected_share = 1.0;
+  run_case(c);
+}
+
+TEST(CudaSplit, WithoutACacheTheCpuTakesTheEarliestPositions) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  SplitCase c;
+  c.pages_per_row = {4000, 700};
+  c.shares = {0.25f, 0.7f};
+  c.with_cache = false;
+  run_case(c);
+}
+
+TEST(CudaSplit, WithoutSharesItOnlyCountsTheCachedBlocks) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  SplitCase c;
+  c.pages_per_row = {3000, 64};
+  c.shares = {0.0f, 0.0f};
+  c.with_share = false;
+  run_case(c);
+}
+
+}  // namespace
+}  // namespace hattn
