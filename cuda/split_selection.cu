@@ -13,7 +13,7 @@ namespace hattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItems = 4;  // consecutive list entries per thread and tile (blocked, as the scan needs)
+constexpr int kItems = 8;  // consecutive list entries per thread and tile (blocked, as the scan needs)
 constexpr int kTile = kThreads * kItems;
 // A tile's cached and uncached counts travel in one int: cached in the high half (kTile < 2^16).
 constexpr int kCachedShift = 16;
@@ -25,9 +25,19 @@ struct Segment {
   int n, head;
 };
 
-__device__ bool cached(const SplitSelectionParams& p, const Segment& s, int i) {
-  return p.slot_of != nullptr &&
-         p.slot_of[static_cast<long long>(s.table[s.list[i]]) * p.kv_heads + s.head] >= 0;
+// A thread's kItems consecutive entries from `first`: positions (-1 past the end) and whether the
+// cache holds them. Each of the three dependent loads is issued for all items before the next
+// (one block per segment: the passes are latency bound).
+__device__ void load_items(const SplitSelectionParams& p, const Segment& s, int first, std::int32_t (&position)[kItems],
+                           bool (&is_cached)[kItems]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) position[k] = first + k < s.n ? s.list[first + k] : -1;
+  std::int32_t page[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) page[k] = p.slot_of != nullptr && position[k] >= 0 ? s.table[position[k]] : -1;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k)
+    is_cached[k] = page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * p.kv_heads + s.head] >= 0;
 }
 
 __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_constant__ SplitSelectionParams p) {
@@ -45,7 +55,13 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
                   p.selected_count[segment], segment % p.kv_heads};
 
   int local = 0;
-  for (int i = threadIdx.x; i < s.n; i += kThreads) local += !cached(p, s, i);
+  for (int tile = 0; tile < s.n; tile += kTile) {
+    std::int32_t position[kItems];
+    bool is_cached[kItems];
+    load_items(p, s, tile + threadIdx.x * kItems, position, is_cached);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) local += position[k] >= 0 && !is_cached[k];
+  }
   const int total = Reduce(tmp.reduce).Sum(local);
   if (threadIdx.x == 0) shared_misses = total;
   __syncthreads();
@@ -68,13 +84,13 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   int misses_before = 0, hits_before = 0;  // in earlier tiles
   for (int tile = 0; tile < s.n; tile += kTile) {
     const int first = tile + threadIdx.x * kItems;
+    std::int32_t position[kItems];
     bool is_cached[kItems];
+    load_items(p, s, first, position, is_cached);
     int packed = 0;
-    for (int k = 0; k < kItems; ++k) {
-      const int i = first + k;
-      is_cached[k] = i < s.n && cached(p, s, i);
-      if (i < s.n) packed += is_cached[k] ? 1 << kCachedShift : 1;
-    }
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (position[k] >= 0) packed += is_cached[k] ? 1 << kCachedShift : 1;
     int prefix = 0, tile_total = 0;
     __syncthreads();  // tmp is reused across tiles
     Scan(tmp.scan).ExclusiveSum(packed, prefix, tile_total);
@@ -86,9 +102,8 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
       // CPU blocks before i: the first cpu_misses uncached and the first cpu_hits cached ones.
       const int cpu_before = min(miss_rank, cpu_misses) + min(hit_rank, cpu_hits);
       const bool to_cpu = is_cached[k] ? hit_rank < cpu_hits : miss_rank < cpu_misses;
-      const std::int32_t position = s.list[i];
-      if (to_cpu) cpu_out[cpu_before] = position;
-      else gpu_out[i - cpu_before] = position;
+      if (to_cpu) cpu_out[cpu_before] = position[k];
+      else gpu_out[i - cpu_before] = position[k];
       if (is_cached[k]) ++hit_rank;
       else ++miss_rank;
     }

@@ -1,7 +1,9 @@
 #include "hattn/detail/decode_engine.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <string>
+#include <thread>
 
 #include "cpu_side.hpp"
 #include "engine_clock.hpp"
@@ -36,12 +38,17 @@ struct DecodeEngine::Impl {
     return present ? Backend::kGpu : Backend::kCpu;
   }
 
+  static int worker_count(const Config& c, Backend backend) {
+    if (c.cpu_threads > 0 || backend == Backend::kCpu) return c.cpu_threads;
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1);
+  }
+
   explicit Impl(const Config& c)
       : config((c.validate(), c)),
         backend(resolve(c)),
         store(c.shape, c.page_size, c.host_pool_bytes,
               backend == Backend::kCpu ? HostMemoryRequest::kAligned : c.host_memory),
-        threads(c.cpu_threads),
+        threads(worker_count(c, backend)),
         cpu(config, store, threads, detect_cpu_isa()),
         stats(static_cast<std::size_t>(c.shape.layers)) {
 #if HATTN_WITH_CUDA
