@@ -159,6 +159,13 @@ void BM_DramRead(benchmark::State& state) {
   state.SetLabel(g_notes[name]);
 }
 
+// HATTN_BENCH_POOL=pinned: the pool as the GPU backend allocates it (registered with CUDA where a
+// device is present), to compare the CPU kernel on it with plain aligned memory.
+HostMemoryRequest pool_request() {
+  const char* v = std::getenv("HATTN_BENCH_POOL");
+  return v != nullptr && std::string(v) == "pinned" ? HostMemoryRequest::kAuto : HostMemoryRequest::kAligned;
+}
+
 // One layer of KV for a context, filled with values of a realistic range, and per-head page lists.
 struct Layer {
   std::unique_ptr<HostKVPool> pool;
@@ -167,7 +174,7 @@ struct Layer {
     const PageLayout layout{kPageSize, kKvHeads, kHeadDim, dtype};
     n_pages = context / kPageSize;
     pool = std::make_unique<HostKVPool>(layout, static_cast<std::size_t>(n_pages) * (layout.page_bytes() + layout.summary_bytes()),
-                                        HostMemoryRequest::kAligned);
+                                        pool_request());
     const auto ids = pool->allocate(n_pages);
     ThreadPool& tp = pool_of(0);
     tp.parallel_for(n_pages, [&](std::int64_t p, int) {

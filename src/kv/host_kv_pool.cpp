@@ -40,6 +40,7 @@ std::byte* allocate_arena(std::size_t bytes) {
 struct Arenas {
   std::byte* pages = nullptr;
   std::byte* summaries = nullptr;
+  bool allocated_by_cuda = false;  // cudaHostAlloc, not registered aligned memory
 };
 
 Arenas allocate_aligned(std::size_t page_bytes, std::size_t summary_bytes) {
@@ -57,6 +58,29 @@ Arenas allocate_aligned(std::size_t page_bytes, std::size_t summary_bytes) {
 
 #if HATTN_WITH_CUDA
 // Pinned, mapped and portable: any context's kernels read the pages through UVA.
+bool allocate_pinned_plain(std::size_t page_bytes, std::size_t summary_bytes, Arenas& out, std::string& note) {
+  const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable;
+  void* pages = nullptr;
+  void* summaries = nullptr;
+  cudaError_t e = cudaHostAlloc(&pages, page_bytes, flags);
+  if (e == cudaSuccess) e = cudaHostAlloc(&summaries, summary_bytes, flags);
+  if (e != cudaSuccess) {
+    if (pages) cudaFreeHost(pages);
+    note = detail::concat("cudaHostAlloc of ", page_bytes + summary_bytes, " bytes failed (", cudaGetErrorString(e),
+                          "); using aligned host memory");
+    cudaGetLastError();
+    return false;
+  }
+  out.pages = static_cast<std::byte*>(pages);
+  out.summaries = static_cast<std::byte*>(summaries);
+  out.allocated_by_cuda = true;
+  note = "pinned mapped host memory (cudaHostAlloc)";
+  return true;
+}
+
+// The arenas are allocated like aligned ones (2 MB aligned, offered to transparent huge pages) and
+// then registered with CUDA (pinned, mapped): the CPU kernels keep huge-page TLB reach over the pool,
+// which cudaHostAlloc's 4 KB pages lose, and GPU kernels still read the pages in place.
 bool try_allocate_pinned(std::size_t page_bytes, std::size_t summary_bytes, Arenas& out, std::string& note) {
   int devices = 0;
   if (cudaError_t e = cudaGetDeviceCount(&devices); e != cudaSuccess || devices == 0) {
@@ -65,21 +89,30 @@ bool try_allocate_pinned(std::size_t page_bytes, std::size_t summary_bytes, Aren
     cudaGetLastError();
     return false;
   }
-  const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable;
-  void* pages = nullptr;
-  void* summaries = nullptr;
-  cudaError_t e = cudaHostAlloc(&pages, page_bytes, flags);
-  if (e == cudaSuccess) e = cudaHostAlloc(&summaries, summary_bytes, flags);
-  if (e != cudaSuccess) {
-    if (pages) cudaFreeHost(pages);
-    note = detail::concat("cudaHostAlloc of ", page_bytes + summary_bytes,
-                          " bytes failed (", cudaGetErrorString(e), "); using aligned host memory");
+  int device = 0, host_pointer_ok = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&host_pointer_ok, cudaDevAttrCanUseHostPointerForRegisteredMem, device);
+  if (!host_pointer_ok) {  // registered memory would need a separate device address: plain pinned memory
     cudaGetLastError();
+    return allocate_pinned_plain(page_bytes, summary_bytes, out, note);
+  }
+  Arenas a = allocate_aligned(page_bytes, summary_bytes);
+  const unsigned flags = cudaHostRegisterMapped | cudaHostRegisterPortable;
+  cudaError_t e = cudaHostRegister(a.pages, round_up(page_bytes, page_bytes >= kHugePage ? kHugePage : kArenaAlignment), flags);
+  const bool pages_registered = e == cudaSuccess;
+  if (e == cudaSuccess)
+    e = cudaHostRegister(a.summaries, round_up(summary_bytes, summary_bytes >= kHugePage ? kHugePage : kArenaAlignment),
+                         flags);
+  if (e != cudaSuccess) {
+    if (pages_registered) cudaHostUnregister(a.pages);
+    note = detail::concat("cudaHostRegister of ", page_bytes + summary_bytes, " bytes failed (", cudaGetErrorString(e),
+                          "); using aligned host memory");
+    cudaGetLastError();
+    out = a;  // still usable by the CPU
     return false;
   }
-  out.pages = static_cast<std::byte*>(pages);
-  out.summaries = static_cast<std::byte*>(summaries);
-  note = detail::concat("pinned mapped host memory on ", devices, " CUDA device(s)");
+  out = a;
+  note = detail::concat("pinned mapped host memory (registered, huge-page advised) on ", devices, " CUDA device(s)");
   return true;
 }
 #endif
@@ -107,10 +140,11 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
   note_ = request == HostMemoryRequest::kAuto ? "built without CUDA; using aligned host memory"
                                               : "aligned host memory, as requested";
 #endif
-  if (!pinned) arenas = allocate_aligned(page_arena, summary_arena);
+  if (arenas.pages == nullptr) arenas = allocate_aligned(page_arena, summary_arena);
   pages_ = arenas.pages;
   summaries_ = arenas.summaries;
   kind_ = pinned ? HostMemoryKind::kPinnedMapped : HostMemoryKind::kAligned;
+  allocated_by_cuda_ = arenas.allocated_by_cuda;
 
   free_list_.resize(static_cast<std::size_t>(capacity_pages_));
   // Hand out low ids first so a fresh pool fills its arena front to back.
@@ -120,10 +154,14 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
 
 HostKVPool::~HostKVPool() {
 #if HATTN_WITH_CUDA
-  if (kind_ == HostMemoryKind::kPinnedMapped) {
+  if (allocated_by_cuda_) {
     cudaFreeHost(pages_);
     cudaFreeHost(summaries_);
     return;
+  }
+  if (kind_ == HostMemoryKind::kPinnedMapped) {
+    cudaHostUnregister(pages_);
+    cudaHostUnregister(summaries_);
   }
 #endif
   std::free(pages_);

@@ -80,6 +80,7 @@ class HostKVPool {
   std::byte* pages_ = nullptr;
   std::byte* summaries_ = nullptr;
   HostMemoryKind kind_ = HostMemoryKind::kAligned;
+  bool allocated_by_cuda_ = false;  // cudaHostAlloc (freed by CUDA), else aligned memory, maybe registered
   std::string note_;
   mutable std::mutex mutex_;
   std::vector<PageId> free_list_;       // stack of free ids
