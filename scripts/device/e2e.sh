@@ -39,7 +39,7 @@ say "-- hattn-bench 128K batch 1 without an HBM cache (the scheduler splits: CPU
 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 --hbm_share 0 --json '' \
   --orchestrator_json docs/results/orchestrator_no_cache.json "${torch_flag[@]}" 2>&1 | tee -a "$log" || status=1
 say "-- hattn-bench 128K batch 1, GPU phase breakdown (CUDA events between phases; diagnosis, no JSON)"
-for share in 0.15 0; do
+for share in 0.19 0; do
   timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 quest_gpu gpu_dense \
     --hbm_share $share --phases --json '' --orchestrator_json '' 2>&1 | grep -E '^phases|^\| 131072' | tee -a "$log" "$OUT/phases.txt"
 done
