@@ -82,13 +82,14 @@ def plot_quality(doc, out_dir):
     five = [r for r in doc.get("rows", []) if abs(r["avg_budget"] - 0.05) < 1e-9 and r["kind"] in kinds]
     if not five:
         return
-    systems5 = [s for s in systems if any(r["system"] == s for r in five)]
+    systems5 = [s for s in systems if any(r["system"] == s and r["output_rel_l2"] is not None for r in five)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(1, len(systems5))
     for i, s in enumerate(systems5):
         vals = []
         for k in kinds:
-            m = [r["output_rel_l2"] for r in five if r["system"] == s and r["kind"] == k]
+            # Systems without an output (the oracle selection) have None here.
+            m = [r["output_rel_l2"] for r in five if r["system"] == s and r["kind"] == k and r["output_rel_l2"] is not None]
             vals.append(m[0] if m else 0)
         ax.bar([j + i * width for j in range(len(kinds))], vals, width, color=STYLE.get(s, {}).get("color"),
                label=STYLE.get(s, {}).get("label", s))
