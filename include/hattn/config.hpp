@@ -25,9 +25,10 @@ struct Config {
   int page_size = 16;                  ///< tokens per page: 16, 32 or 64
   std::size_t host_pool_bytes = 0;     ///< pinned host pool for every layer's KV and summaries
   std::size_t hbm_cache_bytes = 0;     ///< HBM page cache (0: none; every GPU-side page read from host)
-  /// Workers of the CPU side. 0: one per hardware thread, less one with the GPU backend, whose
-  /// caller's thread keeps launching (or waiting on) GPU work while the CPU side computes: a worker
-  /// sharing its core gets descheduled for whole time slices and holds up the step it owns.
+  /// Workers of the CPU side. 0: one per hardware thread for the CPU backend; half of them for the
+  /// GPU backend, whose caller's thread keeps launching (or waiting on) GPU work while the CPU side
+  /// computes, and whose CPU side shares DRAM with the GPU's zero-copy reads (on the device, 8
+  /// workers were as fast as 12 and 1.6x faster than 15: docs/performance.md).
   int cpu_threads = 0;
   double avg_budget = 0.05;            ///< average share of a request's pages each head attends, in (0, 1]
   int sink_pages = 1;                  ///< first pages always attended (attention sinks)

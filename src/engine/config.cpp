@@ -15,7 +15,7 @@ void Config::validate() const {
   detail::require(avg_budget > 0 && avg_budget <= 1, "Config", "avg_budget", avg_budget, "in (0, 1]");
   detail::require(sink_pages >= 0, "Config", "sink_pages", sink_pages, ">= 0");
   detail::require(local_pages >= 0, "Config", "local_pages", local_pages, ">= 0");
-  detail::require(cpu_threads >= 0, "Config", "cpu_threads", cpu_threads, ">= 0 (0 = one per hardware thread, less one with a GPU)");
+  detail::require(cpu_threads >= 0, "Config", "cpu_threads", cpu_threads, ">= 0 (0 = one per hardware thread; half of them with a GPU)");
   detail::require(scale >= 0 && std::isfinite(scale), "Config", "scale", scale, ">= 0 (0 = 1/sqrt(head_dim))");
   detail::require(max_batch >= 1, "Config", "max_batch", max_batch, ">= 1");
 }
