@@ -425,8 +425,8 @@ struct GpuSide::Impl {
   // The CPU side starts once q and its part of the selection are on the host. q is copied on the
   // caller's stream (before kSelected), because the caller may overwrite its buffer with work it
   // enqueues after run(); the CPU's part, which the slot owns, comes on a copy stream while the GPU
-  // goes on with cache maintenance and its decode. The driver thread waits for the copy stream's event, which follows
-  // kSelected and so the q copy too.
+  // goes on with cache maintenance and its decode. The driver thread waits for the copy stream's
+  // event, which follows kSelected and so the q copy too.
   void enqueue_cpu_job(Slot& slot, const LayerWork& work, std::size_t selected_capacity,
                        const std::int32_t* sel_offset) {
     const std::size_t segments = work.rows.size() * static_cast<std::size_t>(config.shape.kv_heads);
