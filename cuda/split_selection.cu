@@ -1,12 +1,14 @@
-// One block per segment. A first pass counts the segment's uncached blocks; the second walks the list
-// in tiles, ranks every block among the uncached and among the cached ones with one block-wide scan,
-// and from the two ranks knows both its part and its place in that part without a second scan.
+// One block per segment. A first pass counts the segment's uncached blocks, which sets how much of the
+// quota goes to uncached blocks; the second walks the list in tiles, ranks every block among the
+// uncached and among the cached ones with one block-wide scan, and from the two ranks knows both its
+// part and its place in that part without a second scan.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "detail/launch_check.cuh"
+#include "hattn/core/error.hpp"
 #include "hattn/kernels/cuda_split.hpp"
 
 namespace hattn::cuda {
@@ -70,14 +72,10 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   const float share = p.cpu_share != nullptr ? p.cpu_share[row] : 0.0f;
   const int quota = min(s.n, max(0, __float2int_rn(share * static_cast<float>(s.n))));
   const int cpu_misses = min(quota, misses), cpu_hits = quota - cpu_misses;
-  if (threadIdx.x == 0) {
-    p.gpu_hits[segment] = hits - cpu_hits;
-    if (p.cpu_share != nullptr) {
-      p.gpu_count[segment] = s.n - quota;
-      p.cpu_count[segment] = quota;
-    }
+  if (p.cpu_share == nullptr) {
+    if (threadIdx.x == 0) p.gpu_hits[segment] = hits;
+    return;
   }
-  if (p.cpu_share == nullptr) return;
 
   std::int32_t* gpu_out = p.gpu_selected + p.selected_offset[segment];
   std::int32_t* cpu_out = p.cpu_selected + p.selected_offset[segment];
@@ -110,6 +108,17 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     misses_before += tile_total & ((1 << kCachedShift) - 1);
     hits_before += tile_total >> kCachedShift;
   }
+  // The counts follow this pass's reading of the cache map, not the first pass's: an eviction or
+  // admission of an earlier call may still run on the cache's side stream and change a block's state
+  // between the two reads. Each block was read once here, so the two lists partition the selection
+  // whatever changed; the quota only splits between uncached and cached blocks as the first pass saw.
+  if (threadIdx.x == 0) {
+    const int cpu_hits_taken = min(hits_before, cpu_hits);
+    const int cpu = min(misses_before, cpu_misses) + cpu_hits_taken;
+    p.cpu_count[segment] = cpu;
+    p.gpu_count[segment] = s.n - cpu;
+    p.gpu_hits[segment] = hits_before - cpu_hits_taken;
+  }
 }
 
 }  // namespace
@@ -117,6 +126,11 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
 void launch_split_selection(const SplitSelectionParams& p, Stream stream) {
   const int segments = p.batch * p.kv_heads;
   if (segments <= 0) return;
+  hattn::detail::require(p.selected && p.selected_offset && p.selected_count && p.page_table && p.page_indptr &&
+                             p.gpu_hits,
+                         "launch_split_selection", "pointers", "null", "selection, table and gpu_hits set");
+  hattn::detail::require(p.cpu_share == nullptr || (p.gpu_selected && p.gpu_count && p.cpu_selected && p.cpu_count),
+                         "launch_split_selection", "output lists", "null", "all set with cpu_share");
   SplitSelectionKernel<<<segments, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }

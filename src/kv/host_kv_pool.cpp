@@ -131,6 +131,12 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
   const std::size_t page_arena = static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes();
   const std::size_t summary_arena = static_cast<std::size_t>(capacity_pages_) * layout_.summary_bytes();
 
+  // The bookkeeping first: once the arenas exist nothing here may throw (the destructor would not run).
+  free_list_.resize(static_cast<std::size_t>(capacity_pages_));
+  // Hand out low ids first so a fresh pool fills its arena front to back.
+  for (std::int64_t i = 0; i < capacity_pages_; ++i) free_list_[i] = static_cast<PageId>(capacity_pages_ - 1 - i);
+  allocated_.assign(static_cast<std::size_t>(capacity_pages_), 0);
+
   Arenas arenas;
   bool pinned = false;
 #if HATTN_WITH_CUDA
@@ -146,10 +152,6 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
   kind_ = pinned ? HostMemoryKind::kPinnedMapped : HostMemoryKind::kAligned;
   allocated_by_cuda_ = arenas.allocated_by_cuda;
 
-  free_list_.resize(static_cast<std::size_t>(capacity_pages_));
-  // Hand out low ids first so a fresh pool fills its arena front to back.
-  for (std::int64_t i = 0; i < capacity_pages_; ++i) free_list_[i] = static_cast<PageId>(capacity_pages_ - 1 - i);
-  allocated_.assign(static_cast<std::size_t>(capacity_pages_), 0);
 }
 
 HostKVPool::~HostKVPool() {

@@ -21,7 +21,8 @@ struct SplitSelectionParams {
   const std::int32_t* page_indptr = nullptr;      ///< [batch + 1]
   /// [pool_pages * kv_heads] HBM slot of (page, head) or -1; null: no cache, every block is a miss.
   const std::int32_t* slot_of = nullptr;
-  /// [batch] share in [0, 1] of each segment's selected blocks the CPU computes (rounded to blocks);
+  /// [batch] share in [0, 1] of each segment's selected blocks the CPU computes (rounded to blocks; the
+  /// CPU gets fewer when blocks it was to take changed state mid-split, see gpu_hits);
   /// null: none (the kernel then only counts the cached blocks).
   const float* cpu_share = nullptr;
   int batch = 0, kv_heads = 0;
@@ -30,8 +31,10 @@ struct SplitSelectionParams {
   std::int32_t* gpu_count = nullptr;  ///< [batch * kv_heads]
   std::int32_t* cpu_selected = nullptr;
   std::int32_t* cpu_count = nullptr;  ///< [batch * kv_heads]
-  /// [batch * kv_heads] blocks of the GPU's part that are cached (may be mapped host memory). It is
-  /// the cache as this kernel saw it: blocks an admission still in flight publishes later count as misses.
+  /// [batch * kv_heads] blocks of the GPU's part that are cached (required; may be mapped host memory).
+  /// It is the cache as this kernel saw it: an admission or eviction of an earlier call still in flight
+  /// on the cache's side stream may change a block's state before the decode reads it (the decode
+  /// reads the map again, so the result never depends on it).
   std::int32_t* gpu_hits = nullptr;
 };
 

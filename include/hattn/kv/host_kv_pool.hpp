@@ -14,7 +14,7 @@ namespace hattn {
 
 /// Where the arenas of a HostKVPool live.
 enum class HostMemoryKind : std::uint8_t {
-  kPinnedMapped,  ///< cudaHostAlloc(mapped | portable): GPU kernels read pages directly (zero-copy)
+  kPinnedMapped,  ///< pinned and mapped for CUDA (registered aligned memory, else cudaHostAlloc): GPU kernels read pages in place (zero-copy)
   kAligned,       ///< page-aligned pageable memory: no GPU, a CPU-only build, or asked for
 };
 

@@ -62,7 +62,7 @@ class Priority {
 
   void feedback(const StepTiming& t) {
     auto correct = [&](double& factor, double measured, double predicted) {
-      if (measured <= 0 || predicted <= 0) return;
+      if (!(measured > 0) || !(predicted > 0)) return;  // also NaN, which would stick
       // Bounded: a side measured 5x off its rates is waiting on something the model does not see
       // (an admission in flight, a busy DRAM), and an unbounded factor would also scale its fixed
       // cost until the other side got everything.
