@@ -1,6 +1,8 @@
 // The shipped policies on their own: the rules they set, the classes they infer, the feedback they keep.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <numeric>
 #include <vector>
 
@@ -161,6 +163,17 @@ TEST(Priority, GivesTheCpuNothingWhenTheGpuReadsFromHbm) {
   s.feedback({c.rows, 1e4, 10.0, 100, 100});
   EXPECT_LT(c.share(s, 0.0), cold);
   EXPECT_EQ(c.share(s, 0.0, /*gpu=*/false), 1.0);
+}
+
+TEST(Priority, IgnoresTimingsThatAreNotPositiveNumbers) {
+  Priority s;
+  PriorityCase c;
+  const double cold = c.share(s, 0.0);
+  s.feedback({c.rows, std::nan(""), std::nan(""), 100, 100});
+  s.feedback({c.rows, -5.0, 0.0, 100, 100});
+  EXPECT_EQ(s.cpu_correction(), 1.0);
+  EXPECT_EQ(s.gpu_correction(), 1.0);
+  EXPECT_EQ(c.share(s, 0.0), cold);
 }
 
 // The CPU's share is filled with uncached blocks first: with most of the selection in HBM it takes
