@@ -104,14 +104,17 @@ struct SelectShared {
 // One reduction round for several values (two barriers instead of two per value).
 __device__ void block_reduce_stats(SelectShared& sh, float& lo, float& hi, float& top, int& ranked, int& forced) {
   const int lane = threadIdx.x % detail::kWarp, warp = threadIdx.x / detail::kWarp;
+  auto warp_fold = [&] {
 #pragma unroll
-  for (int off = detail::kWarp / 2; off > 0; off /= 2) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
-    ranked += __shfl_xor_sync(0xffffffffu, ranked, off);
-    forced += __shfl_xor_sync(0xffffffffu, forced, off);
-  }
+    for (int off = detail::kWarp / 2; off > 0; off /= 2) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
+      ranked += __shfl_xor_sync(0xffffffffu, ranked, off);
+      forced += __shfl_xor_sync(0xffffffffu, forced, off);
+    }
+  };
+  warp_fold();
   if (lane == 0) {
     sh.fred[warp][0] = lo;
     sh.fred[warp][1] = hi;
@@ -124,14 +127,7 @@ __device__ void block_reduce_stats(SelectShared& sh, float& lo, float& hi, float
   if (warp == 0) {
     lo = sh.fred[lane][0], hi = sh.fred[lane][1], top = sh.fred[lane][2];
     ranked = sh.ired[lane][0], forced = sh.ired[lane][1];
-#pragma unroll
-    for (int off = detail::kWarp / 2; off > 0; off /= 2) {
-      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
-      ranked += __shfl_xor_sync(0xffffffffu, ranked, off);
-      forced += __shfl_xor_sync(0xffffffffu, forced, off);
-    }
+    warp_fold();
     __syncwarp();
     if (lane == 0) {
       sh.fred[0][0] = lo, sh.fred[0][1] = hi, sh.fred[0][2] = top;
