@@ -25,13 +25,17 @@ constexpr std::size_t kHugePage = std::size_t{2} << 20;
 
 std::size_t round_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
 
+std::size_t arena_alignment(std::size_t bytes) { return bytes >= kHugePage ? kHugePage : kArenaAlignment; }
+// What allocate_arena really allocates for `bytes` (and what registration must cover).
+std::size_t arena_bytes(std::size_t bytes) { return round_up(bytes, arena_alignment(bytes)); }
+
 std::byte* allocate_arena(std::size_t bytes) {
-  const std::size_t align = bytes >= kHugePage ? kHugePage : kArenaAlignment;
-  auto* p = static_cast<std::byte*>(std::aligned_alloc(align, round_up(bytes, align)));
+  const std::size_t align = arena_alignment(bytes);
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(align, arena_bytes(bytes)));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   // Advice only: where THP is off (or "always" already) this changes nothing, so failure is ignored.
   if (p != nullptr && align == kHugePage)
-    (void)madvise(p, round_up(bytes, align), MADV_HUGEPAGE);
+    (void)madvise(p, arena_bytes(bytes), MADV_HUGEPAGE);
 #endif
   return p;
 }
@@ -98,11 +102,9 @@ bool try_allocate_pinned(std::size_t page_bytes, std::size_t summary_bytes, Aren
   }
   Arenas a = allocate_aligned(page_bytes, summary_bytes);
   const unsigned flags = cudaHostRegisterMapped | cudaHostRegisterPortable;
-  cudaError_t e = cudaHostRegister(a.pages, round_up(page_bytes, page_bytes >= kHugePage ? kHugePage : kArenaAlignment), flags);
+  cudaError_t e = cudaHostRegister(a.pages, arena_bytes(page_bytes), flags);
   const bool pages_registered = e == cudaSuccess;
-  if (e == cudaSuccess)
-    e = cudaHostRegister(a.summaries, round_up(summary_bytes, summary_bytes >= kHugePage ? kHugePage : kArenaAlignment),
-                         flags);
+  if (e == cudaSuccess) e = cudaHostRegister(a.summaries, arena_bytes(summary_bytes), flags);
   if (e != cudaSuccess) {
     if (pages_registered) cudaHostUnregister(a.pages);
     note = detail::concat("cudaHostRegister of ", page_bytes + summary_bytes, " bytes failed (", cudaGetErrorString(e),
