@@ -52,6 +52,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int stride = gridDim.x * items_per_block;
   const long long out_base = static_cast<long long>(first) * p.kv_heads;
   const bool want_upper = p.upper != nullptr, want_estimate = p.estimate != nullptr;
+  const bool blended = p.blended != nullptr;
   // Raw rows of the next item are loaded before the current one is scored (software pipelining),
   // so each lane keeps two items of loads in flight.
   uint4 raw[3][kLoads] = {};
@@ -146,8 +147,10 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
       const int i = w / p.kv_heads;
       const long long at = out_base + static_cast<long long>(h) * n + i;
       const int tokens = min(p.page_size, len - i * p.page_size);
-      if (want_upper) p.upper[at] = best_upper;
-      if (want_estimate) p.estimate[at] = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
+      const float estimate = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
+      if (want_estimate) p.estimate[at] = estimate;
+      if (want_upper)
+        p.upper[at] = blended && p.blended[b * p.kv_heads + h] ? estimate + p.blend * (best_upper - estimate) : best_upper;
     }
   }
 }
@@ -167,6 +170,8 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
   hattn::detail::require(p.upper != nullptr || p.estimate != nullptr, kWhere, "upper/estimate", "both null",
                          "at least one set");
   hattn::detail::require(p.batch <= 65535, kWhere, "batch", p.batch, "<= 65535");
+  hattn::detail::require(p.blended == nullptr || (p.upper != nullptr && p.estimate != nullptr), kWhere, "blended",
+                         "set", "upper and estimate set too");
   const std::size_t smem = static_cast<std::size_t>(p.q_heads) * p.head_dim * sizeof(float);
   constexpr std::size_t kMaxSmem = 96 * 1024;
   hattn::detail::require(smem <= kMaxSmem, kWhere, "q_heads * head_dim", smem / sizeof(float), "<= 24576");

@@ -73,7 +73,10 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   const int quota = min(s.n, max(0, __float2int_rn(share * static_cast<float>(s.n))));
   const int cpu_misses = min(quota, misses), cpu_hits = quota - cpu_misses;
   if (p.cpu_share == nullptr) {
-    if (threadIdx.x == 0) p.gpu_hits[segment] = hits;
+    if (threadIdx.x == 0) {
+      p.gpu_hits[segment] = hits;
+      if (p.gpu_blocks != nullptr) p.gpu_blocks[segment] = s.n;
+    }
     return;
   }
 
@@ -118,6 +121,7 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     p.cpu_count[segment] = cpu;
     p.gpu_count[segment] = s.n - cpu;
     p.gpu_hits[segment] = hits_before - cpu_hits_taken;
+    if (p.gpu_blocks != nullptr) p.gpu_blocks[segment] = s.n - cpu;
   }
 }
 

@@ -4,8 +4,11 @@
 // bulk copy of the layer's KV, then our dense kernel; and PyTorch's from --torch_json), PyTorch SDPA
 // (--torch_json), CPU-only dense, the fixed 5% hybrid and the Quest-like GPU-only selection. Each
 // system: warm-up steps (HBM cache and predictor settle), then timed steps, one new token per request
-// per step, the stream synchronised per step; the median is reported with its floor
-// max(host bytes / host bandwidth, HBM bytes / HBM bandwidth), both bandwidths measured here.
+// per step. A step runs --layers layers back to back on one stream, as an engine does (the caller's
+// launches for layer l + 1 overlap the GPU's work on layer l), and synchronises once; the time per
+// layer is the step / layers. With --layers 1 every layer is synchronised on its own and its host
+// launches are on the critical path. The median is reported with its floor max(host bytes / host
+// bandwidth, HBM bytes / HBM bandwidth), both bandwidths measured here.
 // Writes docs/results/e2e.json and docs/results/orchestrator.json (GPU runs only).
 #include <array>
 #include <CLI/CLI.hpp>
@@ -47,6 +50,7 @@ struct Options {
   int iters = 30;
   int threads = 0;
   int zoo_layer = 16;
+  int layers = 4;  // layers per step, back to back (capped so the pinned KV stays under kMaxStepKvBytes)
   double budget = 0.05;
   double hbm_share = 0.19;  // under the 20% bar with the slack pages for new tokens
   bool quick = false;
@@ -108,16 +112,20 @@ double torch_value(const std::string& text, const std::string& section, const st
   return std::strtod(text.c_str() + colon + 1, nullptr);
 }
 
+// The pinned host KV of one system's layers is capped (128K x 16 x 4 layers would pin 34 GB).
+constexpr double kMaxStepKvBytes = 8.0 * (1 << 30);
+
 struct Row {
   std::string system;
   std::int64_t context = 0;
   int batch = 0;
-  double step_us = -1;        // median run() + stream sync
-  double plan_us = 0;         // median plan(), once per step for the whole model (here: one layer)
+  int layers = 1;             // layers per step, run back to back
+  double step_us = -1;        // median (run() of every layer + one stream sync) / layers
+  double plan_us = 0;         // median plan(), once per step for the whole model
   double floor_us = 0;        // max(host bytes / host bw, HBM bytes / HBM bw)
   double host_bytes = 0, hbm_bytes = 0;
   double budget_used = 0;
-  double hbm_share = 0;       // HBM cache bytes / the layer's KV bytes
+  double hbm_share = 0;       // HBM cache bytes / the KV bytes of the step's layers
   double overlap = -1;        // share of the step during which both sides computed
   double caller_us = -1;      // median StepStats::caller_us
   double cpu_us = 0, gpu_us = 0;
@@ -218,10 +226,18 @@ Workload make_workload(const Options& o, std::int64_t context, int steps) {
   return w;
 }
 
-Config make_config(const Options& o, const ModelShape& s, std::int64_t context, int batch, double budget,
+// Layers per step for this shape: --layers, fewer where their pinned KV would pass kMaxStepKvBytes.
+int step_layers(const Options& o, const ModelShape& s, std::int64_t context, int batch) {
+  const double layer_bytes = static_cast<double>(batch) * context * 2.0 * s.kv_heads * s.head_dim * dtype_bytes(s.kv_dtype);
+  return std::clamp(static_cast<int>(kMaxStepKvBytes / layer_bytes), 1, std::max(1, o.layers));
+}
+
+Config make_config(const Options& o, const ModelShape& model, std::int64_t context, int batch, double budget,
                    double hbm_share, bool gpu) {
+  ModelShape s = model;
+  s.layers = step_layers(o, model, context, batch);
   const PageLayout layout{16, s.kv_heads, s.head_dim, s.kv_dtype};
-  const std::int64_t pages = ((context + o.warmup + o.iters + 15) / 16 + 2) * batch;
+  const std::int64_t pages = ((context + o.warmup + o.iters + 15) / 16 + 2) * batch * s.layers;
   Config c;
   c.shape = s;
   c.page_size = 16;
@@ -240,11 +256,13 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
                 int batch, const Bandwidths& bw, bool gpu) {
   const ModelShape& s = attn.config().shape;
   const std::size_t per_token = static_cast<std::size_t>(s.kv_heads) * s.head_dim;
+  const int layers = s.layers;  // every layer holds the zoo layer's tokens
   std::vector<SeqId> rows;
   for (int b = 0; b < batch; ++b) {
     rows.push_back(attn.add_sequence());
-    attn.append(rows.back(), 0, TensorView::contiguous(w.keys.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}),
-                TensorView::contiguous(w.values.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}));
+    for (int l = 0; l < layers; ++l)
+      attn.append(rows.back(), l, TensorView::contiguous(w.keys.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}),
+                  TensorView::contiguous(w.values.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}));
   }
   const std::size_t qn = static_cast<std::size_t>(batch) * s.q_heads * s.head_dim;
   std::vector<float> q(qn), out(qn);
@@ -272,8 +290,9 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   for (int it = 0; it < total; ++it) {
     const std::int64_t pos = context + it;
     for (SeqId seq : rows)
-      attn.append(seq, 0, TensorView::contiguous(&w.keys[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}),
-                  TensorView::contiguous(&w.values[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}));
+      for (int l = 0; l < layers; ++l)
+        attn.append(seq, l, TensorView::contiguous(&w.keys[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}),
+                    TensorView::contiguous(&w.values[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}));
     for (int b = 0; b < batch; ++b)
       std::copy(w.queries[it].begin(), w.queries[it].end(), q.begin() + static_cast<std::ptrdiff_t>(b) * s.q_heads * s.head_dim);
 #if HATTN_WITH_CUDA
@@ -286,15 +305,16 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     const Plan plan = attn.plan(rows);
     const double p_us = us_since(tp);
     const auto t0 = Clock::now();
-    attn.run(plan, 0, qv, ov, stream);
+    for (int l = 0; l < layers; ++l) attn.run(plan, l, qv, ov, stream);
 #if HATTN_WITH_CUDA
     if (gpu) HATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
 #endif
-    const double us = us_since(t0);
-    const StepStats& st = attn.stats(0);
+    const double us = us_since(t0) / layers;
     if (it < o.warmup) continue;
     step.push_back(us);
     plan_t.push_back(p_us);
+    for (int l = 0; l < layers; ++l) {
+    const StepStats& st = attn.stats(l);
     const double hbm = static_cast<double>(st.hbm_hits) * block_bytes;
     host_b.push_back(static_cast<double>(st.host_read_bytes));
     hbm_b.push_back(hbm);
@@ -320,6 +340,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     } else {
       overlap.push_back(0);
     }
+    }
     if ((it - o.warmup) % 10 == 9)
       std::fprintf(stderr, "\r[bench]   %s: step %d/%d, median so far %.1f us   ", name.c_str(), it - o.warmup + 1,
                    o.iters, median(step));
@@ -337,13 +358,15 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   r.system = name;
   r.context = context;
   r.batch = batch;
+  r.layers = layers;
   r.step_us = median(step);
   r.plan_us = median(plan_t);
   r.host_bytes = median(host_b);
   r.hbm_bytes = median(hbm_b);
   r.floor_us = std::max(bw.host > 0 ? r.host_bytes / bw.host : 0.0, bw.hbm > 0 ? r.hbm_bytes / bw.hbm : 0.0);
   r.budget_used = median(used);
-  const double kv_bytes = static_cast<double>(batch) * static_cast<double>(context) * 2.0 * s.kv_heads * s.head_dim * dtype_bytes(s.kv_dtype);
+  const double kv_bytes = static_cast<double>(layers) * batch * static_cast<double>(context) * 2.0 * s.kv_heads * s.head_dim *
+                          dtype_bytes(s.kv_dtype);
   r.hbm_share = static_cast<double>(attn.config().hbm_cache_bytes) / kv_bytes;
   r.overlap = median(overlap);
   r.caller_us = median(caller);
@@ -401,9 +424,10 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", o.warmup, "untimed steps first (HBM cache and predictor settle)");
   app.add_option("--iters", o.iters, "timed steps (median reported)");
   app.add_option("--threads", o.threads, "CPU threads of the objects (0 = all)");
+  app.add_option("--layers", o.layers, "layers per step, run back to back (fewer where their KV would pin over 8 GiB; 1 = sync per layer)");
   app.add_option("--zoo_layer", o.zoo_layer, "model layer of the Llama-3-8B zoo the layer's heads come from");
   app.add_option("--budget", o.budget, "average budget of the Fluxion default");
-  app.add_option("--hbm_share", o.hbm_share, "HBM cache of the sparse systems as a share of the layer's KV bytes");
+  app.add_option("--hbm_share", o.hbm_share, "HBM cache of the sparse systems as a share of the KV bytes of the step's layers");
   app.add_option("--torch_json", o.torch_json, "baselines from benchmarks/torch_baselines.py (gpu_sdpa_us, full_offload_us)");
   app.add_flag("--quick", o.quick, "32K only, batch 1 and 4, fewer steps");
   app.add_flag("--phases", o.phases, "time the GPU phases of every run() with CUDA events and print their medians");
@@ -496,13 +520,13 @@ int main(int argc, char** argv) {
     }
 
     std::ostringstream table;
-    table << "| context x batch | system | step us | tokens/s (32 layers) | floor us | budget used | HBM share | "
-             "overlap | caller us |\n|---|---|---|---|---|---|---|---|---|\n";
+    table << "| context x batch | system | layers | us per layer | tokens/s (32 layers) | floor us | budget used | "
+             "HBM share | overlap | caller us |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for (const Row& r : rows) {
       const double tps = r.step_us > 0 ? r.batch * 1e6 / (r.step_us * 32) : 0;
       char line[512];
-      std::snprintf(line, sizeof line, "| %s | %s | %.1f | %.0f | %.1f | %.4f | %.3f | %.2f | %.1f |\n",
-                    key_of(r.context, r.batch).c_str(), r.system.c_str(), r.step_us, tps, r.floor_us, r.budget_used,
+      std::snprintf(line, sizeof line, "| %s | %s | %d | %.1f | %.0f | %.1f | %.4f | %.3f | %.2f | %.1f |\n",
+                    key_of(r.context, r.batch).c_str(), r.system.c_str(), r.layers, r.step_us, tps, r.floor_us, r.budget_used,
                     r.hbm_share, r.overlap, r.caller_us);
       table << line;
     }
@@ -529,8 +553,9 @@ int main(int argc, char** argv) {
     const Row* sdpa = find("torch_sdpa", 131072, 1);
     const std::string setting = detail::concat(
         "one Llama-3-8B-shaped layer (32 q heads, 8 KV heads, dim 128, bf16) from zoo layer ", o.zoo_layer,
-        ", 128K tokens, batch 1, page 16; median of ", o.iters, " steps after ", o.warmup,
-        " warm-up steps, stream synchronised per step; host read ", static_cast<int>(bw.host / 1e3), " GB/s, HBM ",
+        ", 128K tokens, batch 1, page 16; median of ", o.iters, " steps after ", o.warmup, " warm-up steps; a step runs ",
+        flux ? flux->layers : o.layers,
+        " such layers back to back on one stream and synchronises once, time per layer = step / layers; host read ", static_cast<int>(bw.host / 1e3), " GB/s, HBM ",
         static_cast<int>(bw.hbm / 1e3), " GB/s measured in the same process");
     std::vector<eval::Figure> figures;
     if (flux && fixed)
@@ -562,7 +587,7 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       raw << (i ? ",\n    " : "\n    ") << "{\"system\": " << eval::json_string(r.system) << ", \"context\": " << r.context
-          << ", \"batch\": " << r.batch << ", \"step_us\": " << eval::json_number(r.step_us)
+          << ", \"batch\": " << r.batch << ", \"layers\": " << r.layers << ", \"step_us\": " << eval::json_number(r.step_us)
           << ", \"tokens_per_s_32_layers\": " << eval::json_number(r.step_us > 0 ? r.batch * 1e6 / (r.step_us * 32) : 0)
           << ", \"plan_us\": " << eval::json_number(r.plan_us) << ", \"floor_us\": " << eval::json_number(r.floor_us)
           << ", \"host_bytes\": " << eval::json_number(r.host_bytes) << ", \"hbm_bytes\": " << eval::json_number(r.hbm_bytes)

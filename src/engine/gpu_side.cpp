@@ -15,7 +15,6 @@
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
-#include "hattn/kernels/cuda_rank.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
@@ -85,17 +84,19 @@ constexpr std::size_t kScored = 0, kSelected = 1, kCacheWaited = 2, kDecoded = 3
 struct GpuSide::Impl {
   // One run() in flight: its metadata, workspaces, CPU hand-off and pending stats.
   struct Slot {
-    // cpu_inputs: q and the selection reached the host (copy stream), so the CPU job may start.
+    // cpu_inputs: q and the CPU's part of the selection reached the host, so the CPU job may start.
     cudaEvent_t begin = nullptr, end = nullptr, cpu_inputs = nullptr;
     // After score, select (and split), the cache wait, decode and the CPU gate. kSelected and
-    // kDecoded are always recorded (the schedulers' feedback and the copy stream need them), the
+    // kDecoded are always recorded (the schedulers' feedback and the stats need them), the
     // others only with Config::time_phases.
     std::array<cudaEvent_t, 5> phase{};
     PinnedArray<std::int32_t> meta_host;
     DeviceArray<std::int32_t> meta;
     DeviceArray<float> upper, estimate, partial_out, partial_lse;
     DeviceArray<std::int32_t> selected, selected_count;
-    DeviceArray<std::int32_t> gpu_selected, gpu_count, cpu_selected, cpu_count;  // the split's parts
+    DeviceArray<std::int32_t> gpu_selected, gpu_count;  // the split's GPU part
+    // The CPU part, written by the split kernel straight into mapped host memory: no copy between
+    // the selection and the CPU job's start.
     PinnedArray<std::int32_t> cpu_selected_host, cpu_count_host;
     DeviceArray<std::byte> select_workspace;
     PinnedArray<float> q_host, cpu_out, cpu_lse;
@@ -128,7 +129,6 @@ struct GpuSide::Impl {
   DeviceArray<std::byte> summaries;
   PinnedArray<std::byte> stage_keys, stage_values;
   cudaStream_t clock_stream = nullptr;
-  cudaStream_t copy_stream = nullptr;  // q and the selection to the host for the CPU side
   cudaEvent_t anchor = nullptr;
   double anchor_us = 0;
   std::uint64_t runs_since_anchor = 0;
@@ -168,7 +168,6 @@ struct GpuSide::Impl {
     last_slot.assign(static_cast<std::size_t>(config.shape.layers), -1);
     summaries.reserve(static_cast<std::size_t>(store.pool().capacity_pages()) * store.layout().summary_bytes());
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&clock_stream, cudaStreamNonBlocking));
-    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
     HATTN_CUDA_CHECK(cudaEventCreate(&anchor));
     reanchor();
     open_cache();
@@ -239,7 +238,6 @@ struct GpuSide::Impl {
     }
     cudaEventDestroy(anchor);
     cudaStreamDestroy(clock_stream);
-    cudaStreamDestroy(copy_stream);
     cache.reset();
     if (side_stream) cudaStreamDestroy(side_stream);
   }
@@ -399,8 +397,6 @@ struct GpuSide::Impl {
         slot.selected_count.reserve(batch * heads);
         slot.gpu_selected.reserve(total * heads);
         slot.gpu_count.reserve(batch * heads);
-        slot.cpu_selected.reserve(total * heads);
-        slot.cpu_count.reserve(batch * heads);
         slot.cpu_selected_host.reserve(total * heads);
         slot.cpu_count_host.reserve(batch * heads);
         slot.gpu_counts.reserve(2 * batch * heads);
@@ -425,18 +421,12 @@ struct GpuSide::Impl {
 
   // The CPU side starts once q and its part of the selection are on the host. q is copied on the
   // caller's stream (before kSelected), because the caller may overwrite its buffer with work it
-  // enqueues after run(); the CPU's part, which the slot owns, comes on a copy stream while the GPU
-  // goes on with cache maintenance and its decode. The driver thread waits for the copy stream's
-  // event, which follows kSelected and so the q copy too.
-  void enqueue_cpu_job(Slot& slot, const LayerWork& work, std::size_t selected_capacity,
-                       const std::int32_t* sel_offset) {
+  // enqueues after run(); the split kernel wrote the CPU's part into mapped host memory, so the
+  // event after the q copy covers both. (A D2H copy of the lists on a copy stream cost the CPU side
+  // a ~100 us later start on the device.)
+  void enqueue_cpu_job(Slot& slot, const LayerWork& work, const std::int32_t* sel_offset, cudaStream_t stream) {
     const std::size_t segments = work.rows.size() * static_cast<std::size_t>(config.shape.kv_heads);
-    HATTN_CUDA_CHECK(cudaStreamWaitEvent(copy_stream, slot.phase[kSelected], 0));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.cpu_selected_host.host(), slot.cpu_selected.get(),
-                                     selected_capacity * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.cpu_count_host.host(), slot.cpu_count.get(),
-                                     segments * sizeof(std::int32_t), cudaMemcpyDeviceToHost, copy_stream));
-    HATTN_CUDA_CHECK(cudaEventRecord(slot.cpu_inputs, copy_stream));
+    HATTN_CUDA_CHECK(cudaEventRecord(slot.cpu_inputs, stream));
     slot.selected_offset.assign(sel_offset, sel_offset + segments);
     slot.rows.assign(work.rows.begin(), work.rows.end());
     slot.rules.assign(work.rules.begin(), work.rules.end());
@@ -563,18 +553,10 @@ struct GpuSide::Impl {
     sp.upper = slot.upper.get();
     // Top-k ranking by the bound alone needs no estimate (and skips the summaries' mean rows).
     sp.estimate = threshold > 0 || any_blended ? slot.estimate.get() : nullptr;
+    // Segments that rank by the blend get it in place of their bound, from the same pass.
+    sp.blended = any_blended ? d_blended : nullptr;
+    sp.blend = kRankBlend;
     if (!whole) cuda::launch_score_pages(sp, s);
-    if (any_blended && !whole) {
-      cuda::RankScoresParams rk;
-      rk.page_indptr = d_indptr;
-      rk.blended = d_blended;
-      rk.estimate = slot.estimate.get();
-      rk.rank = slot.upper.get();
-      rk.blend = kRankBlend;
-      rk.batch = batch;
-      rk.kv_heads = heads;
-      cuda::launch_rank_scores(rk, s);
-    }
     mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
@@ -608,12 +590,13 @@ struct GpuSide::Impl {
       split.batch = batch;
       split.kv_heads = heads;
       split.gpu_hits = gpu_hits;
+      split.gpu_blocks = slot.gpu_counts.host();  // mapped: no copy of the counts after the merge
       if (has_cpu) {
         split.cpu_share = d_cpu_share;
         split.gpu_selected = slot.gpu_selected.get();
         split.gpu_count = slot.gpu_count.get();
-        split.cpu_selected = slot.cpu_selected.get();
-        split.cpu_count = slot.cpu_count.get();
+        split.cpu_selected = slot.cpu_selected_host.host();  // mapped
+        split.cpu_count = slot.cpu_count_host.host();
         gpu_selected = slot.gpu_selected.get();
         gpu_count = slot.gpu_count.get();
       }
@@ -623,7 +606,7 @@ struct GpuSide::Impl {
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream));
     mark_phase(slot, kSelected, stream);
-    if (has_cpu) enqueue_cpu_job(slot, work, static_cast<std::size_t>(total) * heads, sel_offset);
+    if (has_cpu) enqueue_cpu_job(slot, work, sel_offset, stream);
 
     if (cache) {
       CacheStepParams cp;
@@ -681,9 +664,10 @@ struct GpuSide::Impl {
     mp.head_dim = shape.head_dim;
     mp.out = out;
     cuda::launch_merge_partials(mp, s);
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
-                                     static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
-                                     cudaMemcpyDeviceToHost, stream));
+    if (!has_cpu && !cache)  // the split, which writes the counts to the host, did not run
+      HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
+                                       static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
+                                       cudaMemcpyDeviceToHost, stream));
     HATTN_CUDA_CHECK(cudaEventRecord(slot.end, stream));
 
     StepStats& st = slot.pending;

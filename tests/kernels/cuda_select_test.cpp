@@ -279,8 +279,19 @@ TEST_P(CudaScore, MatchesHostEvaluationOfSummaries) {
   p.upper = up.get();
   p.estimate = est.get();
   cuda::launch_score_pages(p, nullptr);
+  // Again with every other segment ranking by the blend, written over its bound.
+  std::vector<std::int32_t> blended(static_cast<std::size_t>(batch) * kvh);
+  for (std::size_t seg = 0; seg < blended.size(); ++seg) blended[seg] = seg % 2;
+  DeviceBuffer<std::int32_t> d_blended(blended);
+  DeviceBuffer<float> rank(total), est2(total);
+  cuda::ScoreParams pb = p;
+  pb.upper = rank.get();
+  pb.estimate = est2.get();
+  pb.blended = d_blended.get();
+  pb.blend = 0.1f;
+  cuda::launch_score_pages(pb, nullptr);
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto got_up = up.download(), got_est = est.download();
+  const auto got_up = up.download(), got_est = est.download(), got_rank = rank.download();
   for (int b = 0; b < batch; ++b) {
     const int n = indptr[b + 1] - indptr[b];
     for (int h = 0; h < kvh; ++h)
@@ -307,6 +318,9 @@ TEST_P(CudaScore, MatchesHostEvaluationOfSummaries) {
         EXPECT_NEAR(got_up[at], best, 1e-3 * std::max(1.0, std::abs(best))) << "b " << b << " h " << h << " i " << i;
         EXPECT_NEAR(got_est[at], want_est, 1e-3 * std::max(1.0, std::abs(want_est)))
             << "b " << b << " h " << h << " i " << i;
+        const double want_rank = blended[b * kvh + h] ? want_est + 0.1 * (best - want_est) : best;
+        EXPECT_NEAR(got_rank[at], want_rank, 1e-3 * std::max(1.0, std::abs(want_rank)))
+            << "blended: b " << b << " h " << h << " i " << i;
       }
   }
 }
@@ -328,6 +342,21 @@ TEST(CudaScore, RejectsUnsupportedValues) {
   p.kv_heads = 3;
   p.page_size = 16;
   EXPECT_THROW(cuda::launch_score_pages(p, nullptr), InvalidArgument);
+  // The blend needs both the bound and the estimate (checked before any device call).
+  p.kv_heads = 2;
+  const std::int32_t ints[2] = {0, 1};
+  const float floats[8] = {};
+  float out[2] = {};
+  p.q = floats;
+  p.summaries = floats;
+  p.page_table = p.page_indptr = p.seq_len = p.blended = ints;
+  p.upper = out;
+  try {
+    cuda::launch_score_pages(p, nullptr);
+    ADD_FAILURE() << "a blend without an estimate was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("blended"), std::string::npos) << e.what();
+  }
   cuda::SelectParams s;
   s.batch = 1;
   s.kv_heads = 1;

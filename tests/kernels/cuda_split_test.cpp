@@ -89,7 +89,7 @@ void run_case(const SplitCase& c) {
   const std::size_t segments = static_cast<std::size_t>(batch) * heads;
   DeviceBuffer<std::int32_t> d_sel(selected), d_off(offset), d_count(count), d_table(table), d_indptr(indptr),
       d_slot(slot_of), d_gpu(selected.size()), d_gpu_count(segments), d_cpu(selected.size()),
-      d_cpu_count(segments), d_hits(segments);
+      d_cpu_count(segments), d_hits(segments), d_blocks(segments);
   DeviceBuffer<float> d_share(c.shares);
   cuda::SplitSelectionParams p;
   p.selected = d_sel.get();
@@ -101,6 +101,7 @@ void run_case(const SplitCase& c) {
   p.batch = batch;
   p.kv_heads = heads;
   p.gpu_hits = d_hits.get();
+  p.gpu_blocks = d_blocks.get();
   if (c.with_share) {
     p.cpu_share = d_share.get();
     p.gpu_selected = d_gpu.get();
@@ -112,8 +113,10 @@ void run_case(const SplitCase& c) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto gpu = d_gpu.download(), cpu = d_cpu.download();
   const auto gpu_count = d_gpu_count.download(), cpu_count = d_cpu_count.download(), hits = d_hits.download();
+  const auto blocks = d_blocks.download();
   for (std::size_t s = 0; s < segments; ++s) {
     EXPECT_EQ(hits[s], want.gpu_hits[s]) << "segment " << s;
+    EXPECT_EQ(blocks[s], c.with_share ? static_cast<int>(want.gpu[s].size()) : count[s]) << "segment " << s;
     if (!c.with_share) continue;
     ASSERT_EQ(gpu_count[s], static_cast<int>(want.gpu[s].size())) << "segment " << s;
     ASSERT_EQ(cpu_count[s], static_cast<int>(want.cpu[s].size())) << "segment " << s;

@@ -24,6 +24,11 @@ struct ScoreParams {
   float* upper = nullptr;
   /// Log estimated mass of the page (see cpu_score_pages); nullptr skips it and the mean row.
   float* estimate = nullptr;
+  /// Optional [batch * kv_heads], nonzero where segment s ranks by the blend (PageRank::kBlend): its
+  /// `upper` entries get estimate + blend x (bound - estimate) instead of the bound, so one selection
+  /// launch serves a layer whose segments rank differently. Needs upper and estimate.
+  const std::int32_t* blended = nullptr;
+  float blend = 0.0f;
 };
 
 void launch_score_pages(const ScoreParams& p, Stream stream);

@@ -36,6 +36,9 @@ struct SplitSelectionParams {
   /// on the cache's side stream may change a block's state before the decode reads it (the decode
   /// reads the map again, so the result never depends on it).
   std::int32_t* gpu_hits = nullptr;
+  /// Optional [batch * kv_heads] copy of the GPU's block counts (gpu_count, or selected_count without
+  /// cpu_share), typically in mapped host memory: the host reads the step's counts without a copy.
+  std::int32_t* gpu_blocks = nullptr;
 };
 
 void launch_split_selection(const SplitSelectionParams& p, Stream stream);
