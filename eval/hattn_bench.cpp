@@ -283,7 +283,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   const TensorView ov = gpu ? TensorView::contiguous(dout, DType::kFloat32, {B, s.q_heads, s.head_dim}, Device::kCuda)
                             : TensorView::contiguous(out.data(), DType::kFloat32, {B, s.q_heads, s.head_dim});
   std::vector<double> step, plan_t, host_b, hbm_b, used, overlap, caller, cpu_t, gpu_t, cpu_start, cpu_mb;
-  std::array<std::vector<double>, 6> phase;
+  std::array<std::vector<double>, 7> phase;
   const PageLayout& l = attn.store().layout();
   const double block_bytes = 2.0 * l.head_block_elems() * dtype_bytes(l.dtype);
   const int total = o.warmup + o.iters;
@@ -327,7 +327,8 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     cpu_start.push_back(st.cpu_blocks > 0 && st.gpu_selected_us > 0 ? st.cpu_begin_us - st.gpu_selected_us : 0);
     cpu_mb.push_back(static_cast<double>(st.cpu_blocks) * block_bytes / 1e6);
     const auto& ph = st.gpu_phases;
-    const std::array<double, 6> ph_us{ph.score_us, ph.select_us, ph.cache_wait_us, ph.decode_us, ph.cpu_wait_us, ph.merge_us};
+    const std::array<double, 7> ph_us{ph.score_us, ph.select_us, ph.cache_wait_us, ph.decode_us, ph.cpu_wait_us, ph.merge_us,
+                                      ph.upload_us};
     for (std::size_t i = 0; i < ph_us.size(); ++i) phase[i].push_back(ph_us[i]);
     // The GPU computes from its first kernel to the end of its decode; after that its merge waits for
     // the CPU partials, which is not work.
@@ -373,7 +374,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   r.cpu_us = median(cpu_t);
   r.gpu_us = median(gpu_t);
   if (o.phases)
-    r.phases = detail::concat("score ", median(phase[0]), " us, select ", median(phase[1]), " us, cache wait ",
+    r.phases = detail::concat("upload ", median(phase[6]), " us, score ", median(phase[0]), " us, select ", median(phase[1]), " us, cache wait ",
                               median(phase[2]), " us, decode ", median(phase[3]), " us, CPU wait ", median(phase[4]),
                               " us, merge ", median(phase[5]), " us (GPU side ", r.gpu_us, " us, step ", r.step_us,
                               " us, caller ", r.caller_us, " us); CPU side: starts ", median(cpu_start),

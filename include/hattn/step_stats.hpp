@@ -33,10 +33,11 @@ struct StepStats {
   std::vector<double> cpu_share;       ///< [batch] share of the selected blocks the scheduler gave the CPU
 
   /// Where the GPU side's time went, from CUDA events between its phases on the caller's stream
-  /// (only with Config::time_phases; zeros otherwise). cache_wait_us is the wait for the previous
-  /// step's cache admission; cpu_wait_us the wait for the CPU partials before the merge.
+  /// (only with Config::time_phases; zeros otherwise). upload_us is the copy of the run's metadata
+  /// (page tables, budgets) before the first kernel, outside gpu_us; cache_wait_us the wait for the
+  /// previous step's cache admission; cpu_wait_us the wait for the CPU partials before the merge.
   struct GpuPhases {
-    double score_us = 0, select_us = 0, cache_wait_us = 0, decode_us = 0, cpu_wait_us = 0, merge_us = 0;
+    double upload_us = 0, score_us = 0, select_us = 0, cache_wait_us = 0, decode_us = 0, cpu_wait_us = 0, merge_us = 0;
   } gpu_phases;
 
   /// Share of the batch's blocks that were attended.

@@ -2,7 +2,8 @@
 # End-to-end decode benchmark and accuracy harness on the device (issue 8). Env: BUILD (a configured
 # and built Release tree with CUDA), OUT (logs and files that come back), HATTN_COMMIT (recorded in the
 # JSON), TORCH_JSON (PyTorch baselines from benchmarks/torch_baselines.py; made here when missing),
-# E2E_BENCH_ARGS / E2E_EVAL_ARGS (extra flags, e.g. "--quick"). Every step has a timeout; the
+# E2E_BENCH_ARGS / E2E_SWEEP_ARGS / E2E_EVAL_ARGS (extra flags, e.g. "--quick"), E2E_EVAL=0 (skip the
+# accuracy harness: quality.json stays as it is), E2E_SWEEP=0 (skip the sweep over contexts and batches). Every step has a timeout; the
 # whole script stays near 10 minutes (the torch baselines, when made here, add up to 400 s). Writes docs/results/e2e.json,
 # docs/results/orchestrator.json and docs/results/quality.json (each program writes its own) and
 # copies them with the logs to $OUT.
@@ -43,13 +44,17 @@ for share in 0.19 0; do
   timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 quest_gpu gpu_dense \
     --hbm_share $share --phases --json '' --orchestrator_json '' 2>&1 | grep -E '^phases|^\| 131072' | tee -a "$log" "$OUT/phases.txt"
 done
+if [[ "${E2E_SWEEP:-1}" != 0 ]]; then
 say "-- hattn-bench sweep"
-timeout 200 "$BUILD/eval/hattn-bench" --contexts 131072 32768 --batches 1 4 16 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} \
+timeout 240 "$BUILD/eval/hattn-bench" --contexts 131072 32768 --batches 1 4 16 "${torch_flag[@]}" ${E2E_SWEEP_ARGS:---warmup 5 --iters 15} \
   2>&1 | tee -a "$log" "$OUT/bench_sweep.txt" || say "sweep incomplete (the 128K batch 1 figures stand)"
+fi
+if [[ "${E2E_EVAL:-1}" != 0 ]]; then
 say "-- hattn-eval --gpu"
 timeout 240 "$BUILD/eval/hattn-eval" --gpu ${E2E_EVAL_ARGS:---contexts 32768 131072 --layers 6 --warmup 3 --steps 5} 2>&1 | tee -a "$log" "$OUT/quality_table.md" || status=1
 # The CPU backend on the same inputs: what the selection gives without the CPU/GPU split.
 timeout 60 "$BUILD/eval/hattn-eval" --quick --json "$OUT/quality_cpu_backend.json" --md "$OUT/quality_cpu_backend.md" >> "$log" 2>&1 || say "CPU-backend eval incomplete"
+fi
 
 for f in e2e orchestrator orchestrator_no_cache quality; do
   [[ -f docs/results/$f.json ]] && cp "docs/results/$f.json" "$OUT/$f.json"

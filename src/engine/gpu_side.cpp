@@ -86,6 +86,7 @@ struct GpuSide::Impl {
   struct Slot {
     // cpu_inputs: q and the CPU's part of the selection reached the host, so the CPU job may start.
     cudaEvent_t begin = nullptr, end = nullptr, cpu_inputs = nullptr;
+    cudaEvent_t upload = nullptr;  // before the metadata copy (Config::time_phases only)
     // After score, select (and split), the cache wait, decode and the CPU gate. kSelected and
     // kDecoded are always recorded (the schedulers' feedback and the stats need them), the
     // others only with Config::time_phases.
@@ -162,6 +163,7 @@ struct GpuSide::Impl {
       HATTN_CUDA_CHECK(cudaEventCreate(&slot.begin));
       HATTN_CUDA_CHECK(cudaEventCreate(&slot.end));
       HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&slot.cpu_inputs, cudaEventDisableTiming));
+      HATTN_CUDA_CHECK(cudaEventCreate(&slot.upload));
       for (cudaEvent_t& e : slot.phase) HATTN_CUDA_CHECK(cudaEventCreate(&e));
     }
     stats.resize(static_cast<std::size_t>(config.shape.layers));
@@ -233,6 +235,7 @@ struct GpuSide::Impl {
       cudaEventDestroy(slot.begin);
       cudaEventDestroy(slot.end);
       cudaEventDestroy(slot.cpu_inputs);
+      cudaEventDestroy(slot.upload);
       for (cudaEvent_t e : slot.phase)
         if (e) cudaEventDestroy(e);
     }
@@ -349,7 +352,8 @@ struct GpuSide::Impl {
         HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, marks[i], marks[i + 1]));
         us[i] = 1e3 * ms;
       }
-      s.gpu_phases = {us[0], us[1], us[2], us[3], us[4], us[5]};
+      HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, slot.upload, slot.begin));
+      s.gpu_phases = {1e3 * ms, us[0], us[1], us[2], us[3], us[4], us[5]};
     }
     s.gpu_begin_us = host_time_of(slot.begin);
     s.gpu_end_us = host_time_of(slot.end);
@@ -522,6 +526,7 @@ struct GpuSide::Impl {
       }
     }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
+    if (config.time_phases) HATTN_CUDA_CHECK(cudaEventRecord(slot.upload, stream));
     HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.meta.get(), m, meta_count * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
     const std::int32_t* d = slot.meta.get();
     const std::int32_t* d_indptr = d;
