@@ -22,7 +22,8 @@ void Config::validate() const {
 
 std::ostream& operator<<(std::ostream& os, const Config& c) {
   return os << "{shape=" << c.shape << ", page_size=" << c.page_size << ", host_pool_bytes=" << c.host_pool_bytes
-            << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", cpu_threads=" << c.cpu_threads
+            << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", admit_before_decode=" << c.admit_before_decode
+            << ", cpu_threads=" << c.cpu_threads
             << ", avg_budget=" << c.avg_budget << ", sink_pages=" << c.sink_pages << ", local_pages=" << c.local_pages
             << ", backend=" << to_string(c.backend) << "}";
 }

@@ -628,6 +628,7 @@ struct GpuSide::Impl {
       cp.step = step;
       cp.selected_capacity = total * heads;
       cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
+      if (config.admit_before_decode) cache->wait_admission(s);
     }
 
     mark_phase(slot, kCacheWaited, stream);

@@ -415,6 +415,11 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   timed_per_stage_ = timing_ && per_stage_;
 }
 
+void DeviceKVCache::wait_admission(cuda::Stream compute_stream) {
+  if (side_pending_)
+    HATTN_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(compute_stream), side_done_, 0));
+}
+
 CacheStepTiming DeviceKVCache::last_timing() {
   synchronize();
   if (!timed_) return {};

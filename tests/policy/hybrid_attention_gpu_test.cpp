@@ -151,6 +151,27 @@ TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
   EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
 }
 
+// Whether the decode waits for the admission of its misses or reads them in place beside it, the
+// result is the uncached one, and with the wait the same steps read fewer blocks across PCIe: the
+// first step's misses are read there only by the gather.
+TEST(HybridAttentionGpu, AdmissionBeforeTheDecodeGivesTheSameResult) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto layer = test::make_structured_layer(kShape, 16384, 17);
+  QuestGpuAttention plain(gpu_config(0.05), {}, FixedBudget(0.05));
+  const auto want = decode_on_gpu(plain, plain.add_sequence(), layer);
+  for (bool before : {true, false}) {
+    Config c = gpu_config(0.05);
+    c.hbm_cache_bytes = 16ull << 20;
+    c.admit_before_decode = before;
+    QuestGpuAttention cached(c, {}, FixedBudget(0.05));
+    const auto got = decode_on_gpu(cached, cached.add_sequence(), layer, 3);
+    EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3)
+        << "admit_before_decode " << before;
+    const CacheStepStats cs = cached.cache_stats();
+    EXPECT_EQ(cs.counters.misses, 0) << "the third step repeats the first selection, admitted by then";
+  }
+}
+
 // With a cache and a CPU share, the CPU's part is filled with the blocks the cache lacks: once the
 // repeated selection is cached the GPU's part is all HBM hits. The output is the uncached one.
 TEST(HybridAttentionGpu, HybridSplitWithACacheLeavesTheGpuItsCachedBlocks) {

@@ -92,6 +92,11 @@ class DeviceKVCache {
   /// that is not open is skipped on the device and reported by the next host-side call.
   void step(const CacheStepParams& params, cuda::Stream compute_stream, cuda::Stream side_stream);
 
+  /// Makes `compute_stream` wait for the latest step()'s side work, so a decode enqueued after this
+  /// reads that call's admitted misses from HBM instead of across PCIe beside their gather (each miss
+  /// then crosses PCIe once; the decode starts after the gather). No-op before the first step().
+  void wait_admission(cuda::Stream compute_stream);
+
   /// Waits for the cache's GPU work; throws InvalidArgument if a step saw a bad row (then cleared).
   void synchronize();
   RequestCacheStats request_stats(std::int32_t request);
