@@ -326,6 +326,12 @@ void register_benchmarks() {
         ->ArgNames({"dtype", "context", "budget_pct", "threads", "cold"})
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
+  // A CPU share of a hybrid step (~1.3 MB), cold, every thread: the job's fixed costs show here.
+  benchmark::RegisterBenchmark("BM_CpuDecode", BM_CpuDecode)
+      ->Args({0, 32768, 1, 0, 1})
+      ->ArgNames({"dtype", "context", "budget_pct", "threads", "cold"})
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond);
 }
 
 // --- docs/results/cpu_kernel.json -----------------------------------------------------------------
