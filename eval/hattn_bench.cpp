@@ -284,7 +284,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
                             : TensorView::contiguous(q.data(), DType::kFloat32, {B, s.q_heads, s.head_dim});
   const TensorView ov = gpu ? TensorView::contiguous(dout, DType::kFloat32, {B, s.q_heads, s.head_dim}, Device::kCuda)
                             : TensorView::contiguous(out.data(), DType::kFloat32, {B, s.q_heads, s.head_dim});
-  std::vector<double> step, plan_t, host_b, hbm_b, used, overlap, caller, cpu_t, gpu_t, cpu_start, cpu_mb;
+  std::vector<double> step, plan_t, host_b, hbm_b, used, overlap, caller, cpu_t, gpu_t, cpu_start, cpu_mb, cpu_kernel;
   std::array<std::vector<double>, 7> phase;
   const PageLayout& l = attn.store().layout();
   const double block_bytes = 2.0 * l.head_block_elems() * dtype_bytes(l.dtype);
@@ -328,6 +328,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     // give the rate the CPU kernel reaches inside a step (against its benchmark's).
     cpu_start.push_back(st.cpu_blocks > 0 && st.gpu_selected_us > 0 ? st.cpu_begin_us - st.gpu_selected_us : 0);
     cpu_mb.push_back(static_cast<double>(st.cpu_blocks) * block_bytes / 1e6);
+    cpu_kernel.push_back(st.cpu_kernel_us);
     const auto& ph = st.gpu_phases;
     const std::array<double, 7> ph_us{ph.score_us, ph.select_us, ph.cache_wait_us, ph.decode_us, ph.cpu_wait_us, ph.merge_us,
                                       ph.upload_us};
@@ -381,7 +382,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
                               " us, merge ", median(phase[5]), " us (GPU side ", r.gpu_us, " us, step ", r.step_us,
                               " us, caller ", r.caller_us, " us); CPU side: starts ", median(cpu_start),
                               " us after the selection, ", median(cpu_mb), " MB in ", r.cpu_us, " us (",
-                              r.cpu_us > 0 ? median(cpu_mb) / r.cpu_us * 1e3 : 0.0, " GB/s)");
+                              r.cpu_us > 0 ? median(cpu_mb) / r.cpu_us * 1e3 : 0.0, " GB/s; kernel ", median(cpu_kernel), " us)");
   return r;
 }
 

@@ -20,6 +20,7 @@ struct StepStats {
   std::int64_t host_read_bytes = 0;    ///< KV bytes read from host memory (CPU side + zero-copy)
   std::int64_t pcie_bytes = 0;         ///< bytes over PCIe (zero-copy reads + cache admission + q/partials)
   double cpu_us = 0;                   ///< CPU side: scoring + selection + attention
+  double cpu_kernel_us = 0;            ///< of cpu_us, the SIMD attention kernel alone
   double gpu_us = 0;                   ///< GPU side from events: first kernel to the merge
   double caller_us = 0;                ///< time the caller's thread spent inside run()
   /// When each side computed, in microseconds on one host clock (std::chrono::steady_clock since the

@@ -4,6 +4,7 @@
 #include <limits>
 #include <numeric>
 
+#include "engine_clock.hpp"
 #include "hattn/detail/select_by_rule.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 
@@ -106,7 +107,9 @@ void CpuSide::decode_segments(const LayerWork& work, const float* q, std::span<c
   // Longest lists first, so the tail of the step is short pieces (Fluxion's priority order).
   std::stable_sort(items_.begin(), items_.end(),
                    [](const CpuDecodeItem& a, const CpuDecodeItem& b) { return a.n_pages > b.n_pages; });
+  const double begin = engine_clock_us();
   decoder_.run(store_.pool(), group, config_.logit_scale(), items_);
+  last_kernel_us_ = engine_clock_us() - begin;
 }
 
 }  // namespace hattn::detail

@@ -18,6 +18,8 @@ class CpuSide {
   CpuSide(const Config& config, const PagedKVStore& store, ThreadPool& threads, CpuIsa isa);
 
   CpuIsa isa() const noexcept { return decoder_.isa(); }
+  /// Microseconds the last call spent in the SIMD kernel (the rest of it builds the page lists).
+  double last_kernel_us() const noexcept { return last_kernel_us_; }
 
   /// The CPU backend: scores and selects every page of every segment by its rule, then decodes.
   /// q: [batch][q_heads][head_dim] host fp32. Writes out [batch][q_heads][head_dim] and lse
@@ -49,6 +51,7 @@ class CpuSide {
   CpuDecoder decoder_;
   std::vector<Segment> segments_;
   std::vector<CpuDecodeItem> items_;
+  double last_kernel_us_ = 0;
 };
 
 }  // namespace hattn::detail

@@ -187,6 +187,7 @@ void DecodeEngine::run(const LayerWork& work, const TensorView& queries, const T
                      impl_->lse_scratch.data(), s.selected_pages.data());
   s.cpu_end_us = engine_clock_us();
   s.cpu_us = s.cpu_end_us - s.cpu_begin_us;
+  s.cpu_kernel_us = impl_->cpu.last_kernel_us();
   const PageLayout& layout = impl_->store.layout();
   for (std::int64_t b = 0; b < batch; ++b) {
     const int n = pages(work.rows[b], work.layer);

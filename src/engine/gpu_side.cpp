@@ -114,7 +114,7 @@ struct GpuSide::Impl {
     std::condition_variable cv;
     bool cpu_done = true;
     std::string cpu_error;
-    double cpu_begin_us = 0, cpu_end_us = 0;
+    double cpu_begin_us = 0, cpu_end_us = 0, cpu_kernel_us = 0;
     bool in_flight = false;
     bool enqueued = false;  // every launch of the run() made it; false when one threw midway
     StepStats pending;
@@ -280,6 +280,7 @@ struct GpuSide::Impl {
                              slot->cpu_count_host.host(), slot->cpu_out.host(), slot->cpu_lse.host(),
                              slot->cpu_counts.data());
         slot->cpu_end_us = engine_clock_us();
+        slot->cpu_kernel_us = cpu.last_kernel_us();
       } catch (const std::exception& e) {
         error = e.what();
         // An empty partial merges as nothing, so the GPU side still finishes cleanly.
@@ -363,6 +364,7 @@ struct GpuSide::Impl {
       s.cpu_begin_us = slot.cpu_begin_us;
       s.cpu_end_us = slot.cpu_end_us;
       s.cpu_us = slot.cpu_end_us - slot.cpu_begin_us;
+      s.cpu_kernel_us = slot.cpu_kernel_us;
     }
     const std::int64_t zero_copy = s.gpu_blocks - s.hbm_hits;
     s.host_read_bytes = (s.cpu_blocks + zero_copy) * block;
