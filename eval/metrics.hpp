@@ -43,7 +43,7 @@ inline ExactLayer exact_layer(std::span<const bfloat16_t> keys, std::span<const 
   const int dim = shape.head_dim, heads = shape.kv_heads, group = shape.group_size();
   const std::size_t need = static_cast<std::size_t>(n) * heads * dim;
   detail::require(keys.size() >= need && values.size() >= need, "exact_layer", "keys/values size",
-                  std::min(keys.size(), values.size()), detail::concat(">= n * kv_heads * head_dim = ", need).c_str());
+                  std::min(keys.size(), values.size()), ">= n * kv_heads * head_dim = ", need);
   detail::require(q.size() == static_cast<std::size_t>(shape.q_heads) * dim, "exact_layer", "q.size()", q.size(),
                   "q_heads * head_dim");
   detail::require(page_size > 0, "exact_layer", "page_size", page_size, "> 0");
@@ -95,7 +95,7 @@ inline ExactLayer exact_layer(std::span<const bfloat16_t> keys, std::span<const 
 /// ||out - ref|| / ||ref|| over one row of head_dim values (0 when both are zero).
 inline double relative_l2(std::span<const float> out, std::span<const double> ref) {
   detail::require(out.size() == ref.size(), "relative_l2", "out.size()", out.size(),
-                  detail::concat("ref.size() = ", ref.size()).c_str());
+                  "ref.size() = ", ref.size());
   double num = 0, den = 0;
   for (std::size_t i = 0; i < out.size(); ++i) {
     const double e = static_cast<double>(out[i]) - ref[i];
@@ -111,7 +111,7 @@ inline double mass_recall(std::span<const double> page_mass, std::span<const std
   double s = 0;
   for (std::int32_t p : selected) {
     detail::require(p >= 0 && static_cast<std::size_t>(p) < page_mass.size(), "mass_recall", "selected page", p,
-                    detail::concat("in [0, ", page_mass.size(), ")").c_str());
+                    "in [0, ", page_mass.size(), ")");
     s += page_mass[static_cast<std::size_t>(p)];
   }
   return s;

@@ -167,7 +167,7 @@ struct HeadZoo::Head {
 int local_heads_in_layer(int model_layer, int layers, int kv_heads) {
   detail::require(layers > 0, "local_heads_in_layer", "layers", layers, "> 0");
   detail::require(model_layer >= 0 && model_layer < layers, "local_heads_in_layer", "model_layer", model_layer,
-                  detail::concat("in [0, ", layers, ")").c_str());
+                  "in [0, ", layers, ")");
   const int src = static_cast<int>(static_cast<std::int64_t>(model_layer) * 32 / layers);
   return std::min(kv_heads, static_cast<int>(std::lround(kDuoLocalHeads[src] * kv_heads / 8.0)));
 }
@@ -188,7 +188,7 @@ HeadZoo::HeadZoo(ZooConfig config, int max_steps) : config_(std::move(config)), 
   if (config_.layers.empty())
     for (int l = 0; l < m.layers; ++l) config_.layers.push_back(l);
   for (int l : config_.layers)
-    detail::require(l >= 0 && l < m.layers, "HeadZoo", "layers[i]", l, detail::concat("in [0, ", m.layers, ")").c_str());
+    detail::require(l >= 0 && l < m.layers, "HeadZoo", "layers[i]", l, "in [0, ", m.layers, ")");
   shape_ = m;
   shape_.layers = static_cast<int>(config_.layers.size());
 
@@ -331,9 +331,9 @@ float HeadZoo::scale() const noexcept { return 1.0f / std::sqrt(static_cast<floa
 
 const HeadZoo::Head& HeadZoo::head(int layer, int kv_head) const {
   detail::require(layer >= 0 && layer < shape_.layers, "HeadZoo", "layer", layer,
-                  detail::concat("in [0, ", shape_.layers, ")").c_str());
+                  "in [0, ", shape_.layers, ")");
   detail::require(kv_head >= 0 && kv_head < shape_.kv_heads, "HeadZoo", "kv_head", kv_head,
-                  detail::concat("in [0, ", shape_.kv_heads, ")").c_str());
+                  "in [0, ", shape_.kv_heads, ")");
   return heads_[static_cast<std::size_t>(layer) * shape_.kv_heads + kv_head];
 }
 
@@ -428,10 +428,10 @@ void HeadZoo::tokens(int layer, std::int64_t begin, std::int64_t n, std::span<bf
   const int heads = shape_.kv_heads, dim = shape_.head_dim;
   detail::require(begin >= 0 && n >= 0 && begin + n <= config_.context_tokens + max_steps_, "HeadZoo::tokens",
                   "[begin, begin + n)", detail::concat("[", begin, ", ", begin + n, ")"),
-                  detail::concat("inside [0, ", config_.context_tokens + max_steps_, ")").c_str());
+                  "inside [0, ", config_.context_tokens + max_steps_, ")");
   const std::size_t need = static_cast<std::size_t>(n) * heads * dim;
   detail::require(keys.size() >= need && values.size() >= need, "HeadZoo::tokens", "keys/values size",
-                  std::min(keys.size(), values.size()), detail::concat(">= n * kv_heads * head_dim = ", need).c_str());
+                  std::min(keys.size(), values.size()), ">= n * kv_heads * head_dim = ", need);
   for (int kvh = 0; kvh < heads; ++kvh) {
     const Head& h = head(layer, kvh);
     for (std::int64_t i = 0; i < n; ++i) {
@@ -444,7 +444,7 @@ void HeadZoo::tokens(int layer, std::int64_t begin, std::int64_t n, std::span<bf
 void HeadZoo::query(int layer, int step, std::span<float> q) const {
   const int dim = shape_.head_dim, half = dim / 2, group = shape_.group_size();
   detail::require(step >= 0 && step < max_steps_, "HeadZoo::query", "step", step,
-                  detail::concat("in [0, ", max_steps_, ")").c_str());
+                  "in [0, ", max_steps_, ")");
   detail::require(q.size() == static_cast<std::size_t>(shape_.q_heads) * dim, "HeadZoo::query", "q.size()", q.size(),
                   "q_heads * head_dim");
   const float sc = scale();

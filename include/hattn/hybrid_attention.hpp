@@ -163,7 +163,7 @@ class HybridAttention {
     for (std::size_t i = 0; i < rules.size(); ++i) {
       const int n = pages[i / heads];
       detail::require(rules[i].budget_pages >= 0 && rules[i].budget_pages <= n, "Selector", "budget_pages",
-                      rules[i].budget_pages, detail::concat("in [0, ", n, "] (pages of the request)").c_str());
+                      rules[i].budget_pages, "in [0, ", n, "] (pages of the request)");
       detail::require(rules[i].mass_threshold >= 0 && rules[i].mass_threshold <= 1, "Selector", "mass_threshold",
                       rules[i].mass_threshold, "in [0, 1]");
       detail::require(rules[i].granularity_pages >= 1, "Selector", "granularity_pages", rules[i].granularity_pages,

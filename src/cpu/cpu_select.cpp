@@ -28,7 +28,7 @@ void check_range(const char* where, std::size_t n, int sink_pages, int local_pag
   detail::require(sink_pages >= 0, where, "sink_pages", sink_pages, ">= 0");
   detail::require(local_pages >= 0, where, "local_pages", local_pages, ">= 0");
   detail::require(begin >= 0 && begin <= end && static_cast<std::size_t>(end) <= n, where, "[begin, end)",
-                  detail::concat("[", begin, ", ", end, ")"), detail::concat("inside [0, ", n, "]").c_str());
+                  detail::concat("[", begin, ", ", end, ")"), "inside [0, ", n, "]");
 }
 
 bool is_forced(std::int64_t i, std::int64_t n, int sink_pages, int local_pages) noexcept {
@@ -60,16 +60,16 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
   constexpr const char* where = "cpu_score_pages";
   const int dim = layout.head_dim;
   detail::require(kv_head >= 0 && kv_head < layout.kv_heads, where, "kv_head", kv_head,
-                  detail::concat("in [0, ", layout.kv_heads, ")").c_str());
+                  "in [0, ", layout.kv_heads, ")");
   detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
   detail::require(q.size() == static_cast<std::size_t>(group_size) * dim, where, "q.size()", q.size(),
-                  detail::concat("group_size * head_dim = ", group_size * dim).c_str());
+                  "group_size * head_dim = ", group_size * dim);
   detail::require(upper.size() == pages.size() && estimate.size() == pages.size(), where, "upper/estimate size",
                   detail::concat(upper.size(), "/", estimate.size()),
-                  detail::concat("pages.size() = ", pages.size()).c_str());
+                  "pages.size() = ", pages.size());
   if (pages.empty()) return;
   detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
-                  last_page_tokens, detail::concat("in [1, ", layout.page_size, "]").c_str());
+                  last_page_tokens, "in [1, ", layout.page_size, "]");
 
   // Rows widened to fp32 once per page, then plain loops the compiler vectorises. head_dim <= 256
   // (PageLayout::validate), so the rows fit on the stack: no allocation per call.
@@ -133,7 +133,7 @@ void cpu_select_mass(std::span<const float> rank, std::span<const float> log_mas
                      int sink_pages, int local_pages, int begin, int end, std::vector<std::int32_t>& out) {
   constexpr const char* where = "cpu_select_mass";
   detail::require(rank.size() == log_mass.size(), where, "rank.size()", rank.size(),
-                  detail::concat("log_mass.size() = ", log_mass.size()).c_str());
+                  "log_mass.size() = ", log_mass.size());
   check_range(where, log_mass.size(), sink_pages, local_pages, begin, end);
   detail::require(threshold > 0.0f && threshold <= 1.0f, where, "threshold", threshold, "in (0, 1]");
   detail::require(max_pages >= 0, where, "max_pages", max_pages, ">= 0");

@@ -70,7 +70,7 @@ void CpuSide::compute_selected(const LayerWork& work, const float* q, const std:
     const std::int32_t* list = positions + offsets[s];
     for (int i = 0; i < counts[s]; ++i) {
       require(list[i] >= 0 && list[i] < n, "HybridAttention::run", "CPU selection position", list[i],
-              concat("in [0, ", n, ") (pages of the request)").c_str());
+              "in [0, ", n, ") (pages of the request)");
       seg.pages.push_back(table[list[i]]);
     }
     if (counts[s] > 0 && list[counts[s] - 1] == n - 1) last_tokens[s] = store_.last_page_tokens(seq, work.layer);

@@ -112,7 +112,7 @@ void DecodeEngine::prepare(std::span<const SeqId> rows) {
   constexpr const char* kWhere = "HybridAttention::plan";
   require(!rows.empty(), kWhere, "batch size", rows.size(), ">= 1");
   require(rows.size() <= static_cast<std::size_t>(impl_->config.max_batch), kWhere, "batch size", rows.size(),
-          concat("<= Config::max_batch (", impl_->config.max_batch, ")").c_str());
+          "<= Config::max_batch (", impl_->config.max_batch, ")");
   std::vector<SeqId> sorted(rows.begin(), rows.end());
   std::sort(sorted.begin(), sorted.end());
   for (std::size_t i = 0; i < sorted.size(); ++i) {

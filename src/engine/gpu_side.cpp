@@ -200,7 +200,7 @@ struct GpuSide::Impl {
     for (SeqId seq : rows) {
       if (request_of.count(seq)) continue;
       require(!free_requests.empty(), "HybridAttention::plan", "live requests", request_of.size() + 1,
-              concat("<= Config::max_batch (", config.max_batch, ")").c_str());
+              "<= Config::max_batch (", config.max_batch, ")");
       const std::int32_t r = free_requests.back();
       std::int64_t budgeted = 0;
       for (const auto& [s, other] : request_of) budgeted += cache->request_stats(other).budget_slots;
@@ -386,7 +386,7 @@ struct GpuSide::Impl {
     if (cache)
       require(total * config.shape.kv_heads <= static_cast<std::size_t>(cache->config().max_selected),
               "HybridAttention::plan", "batch pages x kv_heads", total * config.shape.kv_heads,
-              concat("<= the HBM cache's selection capacity (", cache->config().max_selected, ")").c_str());
+              "<= the HBM cache's selection capacity (", cache->config().max_selected, ")");
     const std::size_t heads = config.shape.kv_heads;
     const std::size_t qrows = batch * config.shape.q_heads;
     const std::size_t dim = config.shape.head_dim;

@@ -359,18 +359,18 @@ void DeviceKVCache::release(std::int32_t request) {
 void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::Stream side) {
   constexpr const char* where = "DeviceKVCache::step";
   detail::require(p.layer >= 0 && p.layer < config_.layers, where, "layer", p.layer,
-                  detail::concat("in [0, layers = ", config_.layers, ")").c_str());
+                  "in [0, layers = ", config_.layers, ")");
   detail::require(p.batch >= 0 && p.batch <= config_.max_batch, where, "batch", p.batch,
-                  detail::concat("in [0, max_batch = ", config_.max_batch, "]").c_str());
+                  "in [0, max_batch = ", config_.max_batch, "]");
   detail::require(p.kv_heads == shape_.kv_heads, where, "kv_heads", p.kv_heads,
-                  detail::concat("the pool's ", shape_.kv_heads).c_str());
+                  "the pool's ", shape_.kv_heads);
   detail::require(p.step <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(config_.layers) - 1,
                   where, "step", p.step, "small enough for a 32-bit stamp clock");
   const std::uint32_t now = shape_.clock(p.step, p.layer);
   detail::require(now >= last_clock_, where, "(step, layer)", detail::concat("(", p.step, ", ", p.layer, ")"),
-                  detail::concat("not before the last call (clock ", last_clock_, ")").c_str());
+                  "not before the last call (clock ", last_clock_, ")");
   detail::require(p.selected_capacity >= 0 && p.selected_capacity <= config_.max_selected, where, "selected_capacity",
-                  p.selected_capacity, detail::concat("in [0, max_selected = ", config_.max_selected, "]").c_str());
+                  p.selected_capacity, "in [0, max_selected = ", config_.max_selected, "]");
   if (p.batch > 0)
     detail::require(p.page_table && p.page_indptr && p.selected && p.selected_offset && p.selected_count && p.request_of_row,
                     where, "device arrays", "a null pointer", "all set");
@@ -433,7 +433,7 @@ CacheStepTiming DeviceKVCache::last_timing() {
 
 RequestCacheStats DeviceKVCache::request_stats(std::int32_t request) {
   detail::require(request >= 0 && request < shape_.max_requests, "DeviceKVCache::request_stats", "request", request,
-                  detail::concat("in [0, ", shape_.max_requests, ")").c_str());
+                  "in [0, ", shape_.max_requests, ")");
   synchronize();
   detail::DeviceRequestCounters rc{};
   HATTN_CUDA_CHECK(cudaMemcpy(&rc, view_.request_stats + request, sizeof(rc), cudaMemcpyDeviceToHost));

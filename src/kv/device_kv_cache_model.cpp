@@ -84,13 +84,13 @@ bool CacheModel::is_open(std::int32_t request) const {
 
 void CacheModel::check_request(std::int32_t request, const char* where) const {
   detail::require(request >= 0 && request < shape_.max_requests, where, "request", request,
-                  detail::concat("in [0, ", shape_.max_requests, ")").c_str());
+                  "in [0, ", shape_.max_requests, ")");
   detail::require(state_.budget[request] >= 0, where, "request", request, "an open request");
 }
 
 void CacheModel::check_key(BlockKey key, const char* where) const {
   detail::require(key >= 0 && key < shape_.keys(), where, "key", key,
-                  detail::concat("in [0, pool_pages * kv_heads = ", shape_.keys(), ")").c_str());
+                  "in [0, pool_pages * kv_heads = ", shape_.keys(), ")");
 }
 
 std::int32_t CacheModel::slot_of(BlockKey key) const {
@@ -170,13 +170,13 @@ std::int64_t CacheModel::evict(std::int32_t request, std::int64_t need, std::uin
 void CacheModel::open_request(std::int32_t request, std::int32_t budget_slots) {
   constexpr const char* where = "CacheModel::open_request";
   detail::require(request >= 0 && request < shape_.max_requests, where, "request", request,
-                  detail::concat("in [0, ", shape_.max_requests, ")").c_str());
+                  "in [0, ", shape_.max_requests, ")");
   detail::require(state_.budget[request] < 0, where, "request", request, "a request that is not open");
   detail::require(budget_slots >= 0 && budget_slots <= shape_.slots, where, "budget_slots", budget_slots,
-                  detail::concat("in [0, slots = ", shape_.slots, "]").c_str());
+                  "in [0, slots = ", shape_.slots, "]");
   std::int64_t sum = budget_slots;
   for (auto b : state_.budget) sum += std::max(b, 0);
-  detail::require(sum <= shape_.slots, where, "sum of budgets", sum, detail::concat("<= slots = ", shape_.slots).c_str());
+  detail::require(sum <= shape_.slots, where, "sum of budgets", sum, "<= slots = ", shape_.slots);
   state_.budget[request] = budget_slots;
   request_stats_[request] = {};
   request_last_step_[request] = kNoStep;
@@ -186,13 +186,13 @@ void CacheModel::set_budget(std::int32_t request, std::int32_t budget_slots) {
   constexpr const char* where = "CacheModel::set_budget";
   check_request(request, where);
   detail::require(budget_slots >= 0 && budget_slots <= shape_.slots, where, "budget_slots", budget_slots,
-                  detail::concat("in [0, slots = ", shape_.slots, "]").c_str());
+                  "in [0, slots = ", shape_.slots, "]");
   std::int64_t sum = budget_slots;
   for (std::int32_t r = 0; r < shape_.max_requests; ++r)
     if (r != request) sum += std::max(state_.budget[r], 0);
-  detail::require(sum <= shape_.slots, where, "sum of budgets", sum, detail::concat("<= slots = ", shape_.slots).c_str());
+  detail::require(sum <= shape_.slots, where, "sum of budgets", sum, "<= slots = ", shape_.slots);
   detail::require(budget_slots >= state_.pinned[request], where, "budget_slots", budget_slots,
-                  detail::concat(">= pinned blocks of the request = ", state_.pinned[request]).c_str());
+                  ">= pinned blocks of the request = ", state_.pinned[request]);
   state_.budget[request] = budget_slots;
   // Between steps every unpinned block is evictable: look from the step after the last one.
   evict(request, state_.used[request] - budget_slots, last_clock_ + 1);
@@ -270,12 +270,12 @@ void CacheModel::release(std::int32_t request) {
 std::vector<BlockFill> CacheModel::step(std::uint32_t t, int layer, std::span<const CacheAccess> rows) {
   constexpr const char* where = "CacheModel::step";
   detail::require(layer >= 0 && layer < shape_.layers, where, "layer", layer,
-                  detail::concat("in [0, layers = ", shape_.layers, ")").c_str());
+                  "in [0, layers = ", shape_.layers, ")");
   detail::require(t <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(shape_.layers) - 1,
                   where, "step", t, "small enough for a 32-bit stamp clock");
   const std::uint32_t now = shape_.clock(t, layer);
   detail::require(now >= last_clock_, where, "(step, layer)", detail::concat("(", t, ", ", layer, ")"),
-                  detail::concat("not before the last call (clock ", last_clock_, ")").c_str());
+                  "not before the last call (clock ", last_clock_, ")");
   {
     std::unordered_set<std::int32_t> requests;
     std::unordered_set<BlockKey> keys;

@@ -127,7 +127,7 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
   const std::size_t per_page = layout_.page_bytes() + layout_.summary_bytes();
   capacity_pages_ = static_cast<std::int64_t>(pool_bytes / per_page);
   detail::require(capacity_pages_ >= 1, "HostKVPool", "pool_bytes", pool_bytes,
-                  detail::concat(">= one page plus its summary (", per_page, " bytes)").c_str());
+                  ">= one page plus its summary (", per_page, " bytes)");
   detail::require(capacity_pages_ <= INT32_MAX, "HostKVPool", "pool_bytes", pool_bytes,
                   "small enough for 32-bit page ids");
   const std::size_t page_arena = static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes();
@@ -190,7 +190,7 @@ void HostKVPool::free(std::span<const PageId> pages) {
   std::lock_guard lock(mutex_);
   for (PageId id : pages) {
     detail::require(id >= 0 && id < capacity_pages_, "HostKVPool::free", "page id", id,
-                    detail::concat("in [0, ", capacity_pages_, ")").c_str());
+                    "in [0, ", capacity_pages_, ")");
     detail::require(allocated_[id] == 1, "HostKVPool::free", "page id", id, "an allocated page");
   }
   // Two equal ids in one call would pass the check above and corrupt the free list.

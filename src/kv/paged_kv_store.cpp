@@ -33,7 +33,7 @@ PagedKVStore::Sequence& PagedKVStore::find(SeqId seq, const char* where) {
 
 void PagedKVStore::check_layer(int layer, const char* where) const {
   detail::require(layer >= 0 && layer < shape_.layers, where, "layer", layer,
-                  detail::concat("in [0, ", shape_.layers, ")").c_str());
+                  "in [0, ", shape_.layers, ")");
 }
 
 bool PagedKVStore::contains(SeqId seq) const {
@@ -240,7 +240,7 @@ void PagedKVStore::read(SeqId seq, int layer, std::int64_t begin, std::int64_t n
   const PageLayout& layout = pool_.layout();
   detail::require(begin >= 0 && n >= 0 && begin + n <= table.length, kWhere, "token range",
                   detail::concat("[", begin, ", ", begin + n, ")"),
-                  detail::concat("inside [0, ", table.length, ")").c_str());
+                  "inside [0, ", table.length, ")");
   detail::require_tensor(keys_out, kWhere, "keys_out", layout.dtype, {n, layout.kv_heads, layout.head_dim});
   detail::require_tensor(values_out, kWhere, "values_out", layout.dtype, {n, layout.kv_heads, layout.head_dim});
   const std::size_t elem = dtype_bytes(layout.dtype);

@@ -41,10 +41,13 @@ std::string concat(const Parts&... parts) {
   return os.str();
 }
 
-/// Throws InvalidArgument "<where>: <name> must be <expected> (got <value>)" unless ok.
-template <class Value>
-void require(bool ok, const char* where, const char* name, const Value& value, const char* expected) {
-  if (!ok) throw InvalidArgument(concat(where, ": ", name, " must be ", expected, " (got ", value, ")"));
+/// Throws InvalidArgument "<where>: <name> must be <expected...> (got <value>)" unless ok. The
+/// expectation's parts are joined only on failure: checks inside per-page and per-item loops cost one
+/// comparison (a message built eagerly cost ~0.3 us per check, most of the CPU side's time in a step).
+template <class Value, class... Expected>
+void require(bool ok, const char* where, const char* name, const Value& value, const Expected&... expected) {
+  if (!ok) [[unlikely]]
+    throw InvalidArgument(concat(where, ": ", name, " must be ", expected..., " (got ", value, ")"));
 }
 
 }  // namespace detail

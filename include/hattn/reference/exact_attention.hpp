@@ -121,12 +121,12 @@ inline Partial decode(const PagedKVStore& store, SeqId seq, int layer, std::span
       const HeadSelection& sel = (*selection)[kvh];
       detail::require(sel.token_masks.empty() || sel.token_masks.size() == sel.pages.size(), "reference::decode",
                       "selection.token_masks.size()", sel.token_masks.size(),
-                      detail::concat("0 or pages.size() = ", sel.pages.size()).c_str());
+                      "0 or pages.size() = ", sel.pages.size());
       for (std::size_t i = 0; i < sel.pages.size(); ++i) {
         const std::int32_t p = sel.pages[i];
         detail::require(p >= 0 && p < static_cast<std::int64_t>(pages.size()), "reference::decode",
                         "selected page index", p,
-                        detail::concat("in [0, ", pages.size(), ") (the page table)").c_str());
+                        "in [0, ", pages.size(), ") (the page table)");
         // A page listed twice would count its keys twice; ascending order rules that out.
         detail::require(i == 0 || p > sel.pages[i - 1], "reference::decode", "selected page index", p,
                         "strictly ascending within a head's selection");
@@ -152,7 +152,7 @@ inline std::vector<Partial> decode_batch(const PagedKVStore& store, std::span<co
                                          std::span<const float> q, double scale) {
   const std::size_t per_seq = static_cast<std::size_t>(store.shape().q_heads) * store.shape().head_dim;
   detail::require(q.size() == seqs.size() * per_seq, "reference::decode_batch", "q.size()", q.size(),
-                  detail::concat("batch * q_heads * head_dim = ", seqs.size() * per_seq).c_str());
+                  "batch * q_heads * head_dim = ", seqs.size() * per_seq);
   std::vector<Partial> out;
   out.reserve(seqs.size());
   for (std::size_t b = 0; b < seqs.size(); ++b) out.push_back(decode(store, seqs[b], layer, q.subspan(b * per_seq, per_seq), scale));
