@@ -25,9 +25,10 @@ struct Config {
   int page_size = 16;                  ///< tokens per page: 16, 32 or 64
   std::size_t host_pool_bytes = 0;     ///< pinned host pool for every layer's KV and summaries
   std::size_t hbm_cache_bytes = 0;     ///< HBM page cache (0: none; every GPU-side page read from host)
-  /// With an HBM cache: a layer's decode waits until the cache has gathered that layer's misses into
-  /// HBM and reads them there, so each miss crosses PCIe once. false: the decode reads the misses in
-  /// place (zero-copy) while the gather copies them beside it, twice across PCIe but without the wait.
+  /// With an HBM cache and no CPU share in the layer: its decode waits until the cache has gathered
+  /// the layer's misses into HBM and reads them there, so each miss crosses PCIe once. false (and
+  /// always when the CPU has a share: it computes the misses first, and the GPU keeps the hits): the
+  /// decode reads the misses it has in place while the gather copies them beside it.
   bool admit_before_decode = true;
   /// Workers of the CPU side. 0: one per hardware thread for the CPU backend; half of them for the
   /// GPU backend, whose caller's thread keeps launching (or waiting on) GPU work while the CPU side

@@ -630,7 +630,9 @@ struct GpuSide::Impl {
       cp.step = step;
       cp.selected_capacity = total * heads;
       cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
-      if (config.admit_before_decode) cache->wait_admission(s);
+      // With a CPU share the CPU computes the misses first (the split's order) and the GPU's part is
+      // mostly hits: the decode does not wait for the gather, which admits the CPU's misses behind it.
+      if (config.admit_before_decode && !has_cpu) cache->wait_admission(s);
     }
 
     mark_phase(slot, kCacheWaited, stream);
