@@ -176,6 +176,19 @@ TEST(Priority, IgnoresTimingsThatAreNotPositiveNumbers) {
   EXPECT_EQ(c.share(s, 0.0), cold);
 }
 
+// From CostModel::gpu_only_hit_rate on, a warm cache's few misses are the GPU's.
+TEST(Priority, LeavesAWarmCacheToTheGpu) {
+  Priority s;
+  PriorityCase c;
+  EXPECT_GT(c.share(s, 0.3), 0.0);
+  EXPECT_EQ(c.share(s, 0.5), 0.0);
+  EXPECT_EQ(c.share(s, 0.85), 0.0);
+  Priority::CostModel m;
+  m.gpu_only_hit_rate = 1.01;  // never
+  Priority always(m);
+  EXPECT_GT(c.share(always, 0.85), 0.0);
+}
+
 // The CPU's share is filled with uncached blocks first: with most of the selection in HBM it takes
 // no more than the misses, because the GPU reads its cached blocks ~60x faster than the CPU could.
 TEST(Priority, TakesAtMostTheMissesWhenMostBlocksAreCached) {

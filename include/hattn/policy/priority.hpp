@@ -36,6 +36,11 @@ class Priority {
     /// costs; GPU-only steps of the same selection took ~260 us.
     double min_cpu_share = 0.05;
     double max_cpu_share = 0.95;
+    /// At this HBM hit rate and above the GPU computes everything: its few misses are gathered into
+    /// HBM before its decode (Config::admit_before_decode) at PCIe speed, and a CPU share did not beat
+    /// that on the device (128K x 1, cache 19% of the KV, ~85% hits, 2026-11-23: GPU-only 210-224 us
+    /// per layer, with the CPU's share 283 us; without a cache the split won, 452-473 against 611 us).
+    double gpu_only_hit_rate = 0.5;
     /// Weight of the newest measured/predicted ratio in the correction factors.
     double ema = 0.25;
     friend bool operator==(const CostModel&, const CostModel&) = default;
@@ -96,7 +101,7 @@ class Priority {
   // Finish together: cpu_time(c) = gpu_time(c). Both are linear in c on each side of c = uncached
   // (the GPU's saving per block moves from the PCIe rate to the HBM rate there).
   double cpu_share(const ScheduleInputs& in, double selected) const {
-    if (selected <= 0) return 0;
+    if (selected <= 0 || in.hbm_hit_rate >= model_.gpu_only_hit_rate) return 0;
     const double b = in.block_bytes;
     const double cached = std::clamp(in.hbm_hit_rate, 0.0, 1.0) * selected;
     const double uncached = selected - cached;
