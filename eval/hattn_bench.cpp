@@ -122,7 +122,7 @@ struct Row {
   int batch = 0;
   int layers = 1;             // layers per step, run back to back
   double step_us = -1;        // median (run() of every layer + one stream sync) / layers
-  double plan_us = 0;         // median plan(), once per step for the whole model
+  double plan_us = 0;         // median plan(), once per step for all of the step's layers
   double floor_us = 0;        // max(host bytes / host bw, HBM bytes / HBM bw)
   double host_bytes = 0, hbm_bytes = 0;
   double budget_used = 0;
@@ -262,8 +262,8 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   std::vector<SeqId> rows;
   for (int b = 0; b < batch; ++b) {
     rows.push_back(attn.add_sequence());
-    for (int l = 0; l < layers; ++l)
-      attn.append(rows.back(), l, TensorView::contiguous(w.keys.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}),
+    for (int layer = 0; layer < layers; ++layer)
+      attn.append(rows.back(), layer, TensorView::contiguous(w.keys.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}),
                   TensorView::contiguous(w.values.data(), DType::kBFloat16, {context, s.kv_heads, s.head_dim}));
   }
   const std::size_t qn = static_cast<std::size_t>(batch) * s.q_heads * s.head_dim;
@@ -292,8 +292,8 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   for (int it = 0; it < total; ++it) {
     const std::int64_t pos = context + it;
     for (SeqId seq : rows)
-      for (int l = 0; l < layers; ++l)
-        attn.append(seq, l, TensorView::contiguous(&w.keys[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}),
+      for (int layer = 0; layer < layers; ++layer)
+        attn.append(seq, layer, TensorView::contiguous(&w.keys[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}),
                     TensorView::contiguous(&w.values[static_cast<std::size_t>(pos) * per_token], DType::kBFloat16, {1, s.kv_heads, s.head_dim}));
     for (int b = 0; b < batch; ++b)
       std::copy(w.queries[it].begin(), w.queries[it].end(), q.begin() + static_cast<std::ptrdiff_t>(b) * s.q_heads * s.head_dim);
@@ -307,7 +307,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     const Plan plan = attn.plan(rows);
     const double p_us = us_since(tp);
     const auto t0 = Clock::now();
-    for (int l = 0; l < layers; ++l) attn.run(plan, l, qv, ov, stream);
+    for (int layer = 0; layer < layers; ++layer) attn.run(plan, layer, qv, ov, stream);
 #if HATTN_WITH_CUDA
     if (gpu) HATTN_CUDA_CHECK(cudaStreamSynchronize(cs));
 #endif
@@ -315,35 +315,35 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
     if (it < o.warmup) continue;
     step.push_back(us);
     plan_t.push_back(p_us);
-    for (int l = 0; l < layers; ++l) {
-    const StepStats& st = attn.stats(l);
-    const double hbm = static_cast<double>(st.hbm_hits) * block_bytes;
-    host_b.push_back(static_cast<double>(st.host_read_bytes));
-    hbm_b.push_back(hbm);
-    used.push_back(st.budget_used());
-    caller.push_back(st.caller_us);
-    cpu_t.push_back(st.cpu_us);
-    gpu_t.push_back(st.gpu_us);
-    // The CPU side's wait for its inputs after the GPU's selection, and its bytes: with cpu_us they
-    // give the rate the CPU kernel reaches inside a step (against its benchmark's).
-    cpu_start.push_back(st.cpu_blocks > 0 && st.gpu_selected_us > 0 ? st.cpu_begin_us - st.gpu_selected_us : 0);
-    cpu_mb.push_back(static_cast<double>(st.cpu_blocks) * block_bytes / 1e6);
-    cpu_kernel.push_back(st.cpu_kernel_us);
-    const auto& ph = st.gpu_phases;
-    const std::array<double, 7> ph_us{ph.score_us, ph.select_us, ph.cache_wait_us, ph.decode_us, ph.cpu_wait_us, ph.merge_us,
-                                      ph.upload_us};
-    for (std::size_t i = 0; i < ph_us.size(); ++i) phase[i].push_back(ph_us[i]);
-    // The GPU computes from its first kernel to the end of its decode; after that its merge waits for
-    // the CPU partials, which is not work.
-    const double gpu_busy_end = st.gpu_decoded_us > 0 ? st.gpu_decoded_us : st.gpu_end_us;
-    const bool both = st.cpu_end_us > st.cpu_begin_us && gpu_busy_end > st.gpu_begin_us;
-    if (both) {
-      const double lo = std::min(st.cpu_begin_us, st.gpu_begin_us), hi = std::max(st.cpu_end_us, st.gpu_end_us);
-      const double common = std::max(0.0, std::min(st.cpu_end_us, gpu_busy_end) - std::max(st.cpu_begin_us, st.gpu_begin_us));
-      overlap.push_back(hi > lo ? common / (hi - lo) : 0);
-    } else {
-      overlap.push_back(0);
-    }
+    for (int layer = 0; layer < layers; ++layer) {
+      const StepStats& st = attn.stats(layer);
+      const double hbm = static_cast<double>(st.hbm_hits) * block_bytes;
+      host_b.push_back(static_cast<double>(st.host_read_bytes));
+      hbm_b.push_back(hbm);
+      used.push_back(st.budget_used());
+      caller.push_back(st.caller_us);
+      cpu_t.push_back(st.cpu_us);
+      gpu_t.push_back(st.gpu_us);
+      // The CPU side's wait for its inputs after the GPU's selection, and its bytes: with cpu_us they
+      // give the rate the CPU kernel reaches inside a step (against its benchmark's).
+      cpu_start.push_back(st.cpu_blocks > 0 && st.gpu_selected_us > 0 ? st.cpu_begin_us - st.gpu_selected_us : 0);
+      cpu_mb.push_back(static_cast<double>(st.cpu_blocks) * block_bytes / 1e6);
+      cpu_kernel.push_back(st.cpu_kernel_us);
+      const auto& ph = st.gpu_phases;
+      const std::array<double, 7> ph_us{ph.score_us, ph.select_us, ph.cache_wait_us, ph.decode_us, ph.cpu_wait_us, ph.merge_us,
+                                        ph.upload_us};
+      for (std::size_t i = 0; i < ph_us.size(); ++i) phase[i].push_back(ph_us[i]);
+      // The GPU computes from its first kernel to the end of its decode; after that its merge waits for
+      // the CPU partials, which is not work.
+      const double gpu_busy_end = st.gpu_decoded_us > 0 ? st.gpu_decoded_us : st.gpu_end_us;
+      const bool both = st.cpu_end_us > st.cpu_begin_us && gpu_busy_end > st.gpu_begin_us;
+      if (both) {
+        const double lo = std::min(st.cpu_begin_us, st.gpu_begin_us), hi = std::max(st.cpu_end_us, st.gpu_end_us);
+        const double common = std::max(0.0, std::min(st.cpu_end_us, gpu_busy_end) - std::max(st.cpu_begin_us, st.gpu_begin_us));
+        overlap.push_back(hi > lo ? common / (hi - lo) : 0);
+      } else {
+        overlap.push_back(0);
+      }
     }
     if ((it - o.warmup) % 10 == 9)
       std::fprintf(stderr, "\r[bench]   %s: step %d/%d, median so far %.1f us   ", name.c_str(), it - o.warmup + 1,
@@ -586,7 +586,7 @@ int main(int argc, char** argv) {
                                         "; ", setting)});
     if (flux)
       figures.push_back({"hbm_share_of_kv_128k_b1", flux->hbm_share, "share",
-                         detail::concat("Fluxion's HBM page cache bytes / the layer's K+V bytes at 128K batch 1 ",
+                         detail::concat("Fluxion's HBM page cache bytes / the K+V bytes of the step's layers at 128K batch 1 ",
                                         "(summaries not counted); ", setting)});
     std::ostringstream raw;
     raw << "[";
@@ -618,7 +618,7 @@ int main(int argc, char** argv) {
                           flux->gpu_us, " us; ", setting)},
           {"caller_thread_blocked_us", flux->caller_us, "us",
            detail::concat("Fluxion default: median StepStats::caller_us, time the calling thread spent inside run() ",
-                          "(the step itself took ", flux->step_us, " us); ", setting)}};
+                          "(the step took ", flux->step_us, " us per layer); ", setting)}};
       eval::write_results(o.orchestrator_json, device, commit, orch, {{"rows", raw.str()}});
     }
 #if HATTN_WITH_CUDA

@@ -16,8 +16,10 @@ struct StepStats {
   std::int64_t total_blocks = 0;       ///< (page, KV head) blocks of the batch: sum over rows of pages * kv_heads
   std::int64_t gpu_blocks = 0;         ///< selected blocks computed on the GPU
   std::int64_t cpu_blocks = 0;         ///< selected blocks computed on the CPU
-  std::int64_t hbm_hits = 0;           ///< GPU blocks read from the HBM cache
-  std::int64_t host_read_bytes = 0;    ///< KV bytes read from host memory (CPU side + zero-copy)
+  /// GPU blocks the HBM cache held when the step's split looked: blocks gathered into HBM before the
+  /// decode (Config::admit_before_decode) count as misses here, though the decode reads them from HBM.
+  std::int64_t hbm_hits = 0;
+  std::int64_t host_read_bytes = 0;    ///< KV bytes read from host memory (CPU side + the GPU's misses, read in place or gathered)
   std::int64_t pcie_bytes = 0;         ///< bytes over PCIe (zero-copy reads + cache admission + q/partials)
   double cpu_us = 0;                   ///< CPU side: scoring + selection + attention
   double cpu_kernel_us = 0;            ///< of cpu_us, the SIMD attention kernel alone
@@ -36,7 +38,9 @@ struct StepStats {
   /// Where the GPU side's time went, from CUDA events between its phases on the caller's stream
   /// (only with Config::time_phases; zeros otherwise). upload_us is the copy of the run's metadata
   /// (page tables, budgets) before the first kernel, outside gpu_us; cache_wait_us the wait for the
-  /// previous step's cache admission; cpu_wait_us the wait for the CPU partials before the merge.
+  /// previous call's cache admission and, with Config::admit_before_decode and no CPU share, for
+  /// this layer's own lookup, eviction and gather of its misses; cpu_wait_us the wait for the CPU
+  /// partials before the merge.
   struct GpuPhases {
     double upload_us = 0, score_us = 0, select_us = 0, cache_wait_us = 0, decode_us = 0, cpu_wait_us = 0, merge_us = 0;
   } gpu_phases;

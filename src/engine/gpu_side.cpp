@@ -47,7 +47,8 @@ class DeviceArray {
   std::size_t size_ = 0;
 };
 
-// Pinned host memory, mapped so kernels can read it in place (the CPU partials).
+// Pinned host memory, mapped so kernels read it in place (the CPU partials) or write the host's copy
+// directly (the split's CPU lists and the step's block counts).
 template <class T>
 class PinnedArray {
  public:

@@ -152,8 +152,7 @@ TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
 }
 
 // Whether the decode waits for the admission of its misses or reads them in place beside it, the
-// result is the uncached one, and with the wait the same steps read fewer blocks across PCIe: the
-// first step's misses are read there only by the gather.
+// result is the uncached one and the repeated selection is all hits by the third step.
 TEST(HybridAttentionGpu, AdmissionBeforeTheDecodeGivesTheSameResult) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 16384, 17);

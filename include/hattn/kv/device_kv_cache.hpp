@@ -84,7 +84,8 @@ class DeviceKVCache {
 
   /// One layer of one decode step, after selection, before that layer's decode on
   /// `compute_stream`: counts hits and misses, refreshes stamps, evicts whole age buckets and
-  /// gathers the misses into claimed slots on `side_stream`, overlapped with the decode. slot_of()
+  /// gathers the misses into claimed slots on `side_stream`, overlapped with the decode unless the
+  /// caller makes the decode wait for it (wait_admission(), the engine's default). slot_of()
   /// points only at fully gathered slots, and the next step() makes `compute_stream` wait for this
   /// call's side work, so no decode reads a slot while it is rewritten. Enqueue order on
   /// compute_stream must be: selection, step(), decode. Throws InvalidArgument for host arguments
