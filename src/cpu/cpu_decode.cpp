@@ -276,21 +276,16 @@ void CpuDecoder::run(const HostKVPool& pool, int group_size, float scale, std::s
   detail::require(std::isfinite(scale), where, "scale", scale, "finite");
   for (std::size_t i = 0; i < items.size(); ++i) {
     const CpuDecodeItem& it = items[i];
-    const bool ok = it.n_pages >= 0 && it.kv_head >= 0 && it.kv_head < layout.kv_heads && it.out != nullptr &&
-                    it.lse != nullptr &&
-                    (it.n_pages == 0 || (it.q != nullptr && it.pages != nullptr && it.last_page_tokens >= 1 &&
-                                         it.last_page_tokens <= layout.page_size));
-    if (ok) [[likely]]
-      continue;
-    // The item's name is built only for the message.
-    const std::string item = detail::concat("items[", i, "]");
-    detail::require(it.n_pages >= 0, where, (item + ".n_pages").c_str(), it.n_pages, ">= 0");
-    detail::require(it.kv_head >= 0 && it.kv_head < layout.kv_heads, where, (item + ".kv_head").c_str(), it.kv_head,
-                    "in [0, ", layout.kv_heads, ")");
-    detail::require(it.out != nullptr && it.lse != nullptr, where, (item + ".out/lse").c_str(), "null", "non-null");
-    detail::require(it.q != nullptr && it.pages != nullptr, where, (item + ".q/pages").c_str(), "null", "non-null");
-    detail::require(false, where, (item + ".last_page_tokens").c_str(), it.last_page_tokens, "in [1, ",
-                    layout.page_size, "]");
+    auto field = [i](const char* f) { return [i, f] { return detail::concat("items[", i, "].", f); }; };
+    detail::require(it.n_pages >= 0, where, field("n_pages"), it.n_pages, ">= 0");
+    detail::require(it.kv_head >= 0 && it.kv_head < layout.kv_heads, where, field("kv_head"), it.kv_head, "in [0, ",
+                    layout.kv_heads, ")");
+    detail::require(it.out != nullptr && it.lse != nullptr, where, field("out/lse"), "null", "non-null");
+    if (it.n_pages > 0) {
+      detail::require(it.q != nullptr && it.pages != nullptr, where, field("q/pages"), "null", "non-null");
+      detail::require(it.last_page_tokens >= 1 && it.last_page_tokens <= layout.page_size, where,
+                      field("last_page_tokens"), it.last_page_tokens, "in [1, ", layout.page_size, "]");
+    }
   }
   Impl& s = *impl_;
   s.items = items;

@@ -27,9 +27,8 @@ struct Higher {
 void check_range(const char* where, std::size_t n, int sink_pages, int local_pages, int begin, int end) {
   detail::require(sink_pages >= 0, where, "sink_pages", sink_pages, ">= 0");
   detail::require(local_pages >= 0, where, "local_pages", local_pages, ">= 0");
-  if (begin >= 0 && begin <= end && static_cast<std::size_t>(end) <= n) [[likely]]
-    return;
-  detail::require(false, where, "[begin, end)", detail::concat("[", begin, ", ", end, ")"), "inside [0, ", n, "]");
+  detail::require(begin >= 0 && begin <= end && static_cast<std::size_t>(end) <= n, where, "[begin, end)",
+                  [&] { return detail::concat("[", begin, ", ", end, ")"); }, "inside [0, ", n, "]");
 }
 
 bool is_forced(std::int64_t i, std::int64_t n, int sink_pages, int local_pages) noexcept {
@@ -65,9 +64,8 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
   detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
   detail::require(q.size() == static_cast<std::size_t>(group_size) * dim, where, "q.size()", q.size(),
                   "group_size * head_dim = ", group_size * dim);
-  if (upper.size() != pages.size() || estimate.size() != pages.size()) [[unlikely]]
-    detail::require(false, where, "upper/estimate size", detail::concat(upper.size(), "/", estimate.size()),
-                    "pages.size() = ", pages.size());
+  detail::require(upper.size() == pages.size() && estimate.size() == pages.size(), where, "upper/estimate size",
+                  [&] { return detail::concat(upper.size(), "/", estimate.size()); }, "pages.size() = ", pages.size());
   if (pages.empty()) return;
   detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
                   last_page_tokens, "in [1, ", layout.page_size, "]");

@@ -367,9 +367,9 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   detail::require(p.step <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(config_.layers) - 1,
                   where, "step", p.step, "small enough for a 32-bit stamp clock");
   const std::uint32_t now = shape_.clock(p.step, p.layer);
-  if (now < last_clock_) [[unlikely]]
-    detail::require(false, where, "(step, layer)", detail::concat("(", p.step, ", ", p.layer, ")"),
-                    "not before the last call (clock ", last_clock_, ")");
+  detail::require(now >= last_clock_, where, "(step, layer)",
+                  [&] { return detail::concat("(", p.step, ", ", p.layer, ")"); }, "not before the last call (clock ",
+                  last_clock_, ")");
   detail::require(p.selected_capacity >= 0 && p.selected_capacity <= config_.max_selected, where, "selected_capacity",
                   p.selected_capacity, "in [0, max_selected = ", config_.max_selected, "]");
   if (p.batch > 0)

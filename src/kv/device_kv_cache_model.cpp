@@ -274,9 +274,8 @@ std::vector<BlockFill> CacheModel::step(std::uint32_t t, int layer, std::span<co
   detail::require(t <= (std::numeric_limits<std::uint32_t>::max() - 1) / static_cast<std::uint32_t>(shape_.layers) - 1,
                   where, "step", t, "small enough for a 32-bit stamp clock");
   const std::uint32_t now = shape_.clock(t, layer);
-  if (now < last_clock_) [[unlikely]]
-    detail::require(false, where, "(step, layer)", detail::concat("(", t, ", ", layer, ")"),
-                    "not before the last call (clock ", last_clock_, ")");
+  detail::require(now >= last_clock_, where, "(step, layer)", [&] { return detail::concat("(", t, ", ", layer, ")"); },
+                  "not before the last call (clock ", last_clock_, ")");
   {
     std::unordered_set<std::int32_t> requests;
     std::unordered_set<BlockKey> keys;

@@ -153,7 +153,6 @@ HostKVPool::HostKVPool(const PageLayout& layout, std::size_t pool_bytes, HostMem
   summaries_ = arenas.summaries;
   kind_ = pinned ? HostMemoryKind::kPinnedMapped : HostMemoryKind::kAligned;
   allocated_by_cuda_ = arenas.allocated_by_cuda;
-
 }
 
 HostKVPool::~HostKVPool() {

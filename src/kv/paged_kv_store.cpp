@@ -238,9 +238,8 @@ void PagedKVStore::read(SeqId seq, int layer, std::int64_t begin, std::int64_t n
   check_layer(layer, kWhere);
   const LayerTable& table = find(seq, kWhere).layers[layer];
   const PageLayout& layout = pool_.layout();
-  if (begin < 0 || n < 0 || begin + n > table.length) [[unlikely]]
-    detail::require(false, kWhere, "token range", detail::concat("[", begin, ", ", begin + n, ")"), "inside [0, ",
-                    table.length, ")");
+  detail::require(begin >= 0 && n >= 0 && begin + n <= table.length, kWhere, "token range",
+                  [&] { return detail::concat("[", begin, ", ", begin + n, ")"); }, "inside [0, ", table.length, ")");
   detail::require_tensor(keys_out, kWhere, "keys_out", layout.dtype, {n, layout.kv_heads, layout.head_dim});
   detail::require_tensor(values_out, kWhere, "values_out", layout.dtype, {n, layout.kv_heads, layout.head_dim});
   const std::size_t elem = dtype_bytes(layout.dtype);

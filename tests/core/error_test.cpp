@@ -38,6 +38,19 @@ TEST(Error, RequireFormatsWhereNameExpectedAndValue) {
   EXPECT_EQ(detail::concat("a", 1, '-', 2.5), "a1-2.5");
 }
 
+// Parts of the expectation are joined, and a name or value given as a lambda is formatted, only when
+// the check fails.
+TEST(Error, RequireBuildsItsMessageOnlyOnFailure) {
+  int calls = 0;
+  auto name = [&] { ++calls; return detail::concat("items[", 3, "].kv_head"); };
+  auto value = [&] { ++calls; return detail::concat("(", 1, ", ", 2, ")"); };
+  detail::require(true, "f", name, value, "in [0, ", 8, ")");
+  EXPECT_EQ(calls, 0);
+  EXPECT_EQ(invalid_argument_message([&] { detail::require(false, "f", name, value, "in [0, ", 8, ")"); }),
+            "f: items[3].kv_head must be in [0, 8) (got (1, 2))");
+  EXPECT_EQ(calls, 2);
+}
+
 struct BadShape {
   ModelShape shape;
   const char* field;
