@@ -395,6 +395,10 @@ Row run_system(const std::string& name, const Options& o, const Workload& w, std
     FluxionAttention a(cfg(o.budget, o.hbm_share));
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
+  if (name == "fluxion_gpu") {  // ablation: the Fluxion selection, everything on the GPU
+    HybridAttention<OnlineHeadProfile, OutputAware, GpuOnly> a(cfg(o.budget, o.hbm_share));
+    return time_system(a, name, o, w, context, batch, bw, gpu);
+  }
   if (name == "fixed5") {
     Fixed5HybridAttention a(cfg(o.budget, o.hbm_share), {}, FixedBudget(0.05));
     return time_system(a, name, o, w, context, batch, bw, gpu);
@@ -412,7 +416,7 @@ Row run_system(const std::string& name, const Options& o, const Workload& w, std
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
   throw InvalidArgument(detail::concat("hattn-bench: --systems has unknown system '", name,
-                                       "' (fluxion, fixed5, quest_gpu, gpu_dense, cpu_dense)"));
+                                       "' (fluxion, fluxion_gpu, fixed5, quest_gpu, gpu_dense, cpu_dense)"));
 }
 
 std::string key_of(std::int64_t context, int batch) { return detail::concat(context, "x", batch); }
@@ -424,7 +428,7 @@ int main(int argc, char** argv) {
   CLI::App app{"hattn-bench: end-to-end decode step of one layer against the baselines"};
   app.add_option("--contexts", o.contexts, "tokens per request (default 32768 131072; --quick 32768)");
   app.add_option("--batches", o.batches, "requests per step (default 1 4 16; --quick 1 4)");
-  app.add_option("--systems", o.systems, "fluxion fixed5 quest_gpu gpu_dense cpu_dense (default: all)");
+  app.add_option("--systems", o.systems, "fluxion fixed5 quest_gpu gpu_dense cpu_dense (default: these), fluxion_gpu (ablation)");
   app.add_option("--warmup", o.warmup, "untimed steps first (HBM cache and predictor settle)");
   app.add_option("--iters", o.iters, "timed steps (median reported)");
   app.add_option("--threads", o.threads, "CPU threads of the objects (0 = all)");
