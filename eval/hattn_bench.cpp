@@ -60,6 +60,7 @@ struct Options {
   std::string torch_json;
   std::string json = "docs/results/e2e.json";
   std::string orchestrator_json = "docs/results/orchestrator.json";
+  std::string trace;  // --trace: timeline of one step of each system at 128K x 1
   std::string commit;
 };
 
@@ -131,6 +132,7 @@ struct Row {
   double caller_us = -1;      // median StepStats::caller_us
   double cpu_us = 0, gpu_us = 0;
   std::string phases;         // medians of StepStats::gpu_phases (--phases)
+  std::string trace;          // JSON array: the last timed step's layers on one clock (--trace)
   std::string note;
 };
 
@@ -284,6 +286,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
                             : TensorView::contiguous(q.data(), DType::kFloat32, {B, s.q_heads, s.head_dim});
   const TensorView ov = gpu ? TensorView::contiguous(dout, DType::kFloat32, {B, s.q_heads, s.head_dim}, Device::kCuda)
                             : TensorView::contiguous(out.data(), DType::kFloat32, {B, s.q_heads, s.head_dim});
+  std::string trace;
   std::vector<double> step, plan_t, host_b, hbm_b, used, overlap, caller, cpu_t, gpu_t, cpu_start, cpu_mb, cpu_kernel;
   std::array<std::vector<double>, 7> phase;
   const PageLayout& l = attn.store().layout();
@@ -345,6 +348,25 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
         overlap.push_back(0);
       }
     }
+    if (it == total - 1) {
+      // One step's timeline, every time relative to the first layer's entry into run(): what the
+      // caller's thread, the GPU (from CUDA events) and the CPU side did, layer by layer.
+      const double origin = attn.stats(0).caller_begin_us;
+      auto rel = [&](double t) { return eval::json_number(t > 0 ? t - origin : -1); };
+      std::ostringstream tr;
+      tr << "[";
+      for (int layer = 0; layer < layers; ++layer) {
+        const StepStats& st = attn.stats(layer);
+        tr << (layer ? ",\n      " : "\n      ") << "{\"layer\": " << layer << ", \"caller_begin\": " << rel(st.caller_begin_us)
+           << ", \"caller_end\": " << rel(st.caller_begin_us + st.caller_us) << ", \"gpu_begin\": " << rel(st.gpu_begin_us)
+           << ", \"gpu_selected\": " << rel(st.gpu_selected_us) << ", \"gpu_decoded\": " << rel(st.gpu_decoded_us)
+           << ", \"gpu_end\": " << rel(st.gpu_end_us) << ", \"cpu_begin\": " << rel(st.cpu_begin_us)
+           << ", \"cpu_end\": " << rel(st.cpu_end_us) << ", \"cpu_blocks\": " << st.cpu_blocks
+           << ", \"gpu_blocks\": " << st.gpu_blocks << "}";
+      }
+      tr << "\n    ]";
+      trace = tr.str();
+    }
     if ((it - o.warmup) % 10 == 9)
       std::fprintf(stderr, "\r[bench]   %s: step %d/%d, median so far %.1f us   ", name.c_str(), it - o.warmup + 1,
                    o.iters, median(step));
@@ -374,6 +396,7 @@ Row time_system(Attn& attn, const std::string& name, const Options& o, const Wor
   r.hbm_share = static_cast<double>(attn.config().hbm_cache_bytes) / kv_bytes;
   r.overlap = median(overlap);
   r.caller_us = median(caller);
+  r.trace = trace;
   r.cpu_us = median(cpu_t);
   r.gpu_us = median(gpu_t);
   if (o.phases)
@@ -444,6 +467,7 @@ int main(int argc, char** argv) {
   app.add_flag("--cpu", o.cpu, "CPU backend (no GPU figures; a smoke run)");
   app.add_option("--json", o.json, "e2e results file (GPU runs; '' = none)");
   app.add_option("--orchestrator_json", o.orchestrator_json, "orchestrator results file (GPU runs; '' = none)");
+  app.add_option("--trace", o.trace, "timeline of the last timed step of each system at 128K x 1 (JSON; '' = none)");
   app.add_option("--commit", o.commit, "commit to record (default: env HATTN_COMMIT)");
   CLI11_PARSE(app, argc, argv);
   if (o.contexts.empty()) o.contexts = o.quick ? std::vector<std::int64_t>{32768} : std::vector<std::int64_t>{32768, 131072};
@@ -624,6 +648,26 @@ int main(int argc, char** argv) {
            detail::concat("Fluxion default: median StepStats::caller_us, time the calling thread spent inside run() ",
                           "(the step took ", flux->step_us, " us per layer); ", setting)}};
       eval::write_results(o.orchestrator_json, device, commit, orch, {{"rows", raw.str()}});
+    }
+    if (!o.trace.empty()) {
+      std::ostringstream steps;
+      steps << "{";
+      bool first = true;
+      for (const Row& r : rows) {
+        if (r.context != 131072 || r.batch != 1 || r.trace.empty()) continue;
+        steps << (first ? "\n    " : ",\n    ") << eval::json_string(r.system) << ": " << r.trace;
+        first = false;
+      }
+      steps << "\n  }";
+      const std::vector<eval::Figure> none;
+      eval::write_results(o.trace, device, commit, none,
+                          {{"what", eval::json_string(detail::concat(
+                                        "the last timed step of each system at 128K x 1: per layer, when the caller's thread ",
+                                        "entered and left run(), the GPU side's first kernel, end of selection, end of decode ",
+                                        "and end of merge (CUDA events mapped onto the host clock), and the CPU side's begin ",
+                                        "and end; microseconds from the first layer's entry into run(), -1 where a side had ",
+                                        "no work; ", setting))},
+                           {"steps", steps.str()}});
     }
 #if HATTN_WITH_CUDA
     if (bw_stream) cudaStreamDestroy(bw_stream);

@@ -5,6 +5,8 @@ quality.json -> quality_vs_budget.png: mass recall, output relative L2 error and
                against the average budget actually used, one curve per system (all heads), plus
                quality_by_kind.png: output error per head kind at each system's 5% point.
 e2e.json     -> e2e_step_time.png: per-layer step time of every system per context x batch.
+trace_128k_b1[_no_cache].json -> trace_128k_b1[_no_cache]_SYSTEM.png: one step's timeline (caller
+               thread, GPU phases from CUDA events, CPU side) per layer, from hattn-bench --trace.
 
 Usage: scripts/plot_results.py [--results docs/results] [--figures docs/figures]
 Files that are missing are skipped with a note; plots are made on the development machine.
@@ -137,6 +139,40 @@ def plot_e2e(doc, out_dir):
     print(f"plot_results: wrote {path}")
 
 
+def plot_trace(doc, out_dir, name, system):
+    layers = doc.get("steps", {}).get(system)
+    if not layers:
+        return
+    lanes = ["caller thread", "GPU: score + select", "GPU: cache + decode", "GPU: merge", "CPU side"]
+    colors = ["#888888", "#1f77b4", "#2ca02c", "#9467bd", "#d62728"]
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+
+    def bar(lane, begin, end, label=None):
+        if begin is None or end is None or begin < 0 or end <= begin:
+            return
+        ax.broken_barh([(begin, end - begin)], (lane - 0.35, 0.7), color=colors[lane], alpha=0.85)
+        if label:
+            ax.text(begin + (end - begin) / 2, lane, label, ha="center", va="center", fontsize=7, color="white")
+
+    for l in layers:
+        tag = f"L{l['layer']}"
+        bar(0, l["caller_begin"], l["caller_end"])
+        bar(1, l["gpu_begin"], l["gpu_selected"], tag)
+        bar(2, l["gpu_selected"], l["gpu_decoded"], tag)
+        bar(3, l["gpu_decoded"], l["gpu_end"])
+        bar(4, l["cpu_begin"], l["cpu_end"], tag)
+    ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("us from the first layer's run() call")
+    ax.set_title(f"One decode step, {system}, layers back to back ({caption(doc)})", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}_{system}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot_results: wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="docs/results")
@@ -149,6 +185,11 @@ def main():
     e = load(os.path.join(args.results, "e2e.json"))
     if e:
         plot_e2e(e, args.figures)
+    for name in ("trace_128k_b1", "trace_128k_b1_no_cache"):
+        t = load(os.path.join(args.results, name + ".json"))
+        if t:
+            for system in t.get("steps", {}):
+                plot_trace(t, args.figures, name, system)
 
 
 if __name__ == "__main__":

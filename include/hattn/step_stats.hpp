@@ -25,6 +25,7 @@ struct StepStats {
   double cpu_kernel_us = 0;            ///< of cpu_us, the SIMD attention kernel alone
   double gpu_us = 0;                   ///< GPU side from events: first kernel to the merge
   double caller_us = 0;                ///< time the caller's thread spent inside run()
+  double caller_begin_us = 0;          ///< when run() was entered, on the clock of cpu_begin_us below
   /// When each side computed, in microseconds on one host clock (std::chrono::steady_clock since the
   /// engine was built); GPU times are event times mapped onto it. 0 when the side had no work.
   double cpu_begin_us = 0, cpu_end_us = 0, gpu_begin_us = 0, gpu_end_us = 0;

@@ -196,6 +196,7 @@ void DecodeEngine::run(const LayerWork& work, const TensorView& queries, const T
   }
   for (int c : s.selected_pages) s.cpu_blocks += c;
   s.host_read_bytes = s.cpu_blocks * static_cast<std::int64_t>(2 * layout.head_block_elems() * dtype_bytes(layout.dtype));
+  s.caller_begin_us = t0;
   s.caller_us = engine_clock_us() - t0;
 }
 

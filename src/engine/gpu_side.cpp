@@ -18,6 +18,7 @@
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
+#include "hattn/kernels/cuda_upload.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
 #include <unordered_map>
 
@@ -131,6 +132,10 @@ struct GpuSide::Impl {
   DeviceArray<std::byte> summaries;
   PinnedArray<std::byte> stage_keys, stage_values;
   cudaStream_t clock_stream = nullptr;
+  // Without a CPU share the split only counts the GPU's cached blocks for the stats: it runs here,
+  // beside the cache step, instead of before it on the caller's stream.
+  cudaStream_t stats_stream = nullptr;
+  cudaEvent_t stats_fork = nullptr, stats_join = nullptr;
   cudaEvent_t anchor = nullptr;
   double anchor_us = 0;
   std::uint64_t runs_since_anchor = 0;
@@ -171,6 +176,9 @@ struct GpuSide::Impl {
     last_slot.assign(static_cast<std::size_t>(config.shape.layers), -1);
     summaries.reserve(static_cast<std::size_t>(store.pool().capacity_pages()) * store.layout().summary_bytes());
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&clock_stream, cudaStreamNonBlocking));
+    HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stats_stream, cudaStreamNonBlocking));
+    HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&stats_fork, cudaEventDisableTiming));
+    HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&stats_join, cudaEventDisableTiming));
     HATTN_CUDA_CHECK(cudaEventCreate(&anchor));
     reanchor();
     open_cache();
@@ -242,6 +250,9 @@ struct GpuSide::Impl {
     }
     cudaEventDestroy(anchor);
     cudaStreamDestroy(clock_stream);
+    cudaEventDestroy(stats_fork);
+    cudaEventDestroy(stats_join);
+    cudaStreamDestroy(stats_stream);
     cache.reset();
     if (side_stream) cudaStreamDestroy(side_stream);
   }
@@ -530,7 +541,7 @@ struct GpuSide::Impl {
     }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
     if (config.time_phases) HATTN_CUDA_CHECK(cudaEventRecord(slot.upload, stream));
-    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.meta.get(), m, meta_count * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
+    cuda::launch_upload_words(m, slot.meta.get(), meta_count, s);
     const std::int32_t* d = slot.meta.get();
     const std::int32_t* d_indptr = d;
     const std::int32_t* d_seq_len = d_indptr + batch + 1;
@@ -587,6 +598,7 @@ struct GpuSide::Impl {
     const std::int32_t* gpu_selected = slot.selected.get();
     const std::int32_t* gpu_count = slot.selected_count.get();
     std::int32_t* gpu_hits = slot.gpu_counts.host() + static_cast<std::size_t>(batch) * heads;  // mapped
+    bool counting_aside = false;  // the count-only split runs on stats_stream
     if (has_cpu || cache) {
       cuda::SplitSelectionParams split;
       split.selected = slot.selected.get();
@@ -608,7 +620,15 @@ struct GpuSide::Impl {
         gpu_selected = slot.gpu_selected.get();
         gpu_count = slot.gpu_count.get();
       }
-      cuda::launch_split_selection(split, s);
+      if (has_cpu) {
+        cuda::launch_split_selection(split, s);
+      } else {
+        HATTN_CUDA_CHECK(cudaEventRecord(stats_fork, stream));
+        HATTN_CUDA_CHECK(cudaStreamWaitEvent(stats_stream, stats_fork, 0));
+        cuda::launch_split_selection(split, reinterpret_cast<cuda::Stream>(stats_stream));
+        HATTN_CUDA_CHECK(cudaEventRecord(stats_join, stats_stream));
+        counting_aside = true;
+      }
     }
     if (has_cpu)
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
@@ -679,6 +699,7 @@ struct GpuSide::Impl {
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
                                        static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
                                        cudaMemcpyDeviceToHost, stream));
+    if (counting_aside) HATTN_CUDA_CHECK(cudaStreamWaitEvent(stream, stats_join, 0));
     HATTN_CUDA_CHECK(cudaEventRecord(slot.end, stream));
 
     StepStats& st = slot.pending;
@@ -694,6 +715,7 @@ struct GpuSide::Impl {
     slot.in_flight = true;
     slot.enqueued = true;
     last_slot[work.layer] = static_cast<int>(generation % kRing);
+    st.caller_begin_us = caller_begin_us;
     st.caller_us = engine_clock_us() - caller_begin_us;
   }
 
