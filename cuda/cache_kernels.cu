@@ -14,6 +14,7 @@
 // the evicting thread hands its slot to an admission directly, and the slots a row needs beyond
 // its own evictions come from the free ring's head, which no eviction writes in the same kernel
 // (pushes go to the tail: budgets partition the pool, so the two ranges never meet).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -112,7 +113,11 @@ __device__ void lookup_part(const CacheDeviceView& v, const CacheCallArgs& a, in
       } else {
         key = a.page_table[base + pos] * v.kv_heads + h;
         const int slot = v.slot_of[key];
-        if (slot >= 0) {
+        // A hit only if the slot still holds the key: a stale map entry would otherwise move the
+        // slot's block out of the class of the key looked up instead of its own, the histogram
+        // would then disagree with the eviction scan and a planned victim would not be found.
+        // Taken as a miss instead, the key is admitted again and the gather rewrites its entry.
+        if (slot >= 0 && v.slot_key[slot] == key) {
           ++hits;
           v.slot_hit[slot] = a.call_id;
           if (!v.slot_pinned[slot]) {
@@ -277,7 +282,8 @@ __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int*
   int admitted, pops, pushes;
   const int admit_base = block_exclusive_sum(q, scratch, admitted);
   const int pop_base = block_exclusive_sum(max(q - e, 0), scratch, pops);
-  const int push_base = block_exclusive_sum(max(e - q, 0), scratch, pushes);
+  const int push_base = block_exclusive_sum(max(e - q, 0), scratch, pushes);  // planned; stage 2 counts its own
+  (void)pushes;
   const int evicted = block_sum(e, scratch);
   if (row) {
     v.row_plan[b] = CacheRowPlan{.request = ps.request[b], .evict_from = ps.from[b], .quota = q, .evicted = e,
@@ -294,9 +300,11 @@ __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int*
     sc.pop_head = head;
     sc.push_tail = static_cast<int>((static_cast<long long>(head) + free_count) % v.slots);
     sc.free_head = static_cast<int>((static_cast<long long>(head) + taken) % v.slots);
-    sc.free_count = free_count - taken + pushes;
+    // Pushes are counted by stage 2 as it writes them (CacheScalars::pushed), not from the plan.
+    sc.free_count = free_count - taken;
+    sc.pushed = 0;
     sc.any_evict = evicted > 0;
-    sc.blocks_done = 0;
+    sc.blocks_done = 0;  // stage 1's last-block count, reused by stage 2's
   }
   // Entries without a slot (only if the ring ran dry) stay -1: the gather skips them.
   for (int g = threadIdx.x; g < admitted; g += blockDim.x) v.gather_slot[g] = -1;
@@ -407,8 +415,18 @@ __global__ void __launch_bounds__(kThreads) CacheEvictAdmitKernel(const __grid_c
     v.slot_of[key[k]] = -1;
     v.slot_key[slot[k]] = -1;
     v.slot_request[slot[k]] = -1;
-    if (t < plan.quota) claim(v, a, plan, row, t, slot[k]);
-    else v.free_ring[(sc.push_tail + plan.push_base + (t - plan.quota)) % v.slots] = slot[k];
+    if (t < plan.quota) {
+      claim(v, a, plan, row, t, slot[k]);
+    } else {
+      // Appended through a cursor, so the pushed range has no hole and the count is exact even
+      // if a row finds fewer victims than planned (pushes go to the tail, pops come from the head).
+      // One atomic per warp (the pushes of a whole old bucket can be thousands).
+      const auto pushing = cooperative_groups::coalesced_threads();
+      int at = 0;
+      if (pushing.thread_rank() == 0) at = atomicAdd(&v.scalars->pushed, static_cast<int>(pushing.size()));
+      at = pushing.shfl(at, 0) + static_cast<int>(pushing.thread_rank());
+      v.free_ring[static_cast<int>((static_cast<long long>(sc.push_tail) + at) % v.slots)] = slot[k];
+    }
   }
   const int stride = static_cast<int>(gridDim.x * blockDim.x);
   for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < sc.pops; i += stride) {
@@ -427,6 +445,36 @@ __global__ void __launch_bounds__(kThreads) CacheEvictAdmitKernel(const __grid_c
        i += stride) {
     if (i < a.batch * kClasses) v.row_hist[i] = 0;
     else v.row_acc[i - a.batch * kClasses] = 0;
+  }
+  // The last block commits what was done: pushes actually written into the ring count, and for a
+  // row that found fewer victims than planned (tickets < evicted: the plan's histogram counted a
+  // block stage 2 did not evict), its use count and counters follow the evictions and claims made.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&v.scalars->blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int b = threadIdx.x; b < a.batch; b += blockDim.x) {
+    const CacheRowPlan& plan = sh_plan[b];
+    if (plan.request < 0 || plan.evicted == 0) continue;
+    const int found = min(__ldcg(v.row_ticket + b), plan.evicted);
+    if (found == plan.evicted) continue;
+    const int missing = plan.evicted - found;                                     // not evicted
+    const int unclaimed = min(plan.evicted, plan.quota) - min(found, plan.quota);  // not admitted
+    atomicAdd(v.used + plan.request, missing - unclaimed);
+    atomicAdd(&v.scalars->shortfall, missing);
+    v.request_stats[plan.request].counters.evicted -= missing;
+    v.request_stats[plan.request].counters.admitted -= unclaimed;
+    v.request_stats[plan.request].counters.pcie_bytes -= static_cast<std::int64_t>(unclaimed) * v.block_bytes;
+    add64(&v.step_stats->counters.evicted, -missing);
+    add64(&v.step_stats->counters.admitted, -unclaimed);
+    add64(&v.step_stats->counters.pcie_bytes, -static_cast<std::int64_t>(unclaimed) * v.block_bytes);
+  }
+  if (threadIdx.x == 0) {
+    atomicAdd(&v.scalars->free_count, __ldcg(&v.scalars->pushed));
+    v.scalars->blocks_done = 0;
   }
 }
 

@@ -18,7 +18,6 @@
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
-#include "hattn/kernels/cuda_upload.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
 #include <unordered_map>
 
@@ -541,7 +540,7 @@ struct GpuSide::Impl {
     }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
     if (config.time_phases) HATTN_CUDA_CHECK(cudaEventRecord(slot.upload, stream));
-    cuda::launch_upload_words(m, slot.meta.get(), meta_count, s);
+    HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.meta.get(), m, meta_count * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
     const std::int32_t* d = slot.meta.get();
     const std::int32_t* d_indptr = d;
     const std::int32_t* d_seq_len = d_indptr + batch + 1;

@@ -164,6 +164,13 @@ CacheState DeviceKVCache::download_state() {
   return st;
 }
 
+std::int32_t DeviceKVCache::eviction_shortfall() {
+  synchronize();
+  std::int32_t n = 0;
+  HATTN_CUDA_CHECK(cudaMemcpy(&n, &view_.scalars->shortfall, sizeof(n), cudaMemcpyDeviceToHost));
+  return n;
+}
+
 std::vector<std::int32_t> DeviceKVCache::download_slot_of() {
   synchronize();
   std::vector<std::int32_t> out;

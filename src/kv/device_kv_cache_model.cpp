@@ -363,7 +363,18 @@ void CacheModel::check_invariants() const {
   }
   if (static_cast<std::int64_t>(slot_of_.size()) != occupied)
     fail("map has ", slot_of_.size(), " keys but ", occupied, " slots are occupied");
-  if (state_.free_top != shape_.slots - occupied) fail("free_top ", state_.free_top, " with ", occupied, " occupied");
+  if (state_.free_top != shape_.slots - occupied) {
+    // Name the counter that drifted and by how much: the ring's count against the free slots, and
+    // the use counts against the owned slots (a ring count too high with a use count too low is an
+    // eviction that was planned but not made; a ring count too low is a slot popped twice).
+    const std::int64_t free_slots = shape_.slots - occupied;
+    const std::int64_t drift = state_.free_top - free_slots;
+    std::int64_t used_sum = 0;
+    for (std::int32_t r = 0; r < shape_.max_requests; ++r) used_sum += state_.used[r];
+    fail("free_top ", state_.free_top, " with ", occupied, " occupied of ", shape_.slots, " slots: the free ring counts ",
+         drift > 0 ? "+" : "", drift, " against the ", free_slots, " free slots; use counts sum to ", used_sum,
+         " against ", occupied, " owned slots (", used_sum - occupied >= 0 ? "+" : "", used_sum - occupied, ")");
+  }
   std::vector<std::uint8_t> on_stack(static_cast<std::size_t>(shape_.slots), 0);
   for (std::int32_t i = 0; i < state_.free_top; ++i) {
     const auto s = state_.free_stack[i];

@@ -395,6 +395,89 @@ TEST(DeviceKVCache, BadInputIsReportedAndLeavesCacheConsistent) {
   hx.check("after rejected calls");
 }
 
+// hattn-bench's gpu_dense at 1/8 scale (it once aborted on the H100 with "free_top 140253 with 135167
+// occupied" at its first resize: the ring counted one slot more than were free): one request, 4 layers,
+// every page selected every call, a pool 1.05x the blocks and a budget of half of it, so each call
+// evicts about a layer and admits one (pops and pushes in the same call), over a pool of 34 stage-2
+// blocks, calls back to back without a host wait. The state must equal the model's at every check
+// and no plan may name more victims than the slots hold (eviction_shortfall).
+TEST(DeviceKVCache, DenseSweepBackToBackOverManyBlocks) {
+  REQUIRE_DEVICE();
+  constexpr int kLayers = 4, kPages = 1024;  // complete pages per layer; one more is being appended
+  const PageLayout layout{.page_size = 16, .kv_heads = 8, .head_dim = 64, .dtype = DType::kBFloat16};
+  const int H = layout.kv_heads;
+  HostKVPool pool(layout, static_cast<std::size_t>(kLayers) * (kPages + 1) * (layout.page_bytes() + layout.summary_bytes()));
+  const auto slots = static_cast<std::int32_t>(1.05 * kLayers * (kPages + 1) * H);
+  const DeviceKVCacheConfig config{.slots = slots, .max_requests = 1, .max_batch = 1, .max_selected = 16384,
+                                   .layers = kLayers};
+  ASSERT_GE(slots, 16 * 1024);  // many blocks in the slot kernels (1024 slots each)
+  DeviceKVCache cache(pool, config);
+  CacheModel model(cache.shape(), CacheReplacement::kBucketedLru);
+  cache.open_request(0, slots / 2);
+  model.open_request(0, slots / 2);
+  cudaStream_t compute = nullptr, side = nullptr;
+  HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking));
+  HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  DeviceCall d;
+  std::vector<CacheStepParams> params;
+  std::vector<CacheAccess> access;
+  for (int l = 0; l < kLayers; ++l) {
+    const auto pages = pool.allocate(kPages + 1);
+    std::vector<std::int32_t> selected, offset, count;
+    CacheAccess row{.request = 0, .keys = {}, .bypass = H};
+    for (int h = 0; h < H; ++h) {
+      offset.push_back(static_cast<std::int32_t>(selected.size()));
+      for (int pos = 0; pos <= kPages; ++pos) {
+        selected.push_back(pos);
+        if (pos < kPages) row.keys.push_back(pages[pos] * H + h);
+      }
+      count.push_back(kPages + 1);
+    }
+    params.push_back({.page_table = d.put(std::vector<std::int32_t>(pages.begin(), pages.end())),
+                      .page_indptr = d.put({0, kPages + 1}), .selected = d.put(selected),
+                      .selected_offset = d.put(offset), .selected_count = d.put(count), .request_of_row = d.put({0}),
+                      .batch = 1, .kv_heads = H, .layer = l, .step = 0,
+                      .selected_capacity = static_cast<std::int32_t>(selected.size())});
+    access.push_back(std::move(row));
+  }
+  auto check = [&](std::uint32_t t) {
+    SCOPED_TRACE(::testing::Message() << "after step " << t);
+    const auto st = cache.download_state();
+    ASSERT_NO_THROW(CacheModel(cache.shape(), st, model.last_clock()));
+    EXPECT_EQ(cache.eviction_shortfall(), 0);
+    EXPECT_EQ(st.free_top, model.state().free_top);
+    EXPECT_EQ(st.used, model.state().used);
+    const auto slot_of = cache.download_slot_of();
+    std::int64_t mapped = 0;
+    for (auto v : slot_of) mapped += v >= 0;
+    std::int64_t occupied = 0;
+    for (std::int32_t s = 0; s < slots; ++s)
+      if (st.slot_key[s] >= 0) {
+        ++occupied;
+        ASSERT_EQ(slot_of[st.slot_key[s]], s) << "slot " << s;
+      }
+    EXPECT_EQ(mapped, occupied);  // no stale entry pointing at a slot that holds another key
+  };
+  std::int64_t pops_and_evictions = 0;
+  for (std::uint32_t t = 1; t <= 24; ++t) {
+    for (int l = 0; l < kLayers; ++l) {
+      params[l].step = t;
+      cache.step(params[l], compute, side);
+      cache.wait_admission(compute);  // the engine's admit_before_decode order, no host wait
+      model.step(t, l, std::span<const CacheAccess>(&access[l], 1));
+      pops_and_evictions += model.step_stats().counters.evicted > 0;
+    }
+    if (t % 8 == 7) {
+      check(t);
+      if (HasFatalFailure()) break;
+    }
+  }
+  EXPECT_GT(pops_and_evictions, 40);
+  HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
+  cudaStreamDestroy(compute);
+  cudaStreamDestroy(side);
+}
+
 TEST(DeviceKVCache, ResizeBudgetsFollowsWorkingSet) {
   REQUIRE_DEVICE();
   CacheHarness hx(9);

@@ -186,6 +186,54 @@ TEST(CacheModel, BadInputLeavesStateUnchanged) {
   }
 }
 
+// A state as the step kernels left it on the H100 in hattn-bench's gpu_dense run: one victim planned
+// but not evicted, so the ring counts one slot more than are free and the use count is one short.
+// Adopting it must fail, and the message must say which counter drifted and by how much.
+TEST(CacheModel, InvariantNamesTheDriftedCounter) {
+  const auto shape = small_shape(64, 4);
+  CacheModel m(shape, CacheReplacement::kBucketedLru);
+  m.open_request(0, 32);
+  std::vector<BlockKey> keys;
+  for (BlockKey k = 0; k < 40; ++k) keys.push_back(k);
+  m.step(1, 0, std::vector<CacheAccess>{{.request = 0, .keys = keys}});
+  CacheState st = m.state();
+  ASSERT_NO_THROW(CacheModel(shape, st, m.last_clock()));
+  ++st.free_top;  // a push counted but not written, the victim still owned...
+  --st.used[0];   // ...and the use count lowered as if it had gone
+  try {
+    CacheModel adopted(shape, st, m.last_clock());
+    FAIL() << "a ring count one too high was accepted";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("free ring counts +1 against the " + std::to_string(shape.slots - 32) + " free slots"),
+              std::string::npos) << what;
+    EXPECT_NE(what.find("use counts sum to 31 against 32 owned slots (-1)"), std::string::npos) << what;
+  }
+}
+
+// The gpu_dense pattern in the model (the GPU test DenseSweepBackToBackOverManyBlocks runs it on the
+// device): every block of the layer selected each call, a budget of half a pool sized 1.05x the blocks.
+// Each call then both evicts and admits, and the ring and use counts stay exact.
+TEST(CacheModel, DenseSweepHalfPoolKeepsCountsExact) {
+  constexpr int kLayers = 4, kPages = 64, kHeads = 2;
+  const CacheShape shape{.slots = static_cast<std::int32_t>(1.05 * kLayers * kPages * kHeads), .max_requests = 1,
+                         .pool_pages = kLayers * kPages, .kv_heads = kHeads, .block_bytes = 64, .layers = kLayers};
+  CacheModel m(shape, CacheReplacement::kBucketedLru);
+  m.open_request(0, shape.slots / 2);
+  std::int64_t both = 0;
+  for (std::uint32_t t = 1; t <= 16; ++t)
+    for (int l = 0; l < kLayers; ++l) {
+      CacheAccess row{.request = 0, .keys = {}, .bypass = kHeads};
+      for (int h = 0; h < kHeads; ++h)
+        for (int p = 0; p < kPages - 1; ++p) row.keys.push_back((l * kPages + p) * kHeads + h);
+      m.step(t, l, std::vector<CacheAccess>{row});
+      ASSERT_NO_THROW(m.check_invariants()) << "step " << t << " layer " << l;
+      both += m.step_stats().counters.evicted > 0 && m.step_stats().counters.admitted > 0;
+      ASSERT_EQ(m.state().free_top, shape.slots - m.state().used[0]);
+    }
+  EXPECT_GT(both, 40);
+}
+
 TEST(CacheModel, PinnedBlocksSurvivePressureAndBoundBudget) {
   CacheModel m(small_shape(64, 2), CacheReplacement::kBucketedLru);
   m.open_request(0, 6);

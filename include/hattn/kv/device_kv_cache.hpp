@@ -103,6 +103,10 @@ class DeviceKVCache {
   RequestCacheStats request_stats(std::int32_t request);
   /// Totals of the latest step number.
   CacheStepStats step_stats();
+  /// Victims the step kernels planned but did not find, summed over all calls (synchronises). The
+  /// kernels keep the ring count and use counts exact regardless; non-zero means a plan's histogram
+  /// disagreed with the slots (a stale slot_of entry or a race) and is a bug to report.
+  std::int32_t eviction_shortfall();
   /// Copy of the device state (for tests and tools).
   CacheState download_state();
   std::vector<std::int32_t> download_slot_of();

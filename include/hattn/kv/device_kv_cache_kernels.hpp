@@ -31,6 +31,12 @@ struct CacheScalars {
   std::int32_t pop_head = 0;   ///< ring position of the first of them
   std::int32_t push_tail = 0;  ///< ring position where evicted slots not reused are appended
   std::int32_t any_evict = 0;  ///< some row evicts: the eviction scan runs
+  // Written by the eviction-claim kernel. The plan leaves free_count at (count - pops); the slots
+  // pushed are appended through `pushed` and added to free_count by that kernel's last block, so
+  // the ring count is what was written, never what was planned (a row that finds fewer victims
+  // than its plan used to leave planned-but-unwritten ring entries and a count one too high).
+  std::int32_t pushed = 0;         ///< slots appended at push_tail by the current call so far
+  std::int32_t shortfall = 0;      ///< victims planned but not found, summed over calls (0 = healthy)
 };
 
 /// Per-row plan written by the lookup-plan kernel's last block.
