@@ -5,7 +5,7 @@ quality.json -> quality_vs_budget.png: mass recall, output relative L2 error and
                against the average budget actually used, one curve per system (all heads), plus
                quality_by_kind.png: output error per head kind at each system's 5% point.
 e2e.json     -> e2e_step_time.png: per-layer step time of every system per context x batch.
-trace_128k_b1[_no_cache].json -> trace_128k_b1[_no_cache]_SYSTEM.png: one step's timeline (caller
+trace_128k_b1[_no_cache].json -> trace_128k_b1[_no_cache]_fluxion.png: one step's timeline (caller
                thread, GPU phases from CUDA events, CPU side) per layer, from hattn-bench --trace.
 
 Usage: scripts/plot_results.py [--results docs/results] [--figures docs/figures]
@@ -143,7 +143,7 @@ def plot_trace(doc, out_dir, name, system):
     layers = doc.get("steps", {}).get(system)
     if not layers:
         return
-    lanes = ["caller thread", "GPU: score + select", "GPU: cache + decode", "GPU: merge", "CPU side"]
+    lanes = ["caller thread", "GPU: score + select", "GPU: cache + decode", "GPU: CPU wait + merge", "CPU side"]
     colors = ["#888888", "#1f77b4", "#2ca02c", "#9467bd", "#d62728"]
     fig, ax = plt.subplots(figsize=(10, 3.2))
 
@@ -188,8 +188,7 @@ def main():
     for name in ("trace_128k_b1", "trace_128k_b1_no_cache"):
         t = load(os.path.join(args.results, name + ".json"))
         if t:
-            for system in t.get("steps", {}):
-                plot_trace(t, args.figures, name, system)
+            plot_trace(t, args.figures, name, "fluxion")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ for share in 0.19 0; do
 done
 if [[ "${E2E_SWEEP:-1}" != 0 ]]; then
 say "-- hattn-bench sweep"
-# The sweep rewrites both files with every row, its 128K batch 1 row with fewer steps (E2E_SWEEP_ARGS).
+# Every context x batch, fewer steps (E2E_SWEEP_ARGS), into its own file: the 128K batch 1 figures
+# above stay those of the longer run.
 timeout 240 "$BUILD/eval/hattn-bench" --contexts 131072 32768 --batches 1 4 16 "${torch_flag[@]}" ${E2E_BENCH_ARGS:-} \
-  --orchestrator_json docs/results/orchestrator_hbm_cache.json \
-  ${E2E_SWEEP_ARGS:---warmup 5 --iters 15} \
+  --json docs/results/e2e_sweep.json --orchestrator_json '' ${E2E_SWEEP_ARGS:---warmup 5 --iters 15} \
   2>&1 | tee -a "$log" "$OUT/bench_sweep.txt" || say "sweep incomplete (the 128K batch 1 figures stand)"
 fi
 if [[ "${E2E_EVAL:-1}" != 0 ]]; then
@@ -66,7 +66,7 @@ timeout 240 "$BUILD/eval/hattn-eval" --gpu ${E2E_EVAL_ARGS:---contexts 32768 131
 timeout 60 "$BUILD/eval/hattn-eval" --quick --json "$OUT/quality_cpu_backend.json" --md "$OUT/quality_cpu_backend.md" >> "$log" 2>&1 || say "CPU-backend eval incomplete"
 fi
 
-for f in e2e orchestrator orchestrator_hbm_cache trace_128k_b1 trace_128k_b1_no_cache quality; do
+for f in e2e e2e_sweep orchestrator orchestrator_hbm_cache trace_128k_b1 trace_128k_b1_no_cache quality; do
   [[ -f docs/results/$f.json ]] && cp "docs/results/$f.json" "$OUT/$f.json"
 done
 [[ -f docs/results/quality.md ]] && cp docs/results/quality.md "$OUT/quality.md"
