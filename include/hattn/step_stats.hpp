@@ -18,6 +18,9 @@ struct StepStats {
   std::int64_t cpu_blocks = 0;         ///< selected blocks computed on the CPU
   /// GPU blocks the HBM cache held when the step's split looked: blocks gathered into HBM before the
   /// decode (Config::admit_before_decode) count as misses here, though the decode reads them from HBM.
+  /// Without a CPU share the count runs beside the layer's own cache step (off the decode's path), so
+  /// a block that step's gather published before the count reached it counts as a hit: an estimate
+  /// for the stats and the bench's floor; the scheduler's hit rate comes from the cache's counters.
   std::int64_t hbm_hits = 0;
   std::int64_t host_read_bytes = 0;    ///< KV bytes read from host memory (CPU side + the GPU's misses, read in place or gathered)
   std::int64_t pcie_bytes = 0;         ///< bytes over PCIe (zero-copy reads + cache admission + q/partials)
