@@ -265,8 +265,8 @@ __device__ void plan_row(const CacheDeviceView& v, const CacheCallArgs& a, int b
   add64(&sc.pcie_bytes, bytes);
 }
 
-// The last block of stage 1: plans, then lays out stage 2 (row bases of gather entries, ring pops
-// and pushes; per-part miss ranks) and resets the per-call counters stage 2 uses.
+// The last block of stage 1: plans, then lays out stage 2 (row bases of gather entries and ring pops,
+// the ring's push tail; per-part miss ranks) and resets the per-call counters stage 2 uses.
 __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int* scratch) {
   __shared__ PlanShared ps;
   if (threadIdx.x == 0 && v.step_stats->step != a.step) {
@@ -279,15 +279,14 @@ __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int*
   const int b = threadIdx.x;  // batch <= 128 < kThreads
   const bool row = b < a.batch;
   const int q = row ? ps.quota[b] : 0, e = row ? ps.evicted[b] : 0;
-  int admitted, pops, pushes;
+  // Pops are planned here; pushes are appended and counted by stage 2 as it makes them.
+  int admitted, pops;
   const int admit_base = block_exclusive_sum(q, scratch, admitted);
   const int pop_base = block_exclusive_sum(max(q - e, 0), scratch, pops);
-  const int push_base = block_exclusive_sum(max(e - q, 0), scratch, pushes);  // planned; stage 2 counts its own
-  (void)pushes;
   const int evicted = block_sum(e, scratch);
   if (row) {
     v.row_plan[b] = CacheRowPlan{.request = ps.request[b], .evict_from = ps.from[b], .quota = q, .evicted = e,
-                                 .admit_base = admit_base, .pop_base = pop_base, .push_base = push_base};
+                                 .admit_base = admit_base, .pop_base = pop_base};
     v.row_ticket[b] = 0;
   }
   if (threadIdx.x == 0) {
@@ -300,7 +299,6 @@ __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int*
     sc.pop_head = head;
     sc.push_tail = static_cast<int>((static_cast<long long>(head) + free_count) % v.slots);
     sc.free_head = static_cast<int>((static_cast<long long>(head) + taken) % v.slots);
-    // Pushes are counted by stage 2 as it writes them (CacheScalars::pushed), not from the plan.
     sc.free_count = free_count - taken;
     sc.pushed = 0;
     sc.any_evict = evicted > 0;

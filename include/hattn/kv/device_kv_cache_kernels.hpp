@@ -47,7 +47,6 @@ struct CacheRowPlan {
   std::int32_t evicted = 0;      ///< blocks the eviction takes (exactly the classes >= evict_from)
   std::int32_t admit_base = 0;   ///< first gather entry of the row
   std::int32_t pop_base = 0;     ///< first ring pop of the row: ranks [evicted, quota) take ring slots
-  std::int32_t push_base = 0;    ///< first ring push of the row: evictions past the quota
 };
 
 /// Device arrays of a DeviceKVCache. Shapes in brackets; S = slots, R = max_requests,
