@@ -124,11 +124,10 @@ const char* to_string(CpuIsa isa) noexcept {
 bool cpu_supports(CpuIsa isa) noexcept { return kernel_for(isa) != nullptr && runtime_has(isa); }
 
 CpuIsa detect_cpu_isa() noexcept {
-  // xsimd picks the best of the library's arch_list; the checks xsimd 8 lacks may step it down, and
-  // BF16 dot products (not an xsimd 8 arch) step it up.
+  // xsimd picks the best of the library's arch_list; the checks xsimd 8 lacks may step it down. BF16
+  // dot products (not an xsimd 8 arch) do not step it up: measured slower (header).
   CpuIsa best = xsimd::dispatch<detail::cpu::arch_list>(
       []<class Arch>(Arch) { return detail::cpu::isa_of<Arch>(); })();
-  if (best == CpuIsa::kAvx512 && cpu_supports(CpuIsa::kAvx512Bf16)) return CpuIsa::kAvx512Bf16;
   for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2, CpuIsa::kGeneric})
     if (static_cast<int>(isa) <= static_cast<int>(best) && cpu_supports(isa)) return isa;
   return CpuIsa::kGeneric;
