@@ -95,8 +95,12 @@ bool runtime_has(CpuIsa isa) noexcept {
 // host whose cores are not all equally fast (its memory bandwidth is shared with other tenants) and
 // large enough that one merge per task costs little. One sweep there, 5% budget, 16 threads: 1, 2,
 // 4, 8 tasks per worker took 814, 779, 661, 632 us. Below 256 tokens a piece is not worth a merge.
+// Above ~1 MB of K and V a piece likely makes the tail too long: at a 100% budget over 128K tokens,
+// 8 tasks per worker are 4 MB pieces (~0.6 ms each at a thread's share of DRAM) and the kernel did
+// 83 GB/s, where a stand-alone harness of the same kernel with 512 KB pieces did 107-112 GB/s.
 constexpr int kTasksPerWorker = 8;
 constexpr int kMinChunkTokens = 256;
+constexpr std::size_t kMaxChunkBytes = std::size_t{1} << 20;
 
 struct Task {
   std::int32_t item;
@@ -136,16 +140,17 @@ CpuIsa detect_cpu_isa() noexcept {
 struct CpuDecoder::Impl {
   Impl(ThreadPool& t, CpuIsa i) : threads(t), isa(i), kernel(kernel_for(i)) {}
 
-  void plan(int page_size) {
+  void plan(int page_size, std::size_t page_kv_bytes) {
     tasks.clear();
     std::int64_t total = 0;
     for (const CpuDecodeItem& it : items) total += it.n_pages;
     const int workers = threads.size();
     // One worker gains nothing from a split, and an unsplit pass is what the split must equal.
+    const std::int64_t even = (total + workers * kTasksPerWorker - 1) / (workers * kTasksPerWorker);
+    const auto largest = static_cast<std::int64_t>(kMaxChunkBytes / page_kv_bytes);
     const std::int64_t chunk =
         workers == 1 ? std::numeric_limits<std::int32_t>::max()
-                     : std::max<std::int64_t>({1, kMinChunkTokens / page_size,
-                                               (total + workers * kTasksPerWorker - 1) / (workers * kTasksPerWorker)});
+                     : std::max<std::int64_t>({1, kMinChunkTokens / page_size, std::min(even, largest)});
     std::int32_t slots = 0;
     first_slot.assign(items.size(), -1);
     if (remaining_capacity < items.size()) {
@@ -299,7 +304,8 @@ void CpuDecoder::run(const HostKVPool& pool, int group_size, float scale, std::s
   s.base.dtype = layout.dtype;
   s.base.group = group_size;
   s.base.scale_log2 = scale * 1.44269504088896340736f;
-  s.plan(layout.page_size);
+  // One item's K and V of one page: what a task reads per page.
+  s.plan(layout.page_size, 2 * static_cast<std::size_t>(layout.page_size) * layout.head_dim * dtype_bytes(layout.dtype));
   // Items with nothing to attend are answered here: out = 0, lse = -inf.
   for (const CpuDecodeItem& it : items) {
     if (it.n_pages > 0) continue;
