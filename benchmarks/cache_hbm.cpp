@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <thread>
@@ -41,11 +42,20 @@ struct MaintenanceResult {
   double maintenance_us = 0, gather_us = 0, admitted_per_step = 0, hit_rate = 0;
   double lookup_plan_us = 0, evict_admit_us = 0;  // per-stage pass (an event between the kernels)
   double gather_gbps = 0, h2d_gbps = 0;          // persistent gather, default grid, vs bulk H2D
+  double empty_stages_us = 0;                    // the two launches with empty bodies: the floor
+  std::vector<double> phase_us;                  // mean phase marks (separate pass), detail::CachePhase
   int slots = 0, steps = 0;
   bool ran = false;
   std::string device;
 };
 MaintenanceResult g_maint;
+
+#if HATTN_WITH_CUDA
+// detail::CachePhase in order.
+constexpr const char* kPhaseNames[] = {"lookup_start", "lookup_done", "scan_done",   "plan_begin",  "plan_loaded",
+                                       "plan_end",     "evict_start", "evict_waited", "evict_done", "claims_done"};
+static_assert(std::size(kPhaseNames) == detail::kCachePhases);
+#endif
 
 // Every (budget multiple, seed, shape) the gap is judged on; the figure is the worst case.
 void BM_BucketedVsExactLru(benchmark::State& state) {
@@ -219,7 +229,21 @@ void BM_Maintenance100K(benchmark::State& state) {
     lp += t.lookup_plan_us, ea += t.evict_admit_us;
     trace.advance();
   }
+  // Phase marks inside the kernels (another pass: the marks cost a few atomics per block).
+  cache.set_timing(true, false, true);
+  std::vector<double> phase(detail::kCachePhases, 0.0);
+  for (int i = 0; i < kStageSteps; ++i) {
+    held_step();
+    const auto t = cache.last_timing();
+    for (int k = 0; k < detail::kCachePhases; ++k) phase[static_cast<std::size_t>(k)] += t.phase_us[k] / kStageSteps;
+    trace.advance();
+  }
   cache.set_timing(false);
+  double empty = 0;
+  {
+    const CacheStepParams p{.batch = kRequests, .kv_heads = layout.kv_heads, .selected_capacity = cap};
+    for (int i = 0; i < kStageSteps; ++i) empty += cache.empty_stages_us(p, side) / kStageSteps;
+  }
   HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
   cudaStreamDestroy(compute);
   cudaStreamDestroy(side);
@@ -228,12 +252,16 @@ void BM_Maintenance100K(benchmark::State& state) {
   g_maint = {.maintenance_us = maint / steps, .gather_us = gather / steps,
              .admitted_per_step = static_cast<double>(admitted) / steps,
              .hit_rate = looked ? static_cast<double>(hits) / looked : 0, .lookup_plan_us = lp / kStageSteps,
-             .evict_admit_us = ea / kStageSteps, .slots = config.slots, .steps = static_cast<int>(steps), .ran = true,
+             .evict_admit_us = ea / kStageSteps, .empty_stages_us = empty, .phase_us = phase, .slots = config.slots, .steps = static_cast<int>(steps), .ran = true,
              .device = prop.name};
   state.counters["maintenance_us"] = g_maint.maintenance_us;
   state.counters["gather_us"] = g_maint.gather_us;
   state.counters["admitted_per_step"] = g_maint.admitted_per_step;
   state.counters["hit_rate"] = g_maint.hit_rate;
+  state.counters["empty_stages_us"] = g_maint.empty_stages_us;
+  std::cout << "phase marks (us after stage 1's first block, mean of " << kStageSteps << " steps):";
+  for (int k = 0; k < detail::kCachePhases; ++k) std::cout << " " << kPhaseNames[k] << " " << phase[static_cast<std::size_t>(k)];
+  std::cout << "\nempty launches of both stages: " << empty << " us\n";
 }
 BENCHMARK(BM_Maintenance100K)->Iterations(300)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
@@ -323,7 +351,12 @@ void write_json(const std::string& dir) {
      << g_maint.steps << " steps; gather of " << g_maint.admitted_per_step << " admitted blocks per step timed apart: "
      << g_maint.gather_us << " us; hit rate " << g_maint.hit_rate << "; per stage (separate pass, an event between the "
      << "kernels): lookup+plan " << g_maint.lookup_plan_us << " us, evict+claims " << g_maint.evict_admit_us
-     << " us\"},\n"
+     << " us; the same two launches with empty bodies " << g_maint.empty_stages_us
+     << " us; phase marks in the kernels (another pass, us after stage 1's first block):";
+#if HATTN_WITH_CUDA
+  for (std::size_t k = 0; k < g_maint.phase_us.size(); ++k) os << " " << kPhaseNames[k] << " " << g_maint.phase_us[k];
+#endif
+  os << "\"},\n"
      << "    \"gather_default_grid_vs_h2d\": {\"value\": " << (g_maint.h2d_gbps > 0 ? g_maint.gather_gbps / g_maint.h2d_gbps : 0)
      << ", \"unit\": \"ratio\", \"how\": \"persistent gather with the cache's default grid ("
 #if HATTN_WITH_CUDA

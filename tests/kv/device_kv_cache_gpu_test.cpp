@@ -54,6 +54,9 @@ class CacheHarness {
   /// Pass max_selected as the call's capacity: a segment's entries then spread over several
   /// lookup blocks, and a row's admissions are cut across their boundaries.
   bool full_capacity = false;
+  /// Synchronise after each call. Off, the next call's plan commits this call's evictions on the
+  /// device (CacheScalars::uncommitted_rows) instead of the host's commit in synchronize().
+  bool sync_each_call = true;
 
   struct Seq {
     bool open = false;
@@ -171,7 +174,7 @@ class CacheHarness {
     model.step(t, layer, rows);
     if (closed >= 0) {
       EXPECT_THROW(cache.synchronize(), InvalidArgument);
-    } else {
+    } else if (sync_each_call) {
       cache.synchronize();
     }
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
@@ -221,9 +224,10 @@ class CacheHarness {
   }
 };
 
-/// Random opens, releases, budget changes, pins, appends and calls; the GPU checked after each call.
-void run_stress(CacheHarness& hx, std::uint32_t steps, std::int64_t min_releases) {
-  std::int64_t releases = 0, admitted = 0, hits = 0, evicted = 0;
+/// Random opens, releases, budget changes, pins, appends and calls; the GPU checked after every
+/// `check_every`-th call.
+void run_stress(CacheHarness& hx, std::uint32_t steps, std::int64_t min_releases, int check_every = 1) {
+  std::int64_t releases = 0, admitted = 0, hits = 0, evicted = 0, calls = 0;
   for (std::uint32_t t = 0; t < steps; ++t) {
     const int r = hx.uni(hx.config.max_requests);
     if (!hx.seqs[r].open) {
@@ -254,10 +258,11 @@ void run_stress(CacheHarness& hx, std::uint32_t steps, std::int64_t min_releases
       if (hx.seqs[q].open && hx.uni(3) == 0) hx.append(q, 1 + hx.uni(6));
     for (int l = 0; l < CacheHarness::kLayers; ++l) {
       hx.call(t, l);
-      hx.check("after a call");
-      if (::testing::Test::HasFatalFailure() || ::testing::Test::HasFailure()) return;
       admitted += hx.model.step_stats().counters.admitted;
       evicted += hx.model.step_stats().counters.evicted;
+      if (++calls % check_every != 0) continue;
+      hx.check("after a call");
+      if (::testing::Test::HasFatalFailure() || ::testing::Test::HasFailure()) return;
     }
     hits += hx.model.step_stats().counters.hits;
   }
@@ -277,6 +282,16 @@ TEST(DeviceKVCache, StressMatchesModelAndHostBytes) {
   REQUIRE_DEVICE();
   CacheHarness hx(20261123);
   run_stress(hx, 1500, 10);
+}
+
+// Calls back to back between checks: most calls' evictions are committed by the next call's plan
+// (ring count, use counts), the others by the host-side operations in between.
+TEST(DeviceKVCache, StressCommitsOnTheDevice) {
+  REQUIRE_DEVICE();
+  CacheHarness hx(4242);
+  hx.sync_each_call = false;
+  run_stress(hx, 600, 3, 3);
+  EXPECT_EQ(hx.cache.eviction_shortfall(), 0);
 }
 
 // The selection capacity of the call, not its count, sizes the lookup grid: with max_selected a

@@ -54,6 +54,9 @@ struct CacheStepTiming {
   float gather_us = 0;       ///< the gather of admitted blocks (PCIe), each published once copied
   float lookup_plan_us = 0;  ///< per-stage split of maintenance_us (only with set_timing(true, true))
   float evict_admit_us = 0;
+  /// Phase marks (only with set_timing(true, false, true)), us after stage 1's first block
+  /// started: [detail::kCachePhases], see detail::CachePhase.
+  float phase_us[detail::kCachePhases] = {};
 };
 
 /// See the file comment. Host-side operations (open, budgets, pins, invalidate, release, stats)
@@ -110,13 +113,19 @@ class DeviceKVCache {
   /// Copy of the device state (for tests and tools).
   CacheState download_state();
   std::vector<std::int32_t> download_slot_of();
-  /// `per_stage` adds an event between the two maintenance kernels, which costs their overlap.
-  void set_timing(bool on, bool per_stage = false) noexcept {
+  /// `per_stage` adds an event between the two maintenance kernels, which costs their overlap;
+  /// `phases` has the kernels record clock marks of their phases (a few atomics per block).
+  void set_timing(bool on, bool per_stage = false, bool phases = false) noexcept {
     timing_ = on;
     per_stage_ = per_stage;
+    phases_ = phases;
   }
   /// Times of the last step() (synchronises); zeros unless timing is on.
   CacheStepTiming last_timing();
+  /// Device time of the step's two kernel launches with empty bodies for a call like `params`
+  /// (same grids, same dependency), enqueued while `side_stream` is held: the floor under
+  /// CacheStepTiming::maintenance_us. Synchronises; for benchmarks.
+  float empty_stages_us(const CacheStepParams& params, cuda::Stream side_stream);
 
   /// [pool_pages * kv_heads] slot of (page, head) or -1, for SparseDecodeParams::slot_of.
   const std::int32_t* slot_of() const noexcept { return view_.slot_of; }
@@ -143,10 +152,14 @@ class DeviceKVCache {
   CUevent_st* side_done_ = nullptr;
   CUevent_st* timing_events_[4] = {};
   bool side_pending_ = false;
+  bool commit_pending_ = false;  // a step ran since the last commit (detail::CacheScalars::uncommitted_rows)
   bool timing_ = false;
   bool timed_ = false;
   bool per_stage_ = false;
   bool timed_per_stage_ = false;
+  bool phases_ = false;
+  bool timed_phases_ = false;
+  unsigned long long* phase_ns_ = nullptr;  // [detail::kCachePhases] on the device
   std::uint32_t call_id_ = 0;     // id of the latest step() call (slot_hit marks)
   std::uint32_t last_clock_ = 0;  // CacheShape::clock of the latest step() call
   std::vector<detail::DeviceRequestCounters> stats_at_resize_;

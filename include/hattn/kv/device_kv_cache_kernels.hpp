@@ -32,11 +32,24 @@ struct CacheScalars {
   std::int32_t push_tail = 0;  ///< ring position where evicted slots not reused are appended
   std::int32_t any_evict = 0;  ///< some row evicts: the eviction scan runs
   // Written by the eviction-claim kernel. The plan leaves free_count at (count - pops); the slots
-  // pushed are appended through `pushed` and added to free_count by that kernel's last block, so
-  // the ring count is what was written, never what was planned (a row that finds fewer victims
-  // than its plan used to leave planned-but-unwritten ring entries and a count one too high).
-  std::int32_t pushed = 0;         ///< slots appended at push_tail by the current call so far
+  // pushed are appended through `pushed` and added to free_count by the commit, so the ring count
+  // is what was written, never what was planned (a row that finds fewer victims than its plan used
+  // to leave planned-but-unwritten ring entries and a count one too high).
+  std::int32_t pushed = 0;         ///< slots appended at push_tail by the latest call
   std::int32_t shortfall = 0;      ///< victims planned but not found, summed over calls (0 = healthy)
+  /// Rows of the latest call whose evictions are not committed yet (0 = none). The commit (ring
+  /// count += pushed; use counts and counters of rows that found fewer victims than planned) runs
+  /// at the start of the next call's plan, or from DeviceKVCache::synchronize() before the host
+  /// reads anything: the eviction kernel then ends with its stores, without a last-block count.
+  std::int32_t uncommitted_rows = 0;
+};
+
+/// Per-row values the lookup copies for the plan, so that the plan's loads are one round trip.
+struct CacheRowInfo {
+  std::int32_t request = -1;  ///< -1: the row names no open request
+  std::int32_t budget = 0;
+  std::int32_t pinned = 0;
+  std::int32_t used = 0;
 };
 
 /// Per-row plan written by the lookup-plan kernel's last block.
@@ -71,9 +84,11 @@ struct CacheDeviceView {
   // Per-call workspace.
   std::int32_t* part_misses = nullptr;    ///< [P] misses found by lookup part p = s * parts + x
   std::int32_t* part_start = nullptr;     ///< [P] exclusive prefix of part_misses over all parts
+  std::int32_t* part_base = nullptr;      ///< [P] miss_key index of part p's first miss
   BlockKey* miss_key = nullptr;           ///< [N] misses of part p compacted from its first entry
   std::int32_t* row_acc = nullptr;        ///< [B][4] hits, misses, bypass, fresh (unpinned, stamp now)
   std::int32_t* row_hist = nullptr;       ///< [B][kCacheEvictionClasses] evictable blocks per class
+  CacheRowInfo* row_info = nullptr;       ///< [B] written by the lookup, read by the plan
   CacheRowPlan* row_plan = nullptr;       ///< [B]
   std::int32_t* row_ticket = nullptr;     ///< [B] evictions claimed so far by the eviction kernel
   std::int32_t* gather_page = nullptr;    ///< [N] the gather list, written by the claims
@@ -83,6 +98,24 @@ struct CacheDeviceView {
   std::int32_t slots = 0, max_requests = 0, max_batch = 0, kv_heads = 0, max_selected = 0, max_parts = 0;
   std::int64_t block_bytes = 0;
 };
+
+/// Clock marks of one call's phases for profiling (global timer, ns), written when
+/// CacheCallArgs::phase_ns is set: starts are the earliest block's, the rest the latest block's.
+enum CachePhase : int {
+  kPhaseLookupStart,  ///< min: first block of stage 1 running
+  kPhaseLookupDone,   ///< max: lookup blocks done (before the last-block count)
+  kPhaseScanDone,     ///< max: slot-scan blocks done
+  kPhasePlanBegin,    ///< the last block starts planning
+  kPhasePlanLoaded,   ///< the plan's loads are in and the previous call is committed
+  kPhasePlanEnd,
+  kPhaseEvictStart,   ///< min: first block of stage 2 running
+  kPhaseEvictWaited,  ///< max: stage 2 blocks past the dependency wait
+  kPhaseEvictDone,    ///< max: eviction and its claims done
+  kPhaseClaimsDone,   ///< max: ring claims and resets done (the end of stage 2)
+  kCachePhases
+};
+/// Marks taken as minimum (the others are maxima).
+constexpr bool cache_phase_is_min(int p) noexcept { return p == kPhaseLookupStart || p == kPhaseEvictStart; }
 
 /// One call's inputs, device arrays in the SparseDecodeParams CSR convention.
 struct CacheCallArgs {
@@ -99,6 +132,7 @@ struct CacheCallArgs {
   std::uint32_t call_id = 1;    ///< distinct for every call (never 0), marks hits in slot_hit
   int capacity = 0;             ///< entries of `selected`: a bound on this call's admissions
   int parts = 1;                ///< lookup blocks per segment, <= max_parts
+  unsigned long long* phase_ns = nullptr;  ///< [kCachePhases] marks, or null (no profiling)
 };
 
 /// Lookup blocks per segment for a call: enough blocks to cover `capacity` entries over the
@@ -106,13 +140,20 @@ struct CacheCallArgs {
 int cache_lookup_parts(int capacity, int segments, int max_parts) noexcept;
 
 /// Stage 1, one kernel: lookup (hits marked, misses compacted per part in order) beside a scan of
-/// every slot building the rows' age histograms; the last block to finish plans every row (quota,
-/// eviction threshold, use count, statistics) and lays out the claims of stage 2.
+/// every slot building the rows' age histograms; the last block to finish commits the previous
+/// call's evictions, plans every row (quota, eviction threshold, use count, statistics) and lays
+/// out the claims of stage 2.
 void launch_cache_lookup_plan(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
 /// Stage 2, one kernel: refreshes stamps of hits, evicts every evictable block of a row in classes
 /// >= its threshold, hands evicted slots straight to the row's admissions (the rest from the ring)
-/// and lists the admissions for the gather. Launched as a programmatic dependent of stage 1.
+/// and lists the admissions for the gather. Launched as a programmatic dependent of stage 1. Its
+/// ring pushes and any shortfall are committed later (CacheScalars::uncommitted_rows).
 void launch_cache_evict_admit(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
+/// Commits the latest call's evictions if not done yet (one block); before the host reads state.
+void launch_cache_commit(const CacheDeviceView& v, cuda::Stream stream);
+/// The two stage kernels' launches with empty bodies (same grids, same programmatic dependency):
+/// the latency floor of a step's maintenance, for benchmarks.
+void launch_cache_empty_stages(const CacheDeviceView& v, const CacheCallArgs& a, cuda::Stream stream);
 /// slot_of[keys[i]] = values[i] for i < n (host-side operations).
 void launch_cache_scatter(std::int32_t* slot_of, const BlockKey* keys, const std::int32_t* values, int n,
                           cuda::Stream stream);
