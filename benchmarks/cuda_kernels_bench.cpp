@@ -227,9 +227,9 @@ struct DecodeLayer {
     merge.out = arena.track(device_alloc<float>(static_cast<std::size_t>(rows) * kDim));
     merge.lse = arena.track(device_alloc<float>(rows));
   }
-  void run() {
-    hc::launch_sparse_decode(decode, nullptr);
-    hc::launch_merge_partials(merge, nullptr);
+  void run(cudaStream_t stream = nullptr) {
+    hc::launch_sparse_decode(decode, stream);
+    hc::launch_merge_partials(merge, stream);
   }
   /// The decode kernel the dispatcher runs, for the figures' "how" text.
   const char* kernel_name() const { return hc::to_string(hc::decode_kernel_for(decode)); }
@@ -278,16 +278,16 @@ struct SparseStep {
     layer.decode.splits = hc::suggest_decode_splits(kKvHeads, k, 16);
     layer.merge.splits = layer.decode.splits;
   }
-  void run_score() { hc::launch_score_pages(score, nullptr); }
-  void run_select() { hc::launch_select_pages(select, nullptr); }
+  void run_score(cudaStream_t stream = nullptr) { hc::launch_score_pages(score, stream); }
+  void run_select(cudaStream_t stream = nullptr) { hc::launch_select_pages(select, stream); }
   /// The sparse step ranks by the Quest bound only, so scoring skips the mean rows.
-  void run() {
+  void run(cudaStream_t stream = nullptr) {
     float* estimate = score.estimate;
     score.estimate = nullptr;
-    run_score();
+    run_score(stream);
     score.estimate = estimate;
-    run_select();
-    layer.run();
+    run_select(stream);
+    layer.run(stream);
   }
 };
 
@@ -433,16 +433,25 @@ void BM_Gather(benchmark::State& state) {
   time_loop(state, [&] { g.run(); }, static_cast<double>(g.bytes), g_pcie_gbps);
 }
 
+// GPU time per launch of the score and select kernels also comes from a graph of 20 launches
+// (us_graph): one launch timed alone includes the host's launch latency, ~5 us here.
+// Args: tokens, rows (0: the bound's min/max rows, as the sparse step; 1: all three).
 void BM_ScorePages(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
-  const double bytes = static_cast<double>(state.range(0)) / 16 * kKvHeads * 3 * kDim * 2;
+  const bool all_rows = state.range(1) != 0;
+  if (!all_rows) s.score.estimate = nullptr;
+  const double bytes = static_cast<double>(state.range(0)) / 16 * kKvHeads * (all_rows ? 3 : 2) * kDim * 2;
   time_loop(state, [&] { s.run_score(); }, bytes, g_hbm_gbps);
+  const double us = graph_us_per_launch([&](cudaStream_t st) { s.run_score(st); }, 20, 30);
+  state.counters["us_graph"] = us;
+  state.counters["GBps_graph"] = bytes / us * 1e-3;
 }
 
 void BM_SelectTopK(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
   s.run_score();
   time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 4, g_hbm_gbps);
+  state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
 }
 
 /// The mass rule (rank by the bound, accumulate the estimate) at 0.9, capped at 5% of the pages.
@@ -452,11 +461,21 @@ void BM_SelectMass(benchmark::State& state) {
   s.select.log_mass = s.score.estimate;
   s.select.mass_threshold = 0.9f;
   time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 8, g_hbm_gbps);
+  state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
 }
 
 void BM_Sparse5Step(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
   time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);
+  state.counters["us_queued"] = median_us_queued([&] { s.run(); }, 100);
+  state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run(st); }, 20, 30);
+  // Each stage alone in a graph, for the breakdown.
+  float* estimate = s.score.estimate;
+  s.score.estimate = nullptr;
+  state.counters["score_us"] = graph_us_per_launch([&](cudaStream_t st) { s.run_score(st); }, 20, 30);
+  s.score.estimate = estimate;
+  state.counters["select_us"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
+  state.counters["decode_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
 }
 
 BENCHMARK(BM_HbmCopyCeiling)->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -471,7 +490,7 @@ BENCHMARK(BM_DenseDecodeKernel)
 BENCHMARK(BM_MergePartials)->Args({32768, 1})->Args({131072, 1})->Args({131072, 8})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeHostPages)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gather)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_ScorePages)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ScorePages)->Args({131072, 0})->Args({131072, 1})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SelectTopK)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SelectMass)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Sparse5Step)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -559,7 +578,10 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
   {
     SparseStep s(131072, 0.05);
     const double us = median_us([&] { s.run(); }, 100);
-    std::printf("gpu_sparse5_128k_b1_us: %.1f us (splits %d)\n", us, s.layer.decode.splits);
+    const double queued_us = median_us_queued([&] { s.run(); }, 100);
+    const double graph_us = graph_us_per_launch([&](cudaStream_t st) { s.run(st); }, 20, 30);
+    std::printf("gpu_sparse5_128k_b1_us: %.1f us (splits %d); queued %.1f us; in a graph %.1f us per step\n", us,
+                s.layer.decode.splits, queued_us, graph_us);
     figs["gpu_sparse5_128k_b1_us"] = {us, "us",
                                       "score (Quest bound from the min/max rows of bf16 summaries) + top-k selection (5% of 8192 pages "
                                       "per KV head, 1 sink, 4 local) + sparse decode from HBM + merge, 128K tokens "

@@ -290,8 +290,20 @@ TEST_P(CudaScore, MatchesHostEvaluationOfSummaries) {
   pb.blended = d_blended.get();
   pb.blend = 0.1f;
   cuda::launch_score_pages(pb, nullptr);
+  // Each row set alone (the top-k step skips the mean row; an estimate-only rank skips min/max):
+  // the same arithmetic, so the same bits.
+  DeviceBuffer<float> up_only(total), est_only(total);
+  cuda::ScoreParams pu = p, pe = p;
+  pu.upper = up_only.get();
+  pu.estimate = nullptr;
+  pe.upper = nullptr;
+  pe.estimate = est_only.get();
+  cuda::launch_score_pages(pu, nullptr);
+  cuda::launch_score_pages(pe, nullptr);
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto got_up = up.download(), got_est = est.download(), got_rank = rank.download();
+  EXPECT_EQ(up_only.download(), got_up);
+  EXPECT_EQ(est_only.download(), got_est);
   for (int b = 0; b < batch; ++b) {
     const int n = indptr[b + 1] - indptr[b];
     for (int h = 0; h < kvh; ++h)
