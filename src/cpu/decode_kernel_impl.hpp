@@ -44,11 +44,27 @@ inline void prefetch_block(const std::byte* p, std::size_t bytes) {
 }
 
 // Logits of one key row against query heads [h0, h0 + NB): logits[j * kMaxPageTokens] = qs_j . k,
-// where qs is the query already scaled by scale * log2(e).
+// where qs is the query already scaled by scale * log2(e). For bf16 keys (without VDPBF16PS) qs is
+// stored in parity order per 2S-wide chunk (its even elements, then its odd ones: decode_range), so
+// each key chunk is widened by load_bf16_pairs, two instructions per 2S values, as values are.
 template <class Tag, int D, int NB, class T>
 inline void row_logits(const T* k, const float* qs, const std::uint16_t* q_bf16, float* logits) {
   if constexpr (Isa<Tag>::kBf16Dot && std::is_same_v<T, bfloat16_t>) {
     Isa<Tag>::template dot_bf16<D, NB>(reinterpret_cast<const std::uint16_t*>(k), q_bf16, logits);
+  } else if constexpr (std::is_same_v<T, bfloat16_t>) {
+    using B = Batch<Tag>;
+    constexpr int S = static_cast<int>(B::size);
+    B acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = B(0.0f);
+    for (int c = 0; c < D; c += 2 * S) {
+      B even, odd;
+      Isa<Tag>::load_bf16_pairs(k + c, even, odd);
+      for (int j = 0; j < NB; ++j) {
+        acc[j] = xsimd::fma(B::load_aligned(qs + j * D + c), even, acc[j]);
+        acc[j] = xsimd::fma(B::load_aligned(qs + j * D + c + S), odd, acc[j]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) logits[j * kMaxPageTokens] = xsimd::hadd(acc[j]);
   } else {
     using B = Batch<Tag>;
     constexpr int S = static_cast<int>(B::size);
@@ -73,12 +89,31 @@ inline void block_logits(const T* k, const float* qs, float* logits) {
   static_assert(TB * NB == S);
   B acc[S];
   for (int i = 0; i < S; ++i) acc[i] = B(0.0f);
-  for (int c = 0; c < D; c += S) {
-    B qc[NB];
-    for (int j = 0; j < NB; ++j) qc[j] = B::load_aligned(qs + j * D + c);
-    for (int tb = 0; tb < TB; ++tb) {
-      const B kc = Isa<Tag>::load(k + static_cast<std::size_t>(tb) * D + c);
-      for (int j = 0; j < NB; ++j) acc[j * TB + tb] = xsimd::fma(qc[j], kc, acc[j * TB + tb]);
+  if constexpr (std::is_same_v<T, bfloat16_t>) {
+    // qs in parity order (row_logits): one chunk of 2S keys is an even and an odd batch.
+    for (int c = 0; c < D; c += 2 * S) {
+      B qe[NB], qo[NB];
+      for (int j = 0; j < NB; ++j) {
+        qe[j] = B::load_aligned(qs + j * D + c);
+        qo[j] = B::load_aligned(qs + j * D + c + S);
+      }
+      for (int tb = 0; tb < TB; ++tb) {
+        B even, odd;
+        Isa<Tag>::load_bf16_pairs(k + static_cast<std::size_t>(tb) * D + c, even, odd);
+        for (int j = 0; j < NB; ++j) {
+          acc[j * TB + tb] = xsimd::fma(qe[j], even, acc[j * TB + tb]);
+          acc[j * TB + tb] = xsimd::fma(qo[j], odd, acc[j * TB + tb]);
+        }
+      }
+    }
+  } else {
+    for (int c = 0; c < D; c += S) {
+      B qc[NB];
+      for (int j = 0; j < NB; ++j) qc[j] = B::load_aligned(qs + j * D + c);
+      for (int tb = 0; tb < TB; ++tb) {
+        const B kc = Isa<Tag>::load(k + static_cast<std::size_t>(tb) * D + c);
+        for (int j = 0; j < NB; ++j) acc[j * TB + tb] = xsimd::fma(qc[j], kc, acc[j * TB + tb]);
+      }
     }
   }
   alignas(64) float sums[S];
@@ -141,7 +176,7 @@ template <class Tag, int D, class T>
 void decode_range(const PageRange& r) {
   using B = Batch<Tag>;
   constexpr int S = static_cast<int>(B::size);
-  static_assert(D % S == 0 && kMaxPageTokens % S == 0 && 16 % S == 0);
+  static_assert(D % (2 * S) == 0 && kMaxPageTokens % S == 0 && 16 % S == 0);
   const int G = r.group;
   const int P = r.page_size;
   const std::size_t GD = static_cast<std::size_t>(G) * D;
@@ -153,16 +188,21 @@ void decode_range(const PageRange& r) {
   float* run_max = qs + 2 * GD;                 // [G]
   float* run_sum = run_max + (G + 15) / 16 * 16;  // [G]
 
-  for (std::size_t i = 0; i < GD; ++i) {
-    acc[i] = 0.0f;
-    qs[i] = r.q[i] * r.scale_log2;
-  }
+  // The BF16 path's q.k for bf16 keys (VDPBF16PS); every other case widens the keys to fp32, bf16
+  // keys by parity, so there the query is stored in parity order per 2S-wide chunk (row_logits).
+  constexpr bool kBf16Keys = Isa<Tag>::kBf16Dot && std::is_same_v<T, bfloat16_t>;
+  constexpr bool kParityQuery = std::is_same_v<T, bfloat16_t> && !kBf16Keys;
+  for (std::size_t i = 0; i < GD; ++i) acc[i] = 0.0f;
+  for (std::size_t h = 0; h < static_cast<std::size_t>(G); ++h)
+    for (int c = 0; c < D; c += 2 * S)
+      for (int s = 0; s < 2 * S; ++s) {
+        const int from = kParityQuery ? c + 2 * (s % S) + s / S : c + s;
+        qs[h * D + c + s] = r.q[h * D + from] * r.scale_log2;
+      }
   for (int h = 0; h < G; ++h) {
     run_max[h] = kNegInf;
     run_sum[h] = 0.0f;
   }
-  // The BF16 path's q.k for bf16 keys (VDPBF16PS); every other case widens the keys to fp32.
-  constexpr bool kBf16Keys = Isa<Tag>::kBf16Dot && std::is_same_v<T, bfloat16_t>;
   if constexpr (kBf16Keys) Isa<Tag>::template split_query<D>(qs, G, q_bf16);
 
   const std::size_t block_bytes = static_cast<std::size_t>(P) * D * sizeof(T);
