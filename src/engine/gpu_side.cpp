@@ -203,17 +203,42 @@ struct GpuSide::Impl {
   }
 
   // A request slot for each new row, with a share of the unbudgeted slots until the first resize.
+  // A request joining the batch starts with an equal share of the pool (slots / live requests): the
+  // live ones give up budget in proportion to what they hold (never below their pins), and the next
+  // resize (refresh_cache_view) moves every budget to its working set. Opening each new request with
+  // half of the unbudgeted slots, as before, left the 4th of 4 requests 1/16 of the pool until then,
+  // so it read most of its KV across PCIe (the sweep's gpu_dense rows at batch 4 and 16).
   void admit_rows(std::span<const SeqId> rows) {
     if (!cache) return;
-    for (SeqId seq : rows) {
-      if (request_of.count(seq)) continue;
-      require(!free_requests.empty(), "HybridAttention::plan", "live requests", request_of.size() + 1,
-              "<= Config::max_batch (", config.max_batch, ")");
+    std::vector<SeqId> fresh;
+    for (SeqId seq : rows)
+      if (!request_of.count(seq) && std::find(fresh.begin(), fresh.end(), seq) == fresh.end()) fresh.push_back(seq);
+    if (fresh.empty()) return;
+    require(fresh.size() <= free_requests.size(), "HybridAttention::plan",
+            "live requests", request_of.size() + fresh.size(), "<= Config::max_batch (", config.max_batch, ")");
+    const std::int64_t slots = cache->config().slots;
+    const auto live = static_cast<std::int64_t>(request_of.size() + fresh.size());
+    const std::int64_t share = slots / live;
+    std::vector<std::pair<std::int32_t, RequestCacheStats>> held;
+    std::int64_t budgeted = 0;
+    for (const auto& [seq, r] : request_of) {
+      held.emplace_back(r, cache->request_stats(r));
+      budgeted += held.back().second.budget_slots;
+    }
+    const std::int64_t room = share * static_cast<std::int64_t>(fresh.size()) - (slots - budgeted);
+    if (room > 0 && budgeted > 0)
+      for (const auto& [r, st] : held) {
+        const std::int64_t give = (room * st.budget_slots + budgeted - 1) / budgeted;  // rounded up: room is met
+        const auto kept = std::max<std::int64_t>(st.pinned_slots, st.budget_slots - give);
+        if (kept < st.budget_slots) cache->set_budget(r, static_cast<std::int32_t>(kept));
+      }
+    std::int64_t now_budgeted = 0;
+    for (const auto& [seq, r] : request_of) now_budgeted += cache->request_stats(r).budget_slots;
+    for (SeqId seq : fresh) {
       const std::int32_t r = free_requests.back();
-      std::int64_t budgeted = 0;
-      for (const auto& [s, other] : request_of) budgeted += cache->request_stats(other).budget_slots;
-      const std::int64_t free_slots = cache->config().slots - budgeted;
-      cache->open_request(r, static_cast<std::int32_t>(std::max<std::int64_t>(0, free_slots / 2)));
+      const std::int64_t budget = std::clamp<std::int64_t>(slots - now_budgeted, 0, share);
+      cache->open_request(r, static_cast<std::int32_t>(budget));
+      now_budgeted += budget;
       free_requests.pop_back();
       request_of.emplace(seq, r);
     }
