@@ -95,9 +95,9 @@ bool runtime_has(CpuIsa isa) noexcept {
 // host whose cores are not all equally fast (its memory bandwidth is shared with other tenants) and
 // large enough that one merge per task costs little. One sweep there, 5% budget, 16 threads: 1, 2,
 // 4, 8 tasks per worker took 814, 779, 661, 632 us. Below 256 tokens a piece is not worth a merge.
-// Above ~1 MB of K and V a piece likely makes the tail too long: at a 100% budget over 128K tokens,
-// 8 tasks per worker are 4 MB pieces (~0.6 ms each at a thread's share of DRAM) and the kernel did
-// 83 GB/s, where a stand-alone harness of the same kernel with 512 KB pieces did 107-112 GB/s.
+// Pieces are capped at ~1 MB of K and V so the last one to start ends soon after the others: without
+// the cap a 100% budget over 128K tokens gives 4 MB pieces (~0.6 ms each at a thread's share of
+// DRAM). Not measured on its own (the device host moves more than that between instances).
 constexpr int kTasksPerWorker = 8;
 constexpr int kMinChunkTokens = 256;
 constexpr std::size_t kMaxChunkBytes = std::size_t{1} << 20;
