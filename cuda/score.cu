@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
@@ -26,17 +27,34 @@ constexpr int kHeadsAtOnce = 4;
 // grid read 1.2 TB/s on an H100). q of all heads sits in shared memory as float4s ordered
 // [q_head][quad][lane], so the eight lanes of an item read 128 contiguous bytes: no bank conflicts
 // (a lane-major layout was 4-way conflicted, 16 loads per head and item).
+// Summary rows of T as fp32: half-precision rows of fine summaries, fp32 rows of group summaries.
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[detail::kVec16<T>]) {
+  if constexpr (std::is_same_v<T, float>) {
+    out[0] = __uint_as_float(raw.x), out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z), out[3] = __uint_as_float(raw.w);
+  } else {
+    detail::unpack8<T>(raw, out);
+  }
+}
+
+// Items of a block (request b): (page, KV head) pairs, page-major; in candidate mode (two-level
+// scoring) (KV head, candidate) pairs, the candidates of a head being the pages of its kept groups.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
+  constexpr int kElems = detail::kVec16<T>;        // elements per 16-byte load
   constexpr int kDimsPerLane = D / kLanesPerPage;  // 8, 16 or 32
-  constexpr int kLoads = kDimsPerLane / 8;         // 16-byte loads per lane and row
+  constexpr int kLoads = kDimsPerLane / kElems;    // 16-byte loads per lane and row
   constexpr int kQuads = kDimsPerLane / 4;         // float4s of q per lane and head
   const int group = p.q_heads / p.kv_heads;
   const int b = blockIdx.y;
   const int first = p.page_indptr[b];
   const int n = p.page_indptr[b + 1] - first;
-  const int items = n * p.kv_heads;
+  const bool by_candidate = p.kept_groups != nullptr;
+  const int items = (by_candidate ? p.candidates : n) * p.kv_heads;
   const int len = p.seq_len[b];
+  const int group_first = by_candidate ? p.group_indptr[b] : 0;
+  const int groups = by_candidate ? p.group_indptr[b + 1] - group_first : 0;
 
   extern __shared__ float4 q_smem[];  // [q_heads][kQuads][kLanesPerPage]
   const float4* qb = reinterpret_cast<const float4*>(p.q + static_cast<long long>(b) * p.q_heads * D);
@@ -56,12 +74,26 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   // Raw rows of the next item are loaded before the current one is scored (software pipelining),
   // so each lane keeps two items of loads in flight.
   uint4 raw[3][kLoads] = {};
+  auto head_of = [&](int w) { return by_candidate ? w / p.candidates : w % p.kv_heads; };
+  // Page position of item w, -1 for a candidate entry past the kept groups' pages.
+  auto position_of = [&](int w) {
+    if (!by_candidate) return w / p.kv_heads;
+    const int h = w / p.candidates, j = w % p.candidates;
+    const int kept = j / kPagesPerSummaryGroup;
+    if (kept >= p.kept_count[b * p.kv_heads + h]) return -1;
+    const long long at = static_cast<long long>(group_first) * p.kv_heads + static_cast<long long>(h) * groups + kept;
+    const int i = p.kept_groups[at] * kPagesPerSummaryGroup + j % kPagesPerSummaryGroup;
+    return i < n ? i : -1;
+  };
   // Page ids are read one item further ahead than the summaries, so a summary load never waits for
   // its page-table load first (H100, 128K tokens, min/max rows only: 24.6 -> 22.8 us).
-  auto page_of = [&](int w) { return w < items ? p.page_table[first + w / p.kv_heads] : 0; };
+  auto page_of = [&](int w) {
+    const int i = w < items ? position_of(w) : -1;
+    return i >= 0 ? p.page_table[first + i] : -1;
+  };
   auto load = [&](int w, int page) {
-    if (w >= items) return;
-    const int h = w % p.kv_heads;
+    if (page < 0) return;
+    const int h = head_of(w);
     const uint4* s = reinterpret_cast<const uint4*>(static_cast<const T*>(p.summaries) +
                                                     (static_cast<long long>(page) * p.kv_heads + h) * 3 * D +
                                                     lane * kDimsPerLane);
@@ -69,9 +101,9 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
     for (int l = 0; l < kLoads; ++l) {
       if (want_upper) {
         raw[0][l] = s[l];
-        raw[1][l] = s[D / 8 + l];
+        raw[1][l] = s[D / kElems + l];
       }
-      if (want_estimate) raw[2][l] = s[2 * D / 8 + l];
+      if (want_estimate) raw[2][l] = s[2 * D / kElems + l];
     }
   };
   int w = blockIdx.x * items_per_block + static_cast<int>(threadIdx.x) / kLanesPerPage;
@@ -83,19 +115,19 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
     float lo[kDimsPerLane], hi[kDimsPerLane], mean[kDimsPerLane];
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
-      float f[8];
-      detail::unpack8<T>(raw[0][l], f);
+      float f[kElems];
+      unpack<T>(raw[0][l], f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) lo[l * 8 + e] = f[e];
-      detail::unpack8<T>(raw[1][l], f);
+      for (int e = 0; e < kElems; ++e) lo[l * kElems + e] = f[e];
+      unpack<T>(raw[1][l], f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) hi[l * 8 + e] = f[e];
-      detail::unpack8<T>(raw[2][l], f);
+      for (int e = 0; e < kElems; ++e) hi[l * kElems + e] = f[e];
+      unpack<T>(raw[2][l], f);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) mean[l * 8 + e] = f[e];
+      for (int e = 0; e < kElems; ++e) mean[l * kElems + e] = f[e];
     }
     const bool live = w < items;
-    const int h = live ? w % p.kv_heads : 0;
+    const int h = live ? head_of(w) : 0;
     load(w + stride, next_page);
     next_page = page_of(w + 2 * stride);
     float best_upper = -INFINITY;
@@ -144,8 +176,17 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
       }
     }
     if (live && lane == 0) {
-      const int i = w / p.kv_heads;
-      const long long at = out_base + static_cast<long long>(h) * n + i;
+      const int i = position_of(w);
+      const long long at = by_candidate ? static_cast<long long>(b * p.kv_heads + h) * p.candidates + w % p.candidates
+                                        : out_base + static_cast<long long>(h) * n + i;
+      if (by_candidate) {
+        p.position_of[at] = i;
+        if (i < 0) {  // padding past the kept groups' pages: never selected
+          if (want_estimate) p.estimate[at] = -INFINITY;
+          if (want_upper) p.upper[at] = -INFINITY;
+          continue;
+        }
+      }
       const int tokens = min(p.page_size, len - i * p.page_size);
       const float estimate = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
       if (want_estimate) p.estimate[at] = estimate;
@@ -159,11 +200,15 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
 
 void launch_score_pages(const ScoreParams& p, Stream stream) {
   constexpr const char* kWhere = "launch_score_pages";
+  const bool by_group = p.dtype == DType::kFloat32;  // the coarse pass over group summaries
   hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
   hattn::detail::require(p.kv_heads > 0 && p.q_heads > 0 && p.q_heads % p.kv_heads == 0, kWhere, "q_heads",
                          p.q_heads, "a positive multiple of kv_heads");
-  hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
-                         p.page_size, "16, 32 or 64");
+  if (by_group)
+    hattn::detail::require(p.page_size > 0, kWhere, "page_size (tokens of a group)", p.page_size, "> 0");
+  else
+    hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
+                           p.page_size, "16, 32 or 64");
   if (p.batch == 0) return;
   hattn::detail::require(p.q && p.summaries && p.page_table && p.page_indptr && p.seq_len, kWhere, "pointers",
                          "null", "all set");
@@ -172,13 +217,25 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
   hattn::detail::require(p.batch <= 65535, kWhere, "batch", p.batch, "<= 65535");
   hattn::detail::require(p.blended == nullptr || (p.upper != nullptr && p.estimate != nullptr), kWhere, "blended",
                          "set", "upper and estimate set too");
+  if (p.kept_groups != nullptr) {
+    hattn::detail::require(p.kept_count && p.group_indptr && p.position_of, kWhere,
+                           "kept_count/group_indptr/position_of", "null", "all set with kept_groups");
+    hattn::detail::require(p.candidates > 0 && p.candidates % kPagesPerSummaryGroup == 0, kWhere, "candidates",
+                           p.candidates, "a positive multiple of ", kPagesPerSummaryGroup);
+    hattn::detail::require(!by_group, kWhere, "dtype", p.dtype, "the KV dtype (the fine pass reads page summaries)");
+    const long long entries = static_cast<long long>(p.batch) * p.kv_heads * p.candidates;
+    hattn::detail::require(entries <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates", entries, "< 2^31");
+  } else {
+    hattn::detail::require(p.candidates == 0 && p.position_of == nullptr, kWhere, "candidates/position_of",
+                           p.candidates, "0 and null without kept_groups");
+  }
   const std::size_t smem = static_cast<std::size_t>(p.q_heads) * p.head_dim * sizeof(float);
   constexpr std::size_t kMaxSmem = 96 * 1024;
   hattn::detail::require(smem <= kMaxSmem, kWhere, "q_heads * head_dim", smem / sizeof(float), "<= 24576");
   int device = 0, sms = 0;
   HATTN_CUDA_CHECK(cudaGetDevice(&device));
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
+  auto launch = [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
       const auto kernel = ScorePagesKernel<T, D>;
       if (smem > 48 * 1024)
@@ -192,7 +249,9 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
       kernel<<<dim3(blocks_per_request, p.batch), kThreads, smem, stream>>>(p);
       HATTN_CUDA_CHECK_LAUNCH();
     });
-  });
+  };
+  if (by_group) launch.template operator()<float>();
+  else detail::dispatch_kv_dtype(p.dtype, kWhere, launch);
 }
 
 }  // namespace hattn::cuda

@@ -64,12 +64,20 @@ struct Segment {
   float max_log_mass;
   int n;
   int exclude_begin, exclude_end;
-  int sink_end;     // positions [0, sink_end) are forced
-  int local_begin;  // positions [local_begin, n) are forced
+  int sink_end;     // pages [0, sink_end) are forced
+  int local_begin;  // pages [local_begin, pages) are forced
   Binning bin;
+  const std::int32_t* pos;  // candidate mode: entry -> page position (-1: padding); nullptr: the identity
 
-  __device__ bool allowed(int i) const { return i < exclude_begin || i >= exclude_end; }
-  __device__ bool forced(int i) const { return i < sink_end || i >= local_begin; }
+  __device__ int page(int i) const { return pos ? pos[i] : i; }
+  __device__ bool allowed(int i) const {
+    const int q = page(i);
+    return q >= 0 && (q < exclude_begin || q >= exclude_end);
+  }
+  __device__ bool forced(int i) const {
+    const int q = page(i);
+    return q >= 0 && (q < sink_end || q >= local_begin);
+  }
   // Forced positions are selected anyway: only the others compete for the budget.
   __device__ bool ranked(int i) const { return allowed(i) && !forced(i); }
   __device__ float mass_of(int i) const { return mass ? mass[i] : page_mass(log_mass[i], max_log_mass); }
@@ -402,7 +410,7 @@ __device__ int write_selection(const Segment& seg, SelectShared& sh, int mode, C
     int slot = written + detail::block_exclusive_sum(__popc(take), sh.iscratch, taken_total);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j)
-      if (take >> j & 1u) out[slot++] = first + j;
+      if (take >> j & 1u) out[slot++] = seg.page(first + j);
     written += taken_total;
   }
   return written;
@@ -410,19 +418,26 @@ __device__ int write_selection(const Segment& seg, SelectShared& sh, int mode, C
 
 __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_constant__ SelectParams p) {
   __shared__ SelectShared sh;
-  extern __shared__ float staged[];  // [kSmemPages] rank scores, then [kSmemPages] masses in mass mode
+  // [kSmemPages] rank scores, then [kSmemPages] masses in mass mode, then [kSmemPages] page
+  // positions in candidate mode.
+  extern __shared__ float staged[];
   const int s = blockIdx.x;
   const int b = s / p.kv_heads;
   const int h = s % p.kv_heads;
   const int first = p.page_indptr[b];
-  const int n = p.page_indptr[b + 1] - first;
-  const long long offset = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(h) * n;
+  const int pages = p.page_indptr[b + 1] - first;
+  const long long page_offset = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(h) * pages;
+  const bool by_candidate = p.position_of != nullptr;
+  const int n = by_candidate ? p.candidates : pages;  // entries of the segment
+  const long long offset = by_candidate ? static_cast<long long>(s) * p.candidates : page_offset;
   const bool by_mass = p.mass_threshold > 0.0f;
   const bool stage = n <= kSmemPages;
   const float* g_rank = p.scores + offset;
   const float* g_log_mass = by_mass ? p.log_mass + offset : nullptr;
+  const std::int32_t* g_pos = by_candidate ? p.position_of + offset : nullptr;
   float* s_rank = staged;
   float* s_mass = staged + kSmemPages;
+  auto* s_pos = reinterpret_cast<std::int32_t*>(staged + (by_mass ? 2 : 1) * kSmemPages);
   Segment seg{stage ? s_rank : g_rank,
               nullptr,
               g_log_mass,
@@ -430,9 +445,10 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
               n,
               p.exclude_begin ? p.exclude_begin[b] : 0,
               p.exclude_end ? p.exclude_end[b] : 0,
-              min(max(p.sink_pages, 0), n),
-              max(n - max(p.local_pages, 0), 0),
-              Binning{0.0f, 0.0f}};
+              min(max(p.sink_pages, 0), pages),
+              max(pages - max(p.local_pages, 0), 0),
+              Binning{0.0f, 0.0f},
+              by_candidate ? (stage ? s_pos : g_pos) : nullptr};
   const int budget = p.budget_pages[s];
 
   // Ranked and forced positions actually selected (inside the allowed range); the range of the
@@ -443,11 +459,13 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
     // All of a thread's loads of the chunk are issued before any is used: these passes are latency
     // bound (one block per segment).
     float r[kPerThread], lm[kPerThread];
+    std::int32_t at[kPerThread];
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
       r[j] = i < n ? g_rank[i] : 0.0f;
       lm[j] = i < n && by_mass ? g_log_mass[i] : 0.0f;
+      at[j] = i < n && by_candidate ? g_pos[i] : 0;
     }
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
@@ -456,6 +474,7 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
       if (stage) {
         s_rank[i] = r[j];
         if (by_mass) s_mass[i] = lm[j];
+        if (by_candidate) s_pos[i] = at[j];  // read back by seg below, by this thread only
       }
       if (!seg.allowed(i)) continue;
       top = fmaxf(top, lm[j]);  // fmaxf drops NaN
@@ -530,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
       cut = sh.cut;
     }
   }
-  const int written = write_selection(seg, sh, mode, cut, p.selected + offset);
+  const int written = write_selection(seg, sh, mode, cut, p.selected + page_offset);
   if (threadIdx.x == 0) p.selected_count[s] = written;
 }
 
@@ -567,13 +586,17 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
                          "set for the mass rule");
   hattn::detail::require((p.exclude_begin == nullptr) == (p.exclude_end == nullptr), kWhere,
                          "exclude_begin/exclude_end", "one null", "both set or both null");
+  hattn::detail::require(p.position_of != nullptr ? p.candidates > 0 : p.candidates == 0, kWhere, "candidates",
+                         p.candidates, p.position_of ? "> 0 with position_of" : "0 without position_of");
   const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
   hattn::detail::require(segments <= 0x7fffffffLL, kWhere, "batch * kv_heads", segments, "< 2^31");
-  const int staged_arrays = p.mass_threshold > 0.0f ? 2 : 1;
+  hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates",
+                         segments * p.candidates, "< 2^31");
+  const int staged_arrays = (p.mass_threshold > 0.0f ? 2 : 1) + (p.position_of != nullptr ? 1 : 0);
   const int smem = staged_arrays * kSmemPages * static_cast<int>(sizeof(float));
   // Above the 48 KB default; a per-device attribute, so set on every launch (a host-side call).
   HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        2 * kSmemPages * static_cast<int>(sizeof(float))));
+                                        3 * kSmemPages * static_cast<int>(sizeof(float))));
   SelectPagesKernel<<<static_cast<unsigned>(segments), kThreads, smem, stream>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }

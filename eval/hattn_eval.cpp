@@ -47,6 +47,7 @@ struct Options {
   int threads = 0;
   int page_size = 16;
   double hbm_share = 0.15;
+  double coarse_keep = 4.0;  // fluxion_2l
   std::uint64_t seed = 1;
   bool gpu = false;
   bool quick = false;
@@ -64,6 +65,7 @@ struct System {
 
 const std::vector<System> kSystems = {
     {"fluxion", "OnlineHeadProfile + OutputAware + Priority (the default)", false},
+    {"fluxion_2l", "the default with two-level scoring (Config::coarse_keep = --coarse_keep)", false},
     {"fixed", "FixedBudget(b) + HybridGenFeedback (the fixed hybrid baseline; b = 0.05 is Fixed5)", false},
     {"quest_gpu", "FixedBudget(b) + GpuOnly (Quest-like)", false},
     {"psa", "MassThreshold(0.95, cap b) + GpuOnly (PSA-like)", false},
@@ -250,7 +252,7 @@ void evaluate(Attn& attn, const Options& o, const ContextData& d, std::int64_t c
         const auto sel = eval::replay_selection(
             attn.store(), seq, l, h, std::span<const float>(q).subspan(static_cast<std::size_t>(h) * group * s.head_dim, static_cast<std::size_t>(group) * s.head_dim),
             cfg.logit_scale(), plan.rules[l][h], cfg.sink_pages, cfg.local_pages,
-            attn.backend() == Backend::kCpu);
+            attn.backend() == Backend::kCpu, cfg.coarse_keep);
         const int counted = stats.selected_pages.size() > static_cast<std::size_t>(h) ? stats.selected_pages[h] : -1;
         ++m.replay_checked;
         m.replay_matched += counted == static_cast<int>(sel.size());
@@ -315,6 +317,11 @@ void run_system(const std::string& name, const Options& o, const ContextData& d,
   if (name == "fluxion") {
     FluxionAttention a(c);
     evaluate(a, o, d, context, by_kind);
+  } else if (name == "fluxion_2l") {
+    Config two_level = c;
+    two_level.coarse_keep = o.coarse_keep;
+    FluxionAttention a(two_level);
+    evaluate(a, o, d, context, by_kind);
   } else if (name == "fixed") {
     Fixed5HybridAttention a(c, {}, FixedBudget(budget));
     evaluate(a, o, d, context, by_kind);
@@ -329,7 +336,7 @@ void run_system(const std::string& name, const Options& o, const ContextData& d,
     evaluate(a, o, d, context, by_kind);
   } else {
     throw InvalidArgument(detail::concat("hattn-eval: --systems has unknown system '", name,
-                                         "' (fluxion, fixed, quest_gpu, psa, dense, oracle)"));
+                                         "' (fluxion, fluxion_2l, fixed, quest_gpu, psa, dense, oracle)"));
   }
 }
 
@@ -351,7 +358,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"llama", "qwen"}));
   app.add_option("--contexts", o.contexts, "prompt lengths in tokens (default 8192 with --quick, else 32768 131072)");
   app.add_option("--budgets", o.budgets, "average budgets, shares of pages in (0, 1] (default 0.02 0.05 0.1 0.2)");
-  app.add_option("--systems", o.systems, "fluxion fixed quest_gpu psa dense oracle (default: all; quest_gpu only with --gpu)");
+  app.add_option("--systems", o.systems,
+                 "fluxion fluxion_2l fixed quest_gpu psa dense oracle (default: all but fluxion_2l; quest_gpu only with --gpu)");
+  app.add_option("--coarse_keep", o.coarse_keep, "fluxion_2l: groups kept as a multiple of the page budget (>= 1)");
   app.add_option("--layers", o.layers, "generated layers, spread over the model (0 = all; default 6 quick, 8 full)");
   app.add_option("--warmup", o.warmup, "decode steps before measuring (predictor and cache settle)");
   app.add_option("--steps", o.steps, "measured decode steps");

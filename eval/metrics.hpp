@@ -139,7 +139,7 @@ inline bool needle_hit(std::span<const std::int32_t> selected, std::int64_t begi
 inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, SeqId seq, int layer, int kv_head,
                                                   std::span<const float> q_group, float scale,
                                                   const SegmentRule& rule, int sink_pages, int local_pages,
-                                                  bool widen) {
+                                                  bool widen, double coarse_keep = 0.0) {
   const ModelShape& shape = store.shape();
   const auto table = store.pages(seq, layer);
   const int n = static_cast<int>(table.size());
@@ -147,6 +147,15 @@ inline std::vector<std::int32_t> replay_selection(const PagedKVStore& store, Seq
   std::vector<float> upper(static_cast<std::size_t>(n)), estimate(static_cast<std::size_t>(n));
   cpu_score_pages(store.pool(), kv_head, q_group, shape.group_size(), scale, table, tail, upper, estimate);
   std::vector<std::int32_t> out;
+  if (coarse_keep > 0) {  // two-level scoring (Config::coarse_keep)
+    const auto groups = static_cast<std::size_t>(summary_groups(n));
+    std::vector<float> group_upper(groups), group_estimate(groups);
+    cpu_score_groups(store.layout(), store.group_summaries(seq, layer), kv_head, q_group, shape.group_size(), scale,
+                     store.length(seq, layer), group_upper, group_estimate);
+    detail::select_two_level(group_upper, group_estimate, upper, estimate, rule, coarse_keep, sink_pages, local_pages,
+                             widen, out);
+    return out;
+  }
   detail::select_by_rule(upper, estimate, rule, sink_pages, local_pages, widen, out);
   return out;
 }

@@ -36,6 +36,13 @@ struct Config {
   /// workers were as fast as 12 and 1.6x faster than 15: docs/performance.md).
   int cpu_threads = 0;
   double avg_budget = 0.05;            ///< average share of a request's pages each head attends, in (0, 1]
+  /// Two-level scoring (SPIN's coarse metadata): where > 0, each head first ranks groups of 16 pages
+  /// by their coarse summaries and keeps ceil(coarse_keep x its page budget / 16) of them plus the
+  /// sink and local groups (kept_summary_groups); only the kept groups' pages are scored and selected
+  /// from. Scoring then reads ~1/16 of the page summaries plus the kept groups' instead of all of
+  /// them. 0: every page is scored (one pass). A page whose group ranks low is never selected, so
+  /// quality depends on this; measure it (hattn-eval) before serving with it.
+  double coarse_keep = 0.0;
   int sink_pages = 1;                  ///< first pages always attended (attention sinks)
   int local_pages = 2;                 ///< last pages always attended (the local window)
   float scale = 0.0f;                  ///< logit scale; 0 = 1 / sqrt(head_dim)

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "hattn/core/error.hpp"
+#include "hattn/kv/page_summary.hpp"
 
 namespace hattn {
 namespace {
@@ -53,19 +54,56 @@ void append_forced_and_sort(std::size_t n, int sink_pages, int local_pages, int 
 
 }  // namespace
 
+namespace {
+
+// Bound and log estimated mass of one summary (rows lo, hi, mean of head_dim fp32 values) for the
+// query heads of a GQA group: the formulas of cpu_score_pages, shared with cpu_score_groups.
+void score_summary(const float* lo, const float* hi, const float* mean, int dim, std::span<const float> q,
+                   int group_size, float scale, float log_tokens, float log_group, float& upper, float& estimate) {
+  float best = kNegInf;
+  float est_max = kNegInf;
+  float est_sum = 0.0f;
+  for (int g = 0; g < group_size; ++g) {
+    const float* qg = q.data() + static_cast<std::size_t>(g) * dim;
+    float bound = 0.0f, dot = 0.0f;
+    for (int d = 0; d < dim; ++d) {
+      bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
+      dot += qg[d] * mean[d];
+    }
+    best = std::max(best, scale * bound);
+    const float logit = scale * dot;
+    // Running log-sum-exp so no group head overflows exp.
+    if (logit > est_max) {
+      est_sum = est_sum * std::exp(est_max - logit) + 1.0f;
+      est_max = logit;
+    } else {
+      est_sum += std::exp(logit - est_max);
+    }
+  }
+  upper = best;
+  estimate = log_tokens + est_max + std::log(est_sum) - log_group;
+}
+
+void check_score_args(const char* where, const PageLayout& layout, int kv_head, std::span<const float> q,
+                      int group_size, std::size_t items, std::span<float> upper, std::span<float> estimate) {
+  detail::require(kv_head >= 0 && kv_head < layout.kv_heads, where, "kv_head", kv_head,
+                  "in [0, ", layout.kv_heads, ")");
+  detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
+  detail::require(q.size() == static_cast<std::size_t>(group_size) * layout.head_dim, where, "q.size()", q.size(),
+                  "group_size * head_dim = ", group_size * layout.head_dim);
+  detail::require(upper.size() == items && estimate.size() == items, where, "upper/estimate size",
+                  [&] { return detail::concat(upper.size(), "/", estimate.size()); }, "one per item = ", items);
+}
+
+}  // namespace
+
 void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
                      std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
                      std::span<float> estimate) {
   const PageLayout& layout = pool.layout();
   constexpr const char* where = "cpu_score_pages";
   const int dim = layout.head_dim;
-  detail::require(kv_head >= 0 && kv_head < layout.kv_heads, where, "kv_head", kv_head,
-                  "in [0, ", layout.kv_heads, ")");
-  detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
-  detail::require(q.size() == static_cast<std::size_t>(group_size) * dim, where, "q.size()", q.size(),
-                  "group_size * head_dim = ", group_size * dim);
-  detail::require(upper.size() == pages.size() && estimate.size() == pages.size(), where, "upper/estimate size",
-                  [&] { return detail::concat(upper.size(), "/", estimate.size()); }, "pages.size() = ", pages.size());
+  check_score_args(where, layout, kv_head, q, group_size, pages.size(), upper, estimate);
   if (pages.empty()) return;
   detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
                   last_page_tokens, "in [1, ", layout.page_size, "]");
@@ -85,29 +123,29 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
       hi[d] = load_as_float(s, layout.summary_offset(kv_head, 1) + d, layout.dtype);
       mean[d] = load_as_float(s, layout.summary_offset(kv_head, 2) + d, layout.dtype);
     }
-    float best = kNegInf;
-    float est_max = kNegInf;
-    float est_sum = 0.0f;
-    for (int g = 0; g < group_size; ++g) {
-      const float* qg = q.data() + static_cast<std::size_t>(g) * dim;
-      float bound = 0.0f, dot = 0.0f;
-      for (int d = 0; d < dim; ++d) {
-        bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
-        dot += qg[d] * mean[d];
-      }
-      best = std::max(best, scale * bound);
-      const float logit = scale * dot;
-      // Running log-sum-exp so no group head overflows exp.
-      if (logit > est_max) {
-        est_sum = est_sum * std::exp(est_max - logit) + 1.0f;
-        est_max = logit;
-      } else {
-        est_sum += std::exp(logit - est_max);
-      }
-    }
-    upper[i] = best;
     const float log_tokens = i + 1 == pages.size() ? std::log(static_cast<float>(last_page_tokens)) : log_full;
-    estimate[i] = log_tokens + est_max + std::log(est_sum) - log_group;
+    score_summary(lo, hi, mean, dim, q, group_size, scale, log_tokens, log_group, upper[i], estimate[i]);
+  }
+}
+
+void cpu_score_groups(const PageLayout& layout, std::span<const float> group_summaries, int kv_head,
+                      std::span<const float> q, int group_size, float scale, std::int64_t tokens,
+                      std::span<float> upper, std::span<float> estimate) {
+  constexpr const char* where = "cpu_score_groups";
+  const std::size_t elems = layout.summary_elems();
+  const std::int64_t group_tokens = static_cast<std::int64_t>(layout.page_size) * kPagesPerSummaryGroup;
+  const auto groups = static_cast<std::size_t>((tokens + group_tokens - 1) / group_tokens);
+  detail::require(tokens >= 0, where, "tokens", tokens, ">= 0");
+  detail::require(group_summaries.size() >= groups * elems, where, "group_summaries.size()", group_summaries.size(),
+                  ">= groups x summary elements = ", groups * elems);
+  check_score_args(where, layout, kv_head, q, group_size, groups, upper, estimate);
+  const float log_group = std::log(static_cast<float>(group_size));
+  for (std::size_t g = 0; g < groups; ++g) {
+    const float* s = group_summaries.data() + g * elems;
+    const std::int64_t in_group = std::min(group_tokens, tokens - static_cast<std::int64_t>(g) * group_tokens);
+    score_summary(s + layout.summary_offset(kv_head, 0), s + layout.summary_offset(kv_head, 1),
+                  s + layout.summary_offset(kv_head, 2), layout.head_dim, q, group_size, scale,
+                  std::log(static_cast<float>(in_group)), log_group, upper[g], estimate[g]);
   }
 }
 

@@ -18,13 +18,15 @@ void Config::validate() const {
   detail::require(cpu_threads >= 0, "Config", "cpu_threads", cpu_threads, ">= 0 (0 = one per hardware thread; half of them with a GPU)");
   detail::require(scale >= 0 && std::isfinite(scale), "Config", "scale", scale, ">= 0 (0 = 1/sqrt(head_dim))");
   detail::require(max_batch >= 1, "Config", "max_batch", max_batch, ">= 1");
+  detail::require(coarse_keep == 0 || (coarse_keep >= 1 && std::isfinite(coarse_keep)), "Config", "coarse_keep",
+                  coarse_keep, "0 (score every page) or >= 1 (groups kept as a multiple of the page budget)");
 }
 
 std::ostream& operator<<(std::ostream& os, const Config& c) {
   return os << "{shape=" << c.shape << ", page_size=" << c.page_size << ", host_pool_bytes=" << c.host_pool_bytes
             << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", admit_before_decode=" << c.admit_before_decode
             << ", cpu_threads=" << c.cpu_threads
-            << ", avg_budget=" << c.avg_budget << ", sink_pages=" << c.sink_pages << ", local_pages=" << c.local_pages
+            << ", avg_budget=" << c.avg_budget << ", coarse_keep=" << c.coarse_keep << ", sink_pages=" << c.sink_pages << ", local_pages=" << c.local_pages
             << ", backend=" << to_string(c.backend) << "}";
 }
 

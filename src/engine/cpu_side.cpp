@@ -32,10 +32,23 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
   const int group = shape.group_size();
   const float* qg = q + (static_cast<std::size_t>(row) * shape.q_heads + static_cast<std::size_t>(head) * group) *
                             shape.head_dim;
-  cpu_score_pages(store_.pool(), head, {qg, static_cast<std::size_t>(group) * shape.head_dim}, group,
-                  config_.logit_scale(), table, tail_tokens, seg.upper, seg.estimate);
-  select_by_rule(seg.upper, seg.estimate, rule, config_.sink_pages, config_.local_pages, /*widen=*/true,
-                 seg.positions);
+  const std::span<const float> q_group{qg, static_cast<std::size_t>(group) * shape.head_dim};
+  cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), table, tail_tokens, seg.upper,
+                  seg.estimate);
+  if (config_.coarse_keep > 0) {
+    // Every page is scored here too (the CPU reads summaries at DRAM speed, a small part of the step);
+    // the coarse level decides which of them may be selected, as on the GPU.
+    const auto groups = static_cast<std::size_t>(summary_groups(n));
+    seg.group_upper.resize(groups);
+    seg.group_estimate.resize(groups);
+    cpu_score_groups(store_.layout(), store_.group_summaries(seq, work.layer), head, q_group, group,
+                     config_.logit_scale(), store_.length(seq, work.layer), seg.group_upper, seg.group_estimate);
+    select_two_level(seg.group_upper, seg.group_estimate, seg.upper, seg.estimate, rule, config_.coarse_keep,
+                     config_.sink_pages, config_.local_pages, /*widen=*/true, seg.positions);
+  } else {
+    select_by_rule(seg.upper, seg.estimate, rule, config_.sink_pages, config_.local_pages, /*widen=*/true,
+                   seg.positions);
+  }
   for (std::int32_t p : seg.positions) seg.pages.push_back(table[p]);
   if (!seg.positions.empty() && seg.positions.back() == n - 1) last_tokens = tail_tokens;
 }

@@ -37,6 +37,7 @@ class CpuSide {
  private:
   struct Segment {
     std::vector<float> upper, estimate;
+    std::vector<float> group_upper, group_estimate;  // two-level scoring (Config::coarse_keep)
     std::vector<std::int32_t> positions;
     std::vector<PageId> pages;
   };

@@ -19,6 +19,7 @@
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
+#include "hattn/kv/page_summary.hpp"
 #include <unordered_map>
 
 namespace hattn::detail {
@@ -37,6 +38,18 @@ class DeviceArray {
     ptr_ = nullptr;
     size_ = 0;
     HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(count, 1) * sizeof(T)));
+    size_ = count;
+  }
+  // Grows keeping the contents; waits for the device first, since enqueued kernels may read the old
+  // buffer (rare: the group mirror when more groups are live than planned).
+  void grow_keeping(std::size_t count) {
+    if (count <= size_) return;
+    T* bigger = nullptr;
+    HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&bigger), count * sizeof(T)));
+    HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+    if (size_ > 0) HATTN_CUDA_CHECK(cudaMemcpy(bigger, ptr_, size_ * sizeof(T), cudaMemcpyDeviceToDevice));
+    cudaFree(ptr_);
+    ptr_ = bigger;
     size_ = count;
   }
   T* get() const noexcept { return ptr_; }
@@ -95,6 +108,9 @@ struct GpuSide::Impl {
     PinnedArray<std::int32_t> meta_host;
     DeviceArray<std::int32_t> meta;
     DeviceArray<float> upper, estimate, partial_out, partial_lse;
+    // Two-level scoring: the coarse scores, the kept groups, the candidates' page positions.
+    DeviceArray<float> coarse_upper, coarse_estimate;
+    DeviceArray<std::int32_t> kept, kept_count, position_of;
     DeviceArray<std::int32_t> selected, selected_count;
     DeviceArray<std::int32_t> gpu_selected, gpu_count;  // the split's GPU part
     // The CPU part, written by the split kernel straight into mapped host memory: no copy between
@@ -129,6 +145,17 @@ struct GpuSide::Impl {
   std::vector<StepStats> stats;  // [layers], finalized
   std::vector<int> last_slot;    // [layers] ring index of the newest run of the layer, -1 none
   DeviceArray<std::byte> summaries;
+  // Two-level scoring (Config::coarse_keep): fp32 group summaries built on the device from the page
+  // summaries, one slot per (sequence, layer, group) of 16 pages, slots reused after release. Each
+  // run rebuilds the groups whose pages changed since the layer's last build (built_tokens).
+  struct GroupMirror {
+    std::vector<std::vector<std::int32_t>> slots;  // [layer][group]
+    std::vector<std::int64_t> built_tokens;        // [layer]
+  };
+  DeviceArray<float> group_summaries;
+  std::int32_t group_slots_used = 0;
+  std::vector<std::int32_t> free_group_slots;
+  std::unordered_map<SeqId, GroupMirror> groups_of;
   PinnedArray<std::byte> stage_keys, stage_values;
   cudaStream_t clock_stream = nullptr;
   // Without a CPU share the split only counts the GPU's cached blocks for the stats: it runs here,
@@ -202,6 +229,38 @@ struct GpuSide::Impl {
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream, cudaStreamNonBlocking));
   }
 
+  // The group mirror's slots of (seq, layer) for its first `groups` groups, allocated as needed.
+  const std::vector<std::int32_t>& group_slots(SeqId seq, int layer, int groups) {
+    GroupMirror& m = groups_of[seq];
+    if (m.slots.empty()) {
+      m.slots.resize(static_cast<std::size_t>(config.shape.layers));
+      m.built_tokens.assign(static_cast<std::size_t>(config.shape.layers), 0);
+    }
+    auto& v = m.slots[static_cast<std::size_t>(layer)];
+    const std::size_t elems = store.layout().summary_elems();
+    while (static_cast<int>(v.size()) < groups) {
+      if (free_group_slots.empty()) {
+        // Room for the pool's full groups plus slack for partial ones; grows by half when exceeded.
+        const std::size_t have = group_summaries.size() / elems;
+        const std::size_t want = have == 0 ? static_cast<std::size_t>(store.pool().capacity_pages()) /
+                                                     kPagesPerSummaryGroup + 64
+                                           : have + have / 2;
+        group_summaries.grow_keeping(want * elems);
+        for (std::size_t i = want; i-- > have;) free_group_slots.push_back(static_cast<std::int32_t>(i));
+      }
+      v.push_back(free_group_slots.back());
+      free_group_slots.pop_back();
+    }
+    return v;
+  }
+
+  void release_groups(SeqId seq) {
+    auto it = groups_of.find(seq);
+    if (it == groups_of.end()) return;
+    for (const auto& layer : it->second.slots) free_group_slots.insert(free_group_slots.end(), layer.begin(), layer.end());
+    groups_of.erase(it);
+  }
+
   // A request slot for each new row, with a share of the unbudgeted slots until the first resize.
   // A request joining the batch starts with an equal share of the pool (slots / live requests): the
   // live ones give up budget in proportion to what they hold (never below their pins), and the next
@@ -234,9 +293,12 @@ struct GpuSide::Impl {
       }
     std::int64_t now_budgeted = 0;
     for (const auto& [seq, r] : request_of) now_budgeted += cache->request_stats(r).budget_slots;
+    // Where pins kept live requests from giving up their part, the joiners split what is left
+    // evenly rather than the first ones taking a full share and the last none.
+    std::int64_t joiners_left = static_cast<std::int64_t>(fresh.size());
     for (SeqId seq : fresh) {
       const std::int32_t r = free_requests.back();
-      const std::int64_t budget = std::clamp<std::int64_t>(slots - now_budgeted, 0, share);
+      const std::int64_t budget = std::clamp<std::int64_t>((slots - now_budgeted) / joiners_left--, 0, share);
       cache->open_request(r, static_cast<std::int32_t>(budget));
       now_budgeted += budget;
       free_requests.pop_back();
@@ -426,15 +488,27 @@ struct GpuSide::Impl {
     const std::size_t heads = config.shape.kv_heads;
     const std::size_t qrows = batch * config.shape.q_heads;
     const std::size_t dim = config.shape.head_dim;
-    const std::size_t meta = 2 * (batch + 1) + total + 5 * batch * heads + 3 * batch;
+    // Group entries (two-level scoring): at most one per 16 pages plus a partial one per row.
+    const std::size_t group_total = total / kPagesPerSummaryGroup + batch;
+    const std::size_t meta = 2 * (batch + 1) + total + 5 * batch * heads + 3 * batch +
+                             (batch + 1) + group_total + batch * heads + batch;
+    // Candidate entries: each row's kept groups, at most its pages rounded up to whole groups.
+    const std::size_t candidates = (total + kPagesPerSummaryGroup * batch) * heads;
     const std::size_t splits = split_count(static_cast<int>(batch));
     if (total > planned_pages || static_cast<int>(batch) > planned_batch) {
       for (Slot& slot : slots) {
         finalize(slot);
         slot.meta_host.reserve(meta);
         slot.meta.reserve(meta);
-        slot.upper.reserve(total * heads);
-        slot.estimate.reserve(total * heads);
+        slot.upper.reserve(candidates);
+        slot.estimate.reserve(candidates);
+        if (config.coarse_keep > 0) {
+          slot.position_of.reserve(candidates);
+          slot.coarse_upper.reserve(group_total * heads);
+          slot.coarse_estimate.reserve(group_total * heads);
+          slot.kept.reserve(group_total * heads);
+          slot.kept_count.reserve(batch * heads);
+        }
         slot.selected.reserve(total * heads);
         slot.selected_count.reserve(batch * heads);
         slot.gpu_selected.reserve(total * heads);
@@ -499,6 +573,57 @@ struct GpuSide::Impl {
     return std::clamp((2 * sms + segments - 1) / segments, 1, 64);
   }
 
+  // Two-level scoring: the changed groups' summaries, their coarse scores, the kept groups (top by the
+  // same rank as the pages, sink and local groups forced), then the fine scores of their pages only.
+  void score_two_level(Slot& slot, cuda::ScoreParams sp, const std::int32_t* d_group_indptr,
+                       const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
+                       const std::int32_t* d_first_group, int candidates, cuda::Stream s) {
+    cuda::GroupSummaryParams gp;
+    gp.summaries = sp.summaries;
+    gp.page_table = sp.page_table;
+    gp.page_indptr = sp.page_indptr;
+    gp.seq_len = sp.seq_len;
+    gp.group_table = d_group_table;
+    gp.group_indptr = d_group_indptr;
+    gp.first_group = d_first_group;
+    gp.batch = sp.batch;
+    gp.kv_heads = sp.kv_heads;
+    gp.head_dim = sp.head_dim;
+    gp.page_size = sp.page_size;
+    gp.dtype = sp.dtype;
+    gp.group_summaries = group_summaries.get();
+    cuda::launch_build_group_summaries(gp, s);
+
+    cuda::ScoreParams coarse = sp;
+    coarse.summaries = group_summaries.get();
+    coarse.dtype = DType::kFloat32;
+    coarse.page_table = d_group_table;
+    coarse.page_indptr = d_group_indptr;
+    coarse.page_size = sp.page_size * kPagesPerSummaryGroup;
+    coarse.upper = slot.coarse_upper.get();
+    coarse.estimate = sp.blended ? slot.coarse_estimate.get() : nullptr;  // the blend needs it
+    cuda::launch_score_pages(coarse, s);
+
+    cuda::SelectParams groups;
+    groups.scores = slot.coarse_upper.get();
+    groups.page_indptr = d_group_indptr;
+    groups.batch = sp.batch;
+    groups.kv_heads = sp.kv_heads;
+    groups.budget_pages = d_group_budget;
+    groups.sink_pages = summary_groups(config.sink_pages);
+    groups.local_pages = max_groups_spanned(config.local_pages);
+    groups.selected = slot.kept.get();
+    groups.selected_count = slot.kept_count.get();
+    cuda::launch_select_pages(groups, s);
+
+    sp.kept_groups = slot.kept.get();
+    sp.kept_count = slot.kept_count.get();
+    sp.group_indptr = d_group_indptr;
+    sp.candidates = candidates;
+    sp.position_of = slot.position_of.get();
+    cuda::launch_score_pages(sp, s);
+  }
+
   void run(const LayerWork& work, const float* q, float* out, cuda::Stream s, std::uint64_t generation,
            double caller_begin_us) {
     const cudaStream_t stream = native(s);
@@ -533,7 +658,11 @@ struct GpuSide::Impl {
     std::int32_t* sel_offset = budget + batch * heads + batch;
     std::int32_t* request_row = sel_offset + batch * heads;
     std::int32_t* blended = request_row + batch;
-    const std::int32_t* meta_end = blended + batch * heads;
+    std::int32_t* group_indptr = blended + batch * heads;
+    std::int32_t* group_budget = group_indptr + batch + 1;
+    std::int32_t* first_group = group_budget + batch * heads;
+    std::int32_t* group_table = first_group + batch;
+    const std::int32_t* meta_end = group_indptr;
     for (int b = 0; b < batch; ++b) request_row[b] = cache ? request_of.at(work.rows[b]) : -1;
     float threshold = -1;
     bool has_cpu = false;
@@ -563,6 +692,35 @@ struct GpuSide::Impl {
                 "one rule kind and threshold per layer on the GPU");
       }
     }
+    // Two-level scoring where some segment keeps fewer groups than it has (kept_summary_groups).
+    int max_keep = 0;
+    bool two_level = false;
+    if (config.coarse_keep > 0 && !whole) {
+      for (int b = 0; b < batch; ++b)
+        for (int h = 0; h < heads; ++h) {
+          const int keep = kept_summary_groups(pages[b], work.rules[static_cast<std::size_t>(b) * heads + h].budget_pages,
+                                               config.coarse_keep, config.sink_pages, config.local_pages);
+          group_budget[b * heads + h] = keep;
+          max_keep = std::max(max_keep, keep);
+          two_level = two_level || keep < summary_groups(pages[b]);
+        }
+    }
+    if (two_level) {
+      group_indptr[0] = 0;
+      for (int b = 0; b < batch; ++b) {
+        const int groups = summary_groups(pages[b]);
+        const auto& v = group_slots(work.rows[b], work.layer, groups);
+        std::memcpy(group_table + group_indptr[b], v.data(), static_cast<std::size_t>(groups) * sizeof(std::int32_t));
+        group_indptr[b + 1] = group_indptr[b] + groups;
+        // Rebuild from the group of the last page of the previous build: appends changed it and after.
+        std::int64_t& built = groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)];
+        first_group[b] = built == seq_len[b] ? groups
+                                             : static_cast<std::int32_t>(std::max<std::int64_t>(built - 1, 0) / ps /
+                                                                         kPagesPerSummaryGroup);
+        built = seq_len[b];
+      }
+      meta_end = group_table + group_indptr[batch];
+    }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
     if (config.time_phases) HATTN_CUDA_CHECK(cudaEventRecord(slot.upload, stream));
     HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.meta.get(), m, meta_count * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
@@ -575,6 +733,10 @@ struct GpuSide::Impl {
     const std::int32_t* d_sel_offset = d_budget + batch * heads + batch;
     const std::int32_t* d_request_row = d_sel_offset + batch * heads;
     const std::int32_t* d_blended = d_request_row + batch;
+    const std::int32_t* d_group_indptr = d_blended + batch * heads;
+    const std::int32_t* d_group_budget = d_group_indptr + batch + 1;
+    const std::int32_t* d_first_group = d_group_budget + batch * heads;
+    const std::int32_t* d_group_table = d_first_group + batch;
     HATTN_CUDA_CHECK(cudaEventRecord(slot.begin, stream));
 
     const std::size_t qrows = static_cast<std::size_t>(batch) * shape.q_heads;
@@ -599,7 +761,9 @@ struct GpuSide::Impl {
     // Segments that rank by the blend get it in place of their bound, from the same pass.
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
-    if (!whole) cuda::launch_score_pages(sp, s);
+    const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
+    if (two_level) score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates, s);
+    else if (!whole) cuda::launch_score_pages(sp, s);
     mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
@@ -615,6 +779,10 @@ struct GpuSide::Impl {
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
+    if (two_level) {  // the scores are the kept groups' pages, at their candidate offsets
+      sel.position_of = slot.position_of.get();
+      sel.candidates = candidates;
+    }
     if (whole) cuda::launch_select_all_pages(sel, s);
     else cuda::launch_select_pages(sel, s);
     // What the GPU computes: the whole selection, or what the CPU's share leaves it. The split also
@@ -813,6 +981,7 @@ void GpuSide::upload_summaries(std::span<const PageId> pages, cuda::Stream strea
 void GpuSide::release(SeqId seq) {
   // Pages may still be read by enqueued work; wait for it before they return to the pool.
   for (auto& slot : impl_->slots) impl_->finalize(slot);
+  impl_->release_groups(seq);
   auto it = impl_->request_of.find(seq);
   if (it == impl_->request_of.end()) return;
   impl_->cache->release(it->second);

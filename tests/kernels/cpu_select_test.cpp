@@ -1,6 +1,7 @@
 // CPU scoring and selection: the Quest bound really bounds q.k and matches its formula, the mean-key
 // estimate matches its formula, top-k equals a brute-force sort, forced pages are always present,
-// and the mass rule takes the shortest prefix of the rank order that reaches its threshold.
+// and the mass rule takes the shortest prefix of the rank order that reaches its threshold; group
+// scores bound their pages' scores, and two-level selection picks from the top groups' pages only.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <set>
 #include <vector>
 
+#include "hattn/detail/select_by_rule.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 
@@ -222,6 +224,108 @@ TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
     EXPECT_THROW(cpu_score_pages(store.pool(), 0, wrong, G, scale, pages, 7, upper, est), InvalidArgument);
     EXPECT_THROW(cpu_score_pages(store.pool(), 2, q, G, scale, pages, 7, upper, est), InvalidArgument);
     EXPECT_THROW(cpu_score_pages(store.pool(), 0, q, G, scale, pages, 0, upper, est), InvalidArgument);
+  }
+}
+
+// Group scores (two-level scoring) from the store's coarse summaries: the formulas of the page
+// scores over the group's box and mean, and a group's bound covers each of its pages' bounds.
+TEST(CpuScoreGroups, FollowTheFormulasAndBoundTheirPages) {
+  const ModelShape shape{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .kv_dtype = DType::kBFloat16};
+  const int P = 16, len = P * (2 * kPagesPerSummaryGroup + 5) + 3;  // two full groups and a partial one
+  PagedKVStore store(shape, P, 8 << 20, HostMemoryRequest::kAligned);
+  const SeqId s = store.add_sequence();
+  std::mt19937 rng(9);
+  std::normal_distribution<double> n(0, 1);
+  const std::size_t elems = static_cast<std::size_t>(len) * 2 * 64;
+  std::vector<std::byte> kb(elems * 2), vb(kb.size());
+  for (std::size_t i = 0; i < elems; ++i) {
+    store_from_float(kb.data(), i, DType::kBFloat16, static_cast<float>(n(rng)));
+    store_from_float(vb.data(), i, DType::kBFloat16, static_cast<float>(n(rng)));
+  }
+  store.append(s, 0, TensorView::contiguous(kb.data(), DType::kBFloat16, {len, 2, 64}),
+               TensorView::contiguous(vb.data(), DType::kBFloat16, {len, 2, 64}));
+  const auto pages = store.pages(s, 0);
+  const auto groups = store.group_summaries(s, 0);
+  const PageLayout& layout = store.layout();
+  const int G = 4, ng = summary_groups(static_cast<int>(pages.size()));
+  ASSERT_EQ(ng, 3);
+  std::vector<float> q(static_cast<std::size_t>(G) * 64);
+  for (float& x : q) x = static_cast<float>(n(rng));
+  const float scale = 0.125f;
+  for (int kvh = 0; kvh < 2; ++kvh) {
+    std::vector<float> gu(ng), ge(ng), pu(pages.size()), pe(pages.size());
+    cpu_score_groups(layout, groups, kvh, q, G, scale, len, gu, ge);
+    cpu_score_pages(store.pool(), kvh, q, G, scale, pages, len - (static_cast<int>(pages.size()) - 1) * P, pu, pe);
+    for (int g = 0; g < ng; ++g) {
+      const float* sum = groups.data() + static_cast<std::size_t>(g) * layout.summary_elems();
+      double bound = -INFINITY, mean_exp = 0;
+      for (int h = 0; h < G; ++h) {
+        double b = 0, dm = 0;
+        for (int d = 0; d < 64; ++d) {
+          const double qd = q[h * 64 + d];
+          b += std::max(qd * sum[layout.summary_offset(kvh, 0) + d], qd * sum[layout.summary_offset(kvh, 1) + d]);
+          dm += qd * sum[layout.summary_offset(kvh, 2) + d];
+        }
+        bound = std::max(bound, scale * b);
+        mean_exp += std::exp(scale * dm) / G;
+      }
+      const int tokens = std::min(P * kPagesPerSummaryGroup, len - g * P * kPagesPerSummaryGroup);
+      EXPECT_NEAR(gu[g], bound, 1e-4 * (1 + std::abs(bound))) << "group " << g;
+      const double est = std::log(static_cast<double>(tokens)) + std::log(mean_exp);
+      EXPECT_NEAR(ge[g], est, 1e-4 * (1 + std::abs(est))) << "group " << g;
+      for (int i = g * kPagesPerSummaryGroup; i < std::min<int>((g + 1) * kPagesPerSummaryGroup, pages.size()); ++i)
+        EXPECT_GE(gu[g] + 1e-4f * (1 + std::abs(gu[g])), pu[i]) << "group " << g << " page " << i;
+    }
+  }
+  std::vector<float> few(1), est(1);
+  EXPECT_THROW(cpu_score_groups(layout, groups, 0, q, G, scale, len, few, est), InvalidArgument);
+  EXPECT_THROW(cpu_score_groups(layout, groups.first(10), 0, q, G, scale, len, few, est), InvalidArgument);
+}
+
+// Two-level selection: top-k of the groups (sink and local groups forced), then the rule over the
+// kept groups' pages alone; keeping every group is the one-pass rule.
+TEST(SelectTwoLevel, PicksFromTheTopGroupsPagesOnly) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0, 1);
+  for (int pages : {40, 300, 1000}) {
+    const int groups = summary_groups(pages);
+    std::vector<float> gu(groups), ge(groups), pu(pages), pe(pages);
+    for (auto& x : gu) x = n(rng);
+    for (auto& x : ge) x = n(rng);
+    for (auto& x : pu) x = n(rng);
+    for (auto& x : pe) x = n(rng);
+    for (float threshold : {0.0f, 0.9f}) {
+      const SegmentRule rule{std::max(3, pages / 20), threshold, 1};
+      const int sink = 1, local = 3;
+      std::vector<std::int32_t> got, one;
+      detail::select_two_level(gu, ge, pu, pe, rule, 1e9, sink, local, false, got);
+      detail::select_by_rule(pu, pe, rule, sink, local, false, one);
+      EXPECT_EQ(got, one) << "every group kept, pages " << pages;
+
+      const double keep = 2.0;
+      const int kept_groups = kept_summary_groups(pages, rule.budget_pages, keep, sink, local);
+      detail::select_two_level(gu, ge, pu, pe, rule, keep, sink, local, false, got);
+      if (kept_groups >= groups) continue;
+      // The kept groups: the top of the group bounds, groups 0 and the last two forced.
+      const auto kept = brute_top_k(gu, kept_groups, summary_groups(sink), max_groups_spanned(local), 0, groups);
+      std::vector<int> position;
+      std::vector<float> cu, ce;
+      for (int g : kept)
+        for (int i = g * kPagesPerSummaryGroup; i < std::min(pages, (g + 1) * kPagesPerSummaryGroup); ++i) {
+          position.push_back(i);
+          cu.push_back(pu[i]);
+          ce.push_back(pe[i]);
+        }
+      std::vector<std::int32_t> want;
+      detail::select_by_rule(cu, ce, rule, sink, local, false, want);
+      for (auto& p : want) p = position[p];
+      EXPECT_EQ(got, want) << "pages " << pages << " threshold " << threshold;
+      for (int i = 0; i < sink; ++i) EXPECT_TRUE(std::binary_search(got.begin(), got.end(), i)) << "sink " << i;
+      for (int i = pages - local; i < pages; ++i) EXPECT_TRUE(std::binary_search(got.begin(), got.end(), i)) << "local " << i;
+      for (std::int32_t p : got)
+        EXPECT_TRUE(std::binary_search(kept.begin(), kept.end(), p / kPagesPerSummaryGroup)) << "page " << p << " of a pruned group";
+      if (threshold == 0.0f) EXPECT_EQ(static_cast<int>(got.size()), rule.budget_pages);
+    }
   }
 }
 

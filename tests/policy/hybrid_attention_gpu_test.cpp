@@ -206,5 +206,51 @@ TEST(HybridAttentionGpu, DefaultPoliciesStayCloseOnStructuredHeads) {
   EXPECT_GE(attn.stats(0).caller_us, 0.0);
 }
 
+// Two-level scoring on the GPU (group summaries built on the device, coarse scores, kept groups,
+// candidates) selects what the CPU backend's two-level rule selects: the outputs agree to fp32
+// summation order. Tokens arrive one by one between steps, so the groups are rebuilt incrementally.
+TEST(HybridAttentionGpu, TwoLevelScoringSelectsAsTheCpuBackend) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const auto layer = test::make_structured_layer(kShape, 32768, 14);
+  Config gc = gpu_config(0.05);
+  gc.coarse_keep = 4;
+  Config cc = gc;
+  cc.backend = Backend::kCpu;
+  QuestGpuAttention gpu(gc, {}, FixedBudget(0.05));
+  QuestGpuAttention cpu(cc, {}, FixedBudget(0.05));
+  const SeqId gs = gpu.add_sequence(), cs = cpu.add_sequence();
+  const std::size_t row = static_cast<std::size_t>(kShape.kv_heads) * kShape.head_dim;
+  const std::size_t count = layer.query.size();
+  DeviceBuffer q(count), out(count);
+  ASSERT_EQ(cudaMemcpy(q.ptr, layer.query.data(), count * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  std::vector<float> got(count), want(count);
+  const std::int64_t prefill = layer.tokens - 40;
+  auto append = [&](auto& attn, SeqId seq, std::int64_t from, std::int64_t n) {
+    attn.append(seq, 0, TensorView::contiguous(layer.keys.data() + from * row, DType::kBFloat16, {n, kShape.kv_heads, kShape.head_dim}),
+                TensorView::contiguous(layer.values.data() + from * row, DType::kBFloat16, {n, kShape.kv_heads, kShape.head_dim}));
+  };
+  append(gpu, gs, 0, prefill);
+  append(cpu, cs, 0, prefill);
+  for (std::int64_t t = prefill; t <= layer.tokens; t += 20) {  // steps at 3 lengths, 20 tokens apart
+    if (t > prefill) {
+      append(gpu, gs, t - 20, 20);
+      append(cpu, cs, t - 20, 20);
+    }
+    const std::vector<SeqId> grow{gs}, crow{cs};
+    const Plan gp = gpu.plan(grow);
+    gpu.run(gp, 0, TensorView::contiguous(q.ptr, DType::kFloat32, {1, kShape.q_heads, kShape.head_dim}, Device::kCuda),
+            TensorView::contiguous(out.ptr, DType::kFloat32, {1, kShape.q_heads, kShape.head_dim}, Device::kCuda));
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(got.data(), out.ptr, count * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    const Plan cp = cpu.plan(crow);
+    cpu.run(cp, 0, TensorView::contiguous(layer.query.data(), DType::kFloat32, {1, kShape.q_heads, kShape.head_dim}),
+            TensorView::contiguous(want.data(), DType::kFloat32, {1, kShape.q_heads, kShape.head_dim}));
+    EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 5e-3) << "length " << t;
+    EXPECT_EQ(gpu.stats(0).selected_pages, cpu.stats(0).selected_pages) << "length " << t;
+  }
+  const auto ref = reference::decode(gpu.store(), gs, 0, layer.query, gpu.config().logit_scale());
+  EXPECT_LT(test::relative_l2(got, ref.out), 0.2);
+}
+
 }  // namespace
 }  // namespace hattn

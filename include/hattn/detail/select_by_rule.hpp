@@ -1,6 +1,7 @@
 #pragma once
 // A segment's selection under its SegmentRule on the CPU, the one definition the CPU backend and the
-// accuracy harness share: top-k or the mass rule over the whole page table, then, for a granularity
+// accuracy harness share: top-k or the mass rule over the whole page table (or, with two-level
+// scoring, over the pages of the groups whose coarse scores rank highest), then, for a granularity
 // of g > 1 pages, the aligned runs of g pages around the chosen ones.
 #include <algorithm>
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "hattn/kernels/cpu_select.hpp"
+#include "hattn/kv/page_summary.hpp"
 #include "hattn/policy/concepts.hpp"
 
 namespace hattn::detail {
@@ -26,15 +28,13 @@ inline void widen_to_runs(std::vector<std::int32_t>& positions, int g, int n) {
   positions.swap(wide);
 }
 
-/// Positions (ascending) `rule` selects from scores over n = upper.size() pages, ranked as rule.rank
-/// says. With widening, the
-/// budget counts pages after widening: the rule picks one page per run it may afford (the forced
-/// pages aside), so coarse heads stay near their budget instead of multiplying it by g.
-inline void select_by_rule(std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
-                           int sink_pages, int local_pages, bool widen, std::vector<std::int32_t>& out) {
+/// The rule's positions (ascending) among n = upper.size() entries whose first sink_pages and last
+/// local_pages are forced, ranked as rule.rank says, affording one entry per run of g pages beyond
+/// the forced ones; no widening.
+inline void select_ranked(std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
+                          int sink_pages, int local_pages, int g, std::vector<std::int32_t>& out) {
   const int n = static_cast<int>(upper.size());
   const int forced = forced_pages(n, sink_pages, local_pages);
-  const int g = widen ? std::max(1, rule.granularity_pages) : 1;
   // Pages beyond the forced ones, in runs of g.
   const int extra = (std::max(0, rule.budget_pages - forced) + g - 1) / g;
   std::vector<float> blend;
@@ -47,6 +47,54 @@ inline void select_by_rule(std::span<const float> upper, std::span<const float> 
     cpu_select_mass(rank, estimate, rule.mass_threshold, extra, sink_pages, local_pages, 0, n, out);
   else
     cpu_select_top_k(rank, forced + extra, sink_pages, local_pages, 0, n, out);
+}
+
+/// Positions (ascending) `rule` selects from scores over n = upper.size() pages, ranked as rule.rank
+/// says. With widening, the
+/// budget counts pages after widening: the rule picks one page per run it may afford (the forced
+/// pages aside), so coarse heads stay near their budget instead of multiplying it by g.
+inline void select_by_rule(std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
+                           int sink_pages, int local_pages, bool widen, std::vector<std::int32_t>& out) {
+  const int g = widen ? std::max(1, rule.granularity_pages) : 1;
+  select_ranked(upper, estimate, rule, sink_pages, local_pages, g, out);
+  widen_to_runs(out, g, static_cast<int>(upper.size()));
+}
+
+/// Two-level selection (Config::coarse_keep), as the GPU backend selects: the kept_summary_groups()
+/// groups that rank highest by their coarse scores (group_upper / group_estimate from
+/// cpu_score_groups, ranked as rule.rank says; the sink and local groups forced), then the rule of
+/// select_by_rule over the pages of those groups alone (page scores upper / estimate of every page;
+/// only the kept groups' are read). A segment that keeps every group selects as select_by_rule does.
+inline void select_two_level(std::span<const float> group_upper, std::span<const float> group_estimate,
+                             std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
+                             double coarse_keep, int sink_pages, int local_pages, bool widen,
+                             std::vector<std::int32_t>& out) {
+  const int n = static_cast<int>(upper.size());
+  const int groups = summary_groups(n);
+  const int keep = kept_summary_groups(n, rule.budget_pages, coarse_keep, sink_pages, local_pages);
+  if (keep >= groups) {
+    select_by_rule(upper, estimate, rule, sink_pages, local_pages, widen, out);
+    return;
+  }
+  std::vector<float> group_rank(group_upper.begin(), group_upper.end());
+  if (rule.rank == PageRank::kBlend)
+    for (std::size_t i = 0; i < group_rank.size(); ++i)
+      group_rank[i] = group_estimate[i] + kRankBlend * (group_upper[i] - group_estimate[i]);
+  std::vector<std::int32_t> kept;
+  cpu_select_top_k(group_rank, keep, summary_groups(sink_pages), max_groups_spanned(local_pages), 0, groups, kept);
+  // The kept groups' pages in page order; their first sink_pages and last local_pages are the
+  // sequence's own (the sink and local groups are kept), so the forced pages stay forced.
+  std::vector<std::int32_t> position;
+  std::vector<float> cand_upper, cand_estimate;
+  for (std::int32_t grp : kept)
+    for (int i = grp * kPagesPerSummaryGroup; i < std::min(n, (grp + 1) * kPagesPerSummaryGroup); ++i) {
+      position.push_back(i);
+      cand_upper.push_back(upper[i]);
+      cand_estimate.push_back(estimate[i]);
+    }
+  const int g = widen ? std::max(1, rule.granularity_pages) : 1;
+  select_ranked(cand_upper, cand_estimate, rule, sink_pages, local_pages, g, out);
+  for (std::int32_t& p : out) p = position[static_cast<std::size_t>(p)];
   widen_to_runs(out, g, n);
 }
 

@@ -18,6 +18,13 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
                      std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
                      std::span<float> estimate);
 
+/// The same scores for the coarse groups of a sequence of `tokens` tokens (two-level scoring):
+/// group_summaries as PagedKVStore::group_summaries() holds them (fp32 [groups][kv_heads][3][head_dim]);
+/// a group's tokens are page_size x kPagesPerSummaryGroup, fewer in the last. upper/estimate: one per group.
+void cpu_score_groups(const PageLayout& layout, std::span<const float> group_summaries, int kv_head,
+                      std::span<const float> q, int group_size, float scale, std::int64_t tokens,
+                      std::span<float> upper, std::span<float> estimate);
+
 /// Positions (indices into `scores`) of the k highest scores, plus the forced positions
 /// [0, sink_pages) and [n - local_pages, n), all restricted to [begin, end); ascending, no duplicates.
 /// Ties go to the lower position; NaN ranks lowest. k counts the forced positions too (k < forced ->

@@ -30,6 +30,15 @@ struct SelectParams {
   std::int32_t* selected = nullptr;      ///< positions, ascending, at the segment's offset
   std::int32_t* selected_count = nullptr;  ///< [batch * kv_heads]
   void* workspace = nullptr;             ///< select_workspace_bytes() bytes, device
+  /// Candidate segments (the fine pass of two-level scoring, ScoreParams::position_of): where set,
+  /// segment s holds `candidates` entries of scores / log_mass at s * candidates whose page positions
+  /// are position_of[s * candidates + j] (ascending, -1 = padding, never selected). Sinks, the local
+  /// window and the excluded range apply to those page positions (page_indptr still gives each
+  /// request's page count); `selected` receives page positions at the page segment's offset. The mass
+  /// rule's total is the candidates' mass: the pruned groups' is not estimated. Forced pages take part
+  /// only where they are candidates, so the group selection must keep the sink and local groups.
+  const std::int32_t* position_of = nullptr;
+  int candidates = 0;
 };
 
 /// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).

@@ -3,6 +3,7 @@
 // element-wise min and max of the keys (Quest's bound) and their mean (PSA's estimate), and a coarse
 // level per group of pages so scoring can prune whole groups first (SPIN's two-level metadata).
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <limits>
 #include <span>
@@ -14,6 +15,26 @@ namespace hattn {
 
 /// Pages per coarse summary group. 16 pages of 16 tokens = 256 tokens per coarse entry.
 constexpr int kPagesPerSummaryGroup = 16;
+
+/// Groups of a sequence of `pages` pages.
+constexpr int summary_groups(int pages) noexcept { return (pages + kPagesPerSummaryGroup - 1) / kPagesPerSummaryGroup; }
+
+/// The most groups that `pages` consecutive pages can touch: how many trailing groups a selection of
+/// groups must force to keep a local window of that many pages.
+constexpr int max_groups_spanned(int pages) noexcept {
+  return pages <= 0 ? 0 : (pages + kPagesPerSummaryGroup - 2) / kPagesPerSummaryGroup + 1;
+}
+
+/// Groups that two-level scoring (Config::coarse_keep) keeps for a segment of `pages` pages whose rule
+/// attends at most `budget_pages`: ceil(keep x budget_pages / 16) ranked groups plus the groups of
+/// the sink and local pages, at most every group. A segment keeps every group (and is scored as in
+/// one pass) when this equals summary_groups(pages).
+inline int kept_summary_groups(int pages, int budget_pages, double keep, int sink_pages, int local_pages) {
+  const int groups = summary_groups(pages);
+  const double ranked = std::ceil(keep * std::max(budget_pages, 0) / kPagesPerSummaryGroup);
+  const double kept = ranked + summary_groups(sink_pages) + max_groups_spanned(local_pages);
+  return kept >= groups ? groups : static_cast<int>(kept);
+}
 
 /// Recomputes the summary of one page from its first `tokens` keys. Min and max are exact in the KV
 /// dtype; the mean is accumulated in fp32 in token order and rounded once to the KV dtype.

@@ -1,0 +1,497 @@
+// Two-level scoring and selection on the GPU: group summaries rebuilt on the device against the host's
+// compute_group_summary, the coarse pass against the fine one (a group's bound covers its pages'),
+// the pruned pipeline against a host evaluation of the same rule, keeping every group against the
+// one-level pipeline, and a planted needle found through the coarse level.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "cuda_test_support.hpp"
+#include "hattn/kernels/cpu_select.hpp"
+#include "hattn/kernels/cuda_score.hpp"
+#include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kv/page_summary.hpp"
+
+namespace hattn::test {
+namespace {
+
+constexpr int kGroup = kPagesPerSummaryGroup;
+
+/// A batch of a PagedKVStore's sequences on the device: fine summaries, page and group tables, the
+/// queries, and the buffers of both passes. Group ids are assigned densely in request order.
+struct Batch {
+  const PagedKVStore& store;
+  int batch, kv_heads, q_heads, dim, page_size;
+  DType dtype;
+  std::vector<std::int32_t> page_table, indptr{0}, seq_len, group_table, group_indptr{0};
+  std::vector<float> q;
+  DeviceBuffer<std::byte> d_summaries;
+  DeviceBuffer<float> d_q;
+  DeviceBuffer<std::int32_t> d_pt, d_ip, d_len, d_gt, d_gip;
+  DeviceBuffer<float> d_groups;  // fp32 group summaries
+
+  Batch(const PagedKVStore& s, const std::vector<SeqId>& seqs, const std::vector<std::vector<float>>& queries)
+      : store(s),
+        batch(static_cast<int>(seqs.size())),
+        kv_heads(s.layout().kv_heads),
+        q_heads(static_cast<int>(queries[0].size()) / s.layout().head_dim),
+        dim(s.layout().head_dim),
+        page_size(s.layout().page_size),
+        dtype(s.layout().dtype),
+        d_summaries(host_summaries(s)),
+        d_q(flatten(queries)),
+        d_pt(tables(s, seqs)),
+        d_ip(indptr),
+        d_len(seq_len),
+        d_gt(group_table),
+        d_gip(group_indptr),
+        d_groups(static_cast<std::size_t>(group_table.size()) * s.layout().summary_elems()) {
+    q = flatten(queries);
+  }
+
+  int pages(int b) const { return indptr[b + 1] - indptr[b]; }
+  int groups(int b) const { return group_indptr[b + 1] - group_indptr[b]; }
+
+  cuda::GroupSummaryParams group_params() const {
+    cuda::GroupSummaryParams p;
+    p.summaries = d_summaries.get();
+    p.page_table = d_pt.get();
+    p.page_indptr = d_ip.get();
+    p.seq_len = d_len.get();
+    p.group_table = d_gt.get();
+    p.group_indptr = d_gip.get();
+    p.batch = batch;
+    p.kv_heads = kv_heads;
+    p.head_dim = dim;
+    p.page_size = page_size;
+    p.dtype = dtype;
+    p.group_summaries = d_groups.get();
+    return p;
+  }
+
+  cuda::ScoreParams fine_params(float* upper, float* estimate) const {
+    cuda::ScoreParams p;
+    p.q = d_q.get();
+    p.summaries = d_summaries.get();
+    p.page_table = d_pt.get();
+    p.page_indptr = d_ip.get();
+    p.seq_len = d_len.get();
+    p.batch = batch;
+    p.q_heads = q_heads;
+    p.kv_heads = kv_heads;
+    p.head_dim = dim;
+    p.page_size = page_size;
+    p.dtype = dtype;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(dim));
+    p.upper = upper;
+    p.estimate = estimate;
+    return p;
+  }
+
+  /// The coarse pass: the same launch over the group summaries.
+  cuda::ScoreParams coarse_params(float* upper, float* estimate) const {
+    cuda::ScoreParams p = fine_params(upper, estimate);
+    p.summaries = d_groups.get();
+    p.dtype = DType::kFloat32;
+    p.page_table = d_gt.get();
+    p.page_indptr = d_gip.get();
+    p.page_size = page_size * kGroup;
+    return p;
+  }
+
+ private:
+  std::vector<std::byte> host_summaries(const PagedKVStore& s) {
+    const auto* base = s.pool().summaries_base();
+    return {base, base + static_cast<std::size_t>(s.pool().capacity_pages()) * s.layout().summary_bytes()};
+  }
+  static std::vector<float> flatten(const std::vector<std::vector<float>>& x) {
+    std::vector<float> out;
+    for (const auto& v : x) out.insert(out.end(), v.begin(), v.end());
+    return out;
+  }
+  std::vector<std::int32_t> tables(const PagedKVStore& s, const std::vector<SeqId>& seqs) {
+    for (SeqId id : seqs) {
+      const auto pages = s.pages(id, 0);
+      page_table.insert(page_table.end(), pages.begin(), pages.end());
+      indptr.push_back(static_cast<std::int32_t>(page_table.size()));
+      seq_len.push_back(static_cast<std::int32_t>(s.length(id, 0)));
+      const int g = summary_groups(static_cast<int>(pages.size()));
+      for (int i = 0; i < g; ++i) group_table.push_back(static_cast<std::int32_t>(group_table.size()));
+      group_indptr.push_back(static_cast<std::int32_t>(group_table.size()));
+    }
+    return page_table;
+  }
+};
+
+/// The whole pruned pipeline: group summaries, coarse scores, group selection (keep_groups per
+/// segment plus the sink and local groups), fine scores of the kept groups, selection of k pages.
+struct TwoLevelRun {
+  std::vector<float> coarse_upper, cand_upper;
+  std::vector<std::int32_t> kept, kept_count, position_of, selected, selected_count;
+  int candidates = 0;
+};
+
+/// Exclusion ranges of pages per request (the CPU side's share), or none.
+struct Exclusion {
+  std::vector<std::int32_t> begin, end;
+};
+
+TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int local_pages, const Exclusion& ex = {}) {
+  const std::size_t total_groups = x.group_table.size() * x.kv_heads;
+  const std::size_t total_pages = x.page_table.size() * x.kv_heads;
+  cuda::launch_build_group_summaries(x.group_params(), nullptr);
+  DeviceBuffer<float> c_up(total_groups), c_est(total_groups);
+  cuda::launch_score_pages(x.coarse_params(c_up.get(), c_est.get()), nullptr);
+
+  const int sink_groups = summary_groups(sink_pages);
+  const int local_groups = max_groups_spanned(local_pages);
+  DeviceBuffer<std::int32_t> g_budget(std::vector<std::int32_t>(x.batch * x.kv_heads, keep_groups + sink_groups + local_groups));
+  DeviceBuffer<std::int32_t> d_kept(total_groups), d_kept_count(static_cast<std::size_t>(x.batch) * x.kv_heads);
+  cuda::SelectParams gs;
+  gs.scores = c_up.get();
+  gs.page_indptr = x.d_gip.get();
+  gs.batch = x.batch;
+  gs.kv_heads = x.kv_heads;
+  gs.budget_pages = g_budget.get();
+  gs.sink_pages = sink_groups;
+  gs.local_pages = local_groups;
+  gs.selected = d_kept.get();
+  gs.selected_count = d_kept_count.get();
+  cuda::launch_select_pages(gs, nullptr);
+
+  TwoLevelRun r;
+  r.candidates = (keep_groups + sink_groups + local_groups) * kGroup;
+  const std::size_t entries = static_cast<std::size_t>(x.batch) * x.kv_heads * r.candidates;
+  DeviceBuffer<float> f_up(entries), f_est(entries);
+  DeviceBuffer<std::int32_t> d_pos(entries);
+  cuda::ScoreParams fp = x.fine_params(f_up.get(), f_est.get());
+  fp.kept_groups = d_kept.get();
+  fp.kept_count = d_kept_count.get();
+  fp.group_indptr = x.d_gip.get();
+  fp.candidates = r.candidates;
+  fp.position_of = d_pos.get();
+  cuda::launch_score_pages(fp, nullptr);
+
+  DeviceBuffer<std::int32_t> p_budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
+  DeviceBuffer<std::int32_t> d_sel(total_pages), d_count(static_cast<std::size_t>(x.batch) * x.kv_heads);
+  DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
+  cuda::SelectParams ps;
+  ps.scores = f_up.get();
+  ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
+  ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
+  ps.page_indptr = x.d_ip.get();
+  ps.batch = x.batch;
+  ps.kv_heads = x.kv_heads;
+  ps.budget_pages = p_budget.get();
+  ps.sink_pages = sink_pages;
+  ps.local_pages = local_pages;
+  ps.position_of = d_pos.get();
+  ps.candidates = r.candidates;
+  ps.selected = d_sel.get();
+  ps.selected_count = d_count.get();
+  cuda::launch_select_pages(ps, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  r.coarse_upper = c_up.download();
+  r.cand_upper = f_up.download();
+  r.kept = d_kept.download();
+  r.kept_count = d_kept_count.download();
+  r.position_of = d_pos.download();
+  r.selected = d_sel.download();
+  r.selected_count = d_count.download();
+  return r;
+}
+
+/// One-level scores (bound and estimate) and selection of the same batch.
+struct OneLevelRun {
+  std::vector<float> upper, estimate;
+  std::vector<std::int32_t> selected, selected_count;
+};
+
+OneLevelRun run_one_level(Batch& x, int k, int sink_pages, int local_pages, const Exclusion& ex = {}) {
+  const std::size_t total = x.page_table.size() * x.kv_heads;
+  DeviceBuffer<float> up(total), est(total);
+  cuda::launch_score_pages(x.fine_params(up.get(), est.get()), nullptr);
+  DeviceBuffer<std::int32_t> budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
+  DeviceBuffer<std::int32_t> sel(total), count(static_cast<std::size_t>(x.batch) * x.kv_heads);
+  DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
+  cuda::SelectParams ps;
+  ps.scores = up.get();
+  ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
+  ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
+  ps.page_indptr = x.d_ip.get();
+  ps.batch = x.batch;
+  ps.kv_heads = x.kv_heads;
+  ps.budget_pages = budget.get();
+  ps.sink_pages = sink_pages;
+  ps.local_pages = local_pages;
+  ps.selected = sel.get();
+  ps.selected_count = count.get();
+  cuda::launch_select_pages(ps, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  return {up.download(), est.download(), sel.download(), count.download()};
+}
+
+std::vector<std::int32_t> segment(const std::vector<std::int32_t>& all, std::size_t offset, int count) {
+  return {all.begin() + static_cast<std::ptrdiff_t>(offset), all.begin() + static_cast<std::ptrdiff_t>(offset) + std::max(count, 0)};
+}
+
+struct Shape {
+  DType dtype;
+  int dim, page_size, group;
+};
+
+class CudaTwoLevel : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(CudaTwoLevel, GroupSummariesMatchTheHostAndBoundTheirPages) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const Shape c = GetParam();
+  const ModelShape shape{1, 2 * c.group, 2, c.dim, c.dtype};
+  // 49 pages (a partial last group and a partial last page), exactly one group, one short page.
+  StructuredLayer layer(shape, c.page_size, {c.page_size * 48 + 5, c.page_size * kGroup, 2}, 7u);
+  Batch x(layer.store, layer.seqs, layer.queries);
+  cuda::launch_build_group_summaries(x.group_params(), nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = x.d_groups.download();
+  const PageLayout& lay = layer.store.layout();
+  const std::size_t elems = lay.summary_elems();
+  for (int b = 0; b < x.batch; ++b)
+    for (int g = 0; g < x.groups(b); ++g) {
+      std::vector<const std::byte*> sums;
+      std::vector<int> tokens;
+      for (int i = g * kGroup; i < std::min((g + 1) * kGroup, x.pages(b)); ++i) {
+        sums.push_back(layer.store.pool().summary(x.page_table[x.indptr[b] + i]));
+        tokens.push_back(std::min(c.page_size, x.seq_len[b] - i * c.page_size));
+      }
+      std::vector<float> want(elems);
+      compute_group_summary(lay, sums, tokens, want.data());
+      const float* have = got.data() + static_cast<std::size_t>(x.group_table[x.group_indptr[b] + g]) * elems;
+      for (int h = 0; h < x.kv_heads; ++h)
+        for (int d = 0; d < c.dim; ++d) {
+          EXPECT_EQ(have[lay.summary_offset(h, 0) + d], want[lay.summary_offset(h, 0) + d]) << "min b" << b << " g" << g;
+          EXPECT_EQ(have[lay.summary_offset(h, 1) + d], want[lay.summary_offset(h, 1) + d]) << "max b" << b << " g" << g;
+          const float m = want[lay.summary_offset(h, 2) + d];
+          EXPECT_NEAR(have[lay.summary_offset(h, 2) + d], m, 1e-6f * std::max(1.0f, std::abs(m))) << "mean b" << b;
+        }
+    }
+
+  // Rebuilding only from first_group leaves the earlier groups alone.
+  DeviceBuffer<float> fresh(x.d_groups.size());  // NaN-filled
+  DeviceBuffer<std::int32_t> first(std::vector<std::int32_t>{x.groups(0) - 1, 0, 1});
+  cuda::GroupSummaryParams gp = x.group_params();
+  gp.group_summaries = fresh.get();
+  gp.first_group = first.get();
+  cuda::launch_build_group_summaries(gp, nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto partial = fresh.download();
+  for (int b = 0; b < x.batch; ++b)
+    for (int g = 0; g < x.groups(b); ++g) {
+      const std::size_t at = static_cast<std::size_t>(x.group_table[x.group_indptr[b] + g]) * elems;
+      const bool rebuilt = g >= std::vector<int>{x.groups(0) - 1, 0, 1}[b];
+      EXPECT_EQ(std::isnan(partial[at]), !rebuilt) << "b " << b << " g " << g;
+      if (rebuilt) EXPECT_EQ(partial[at], got[at]);
+    }
+
+  // The coarse bound of a group is at least the bound of each of its pages (Quest's bound over the
+  // union of the pages' boxes), up to fp32 summation order.
+  DeviceBuffer<float> c_up(x.group_table.size() * x.kv_heads), f_up(x.page_table.size() * x.kv_heads);
+  cuda::launch_score_pages(x.coarse_params(c_up.get(), nullptr), nullptr);
+  cuda::launch_score_pages(x.fine_params(f_up.get(), nullptr), nullptr);
+  HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto cu = c_up.download(), fu = f_up.download();
+  for (int b = 0; b < x.batch; ++b)
+    for (int h = 0; h < x.kv_heads; ++h)
+      for (int i = 0; i < x.pages(b); ++i) {
+        const float page = fu[static_cast<std::size_t>(x.indptr[b]) * x.kv_heads + h * x.pages(b) + i];
+        const float group = cu[static_cast<std::size_t>(x.group_indptr[b]) * x.kv_heads + h * x.groups(b) + i / kGroup];
+        EXPECT_GE(group, page - 1e-4f * std::max(1.0f, std::abs(page))) << "b " << b << " h " << h << " page " << i;
+      }
+}
+
+TEST_P(CudaTwoLevel, KeepingEveryGroupSelectsWhatOnePassSelects) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const Shape c = GetParam();
+  const ModelShape shape{1, 2 * c.group, 2, c.dim, c.dtype};
+  StructuredLayer layer(shape, c.page_size, {c.page_size * 300 + 3, c.page_size * 40, c.page_size * 5 + 1}, 11u);
+  Batch x(layer.store, layer.seqs, layer.queries);
+  const int all_groups = summary_groups(301);
+  // Without and with a CPU share: pages [n / 4, n / 2) of each request excluded.
+  const Exclusion cpu_share{{75, 10, 1}, {150, 20, 3}};
+  for (const Exclusion& ex : {Exclusion{}, cpu_share}) {
+    const int k = 15;
+    const auto one = run_one_level(x, k, 2, 3, ex);
+    const auto two = run_two_level(x, all_groups, k, 2, 3, ex);
+    for (int b = 0; b < x.batch; ++b)
+      for (int h = 0; h < x.kv_heads; ++h) {
+        const int s = b * x.kv_heads + h;
+        const std::size_t off = static_cast<std::size_t>(x.indptr[b]) * x.kv_heads + static_cast<std::size_t>(h) * x.pages(b);
+        EXPECT_EQ(two.kept_count[s], x.groups(b));
+        EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), segment(one.selected, off, one.selected_count[s]))
+            << (ex.begin.empty() ? "" : "with exclusion: ") << "b " << b << " h " << h;
+        // Candidates are the segment's pages in order, scored with the same bits; then padding.
+        for (int j = 0; j < two.candidates; ++j) {
+          const std::size_t at = static_cast<std::size_t>(s) * two.candidates + j;
+          if (j < x.pages(b)) {
+            ASSERT_EQ(two.position_of[at], j);
+            EXPECT_EQ(two.cand_upper[at], one.upper[off + j]);
+          } else {
+            ASSERT_EQ(two.position_of[at], -1);
+            EXPECT_EQ(two.cand_upper[at], -INFINITY);
+          }
+        }
+      }
+  }
+}
+
+TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const Shape c = GetParam();
+  const ModelShape shape{1, 2 * c.group, 2, c.dim, c.dtype};
+  StructuredLayer layer(shape, c.page_size, {c.page_size * 700 + 9, c.page_size * 200, c.page_size * 33}, 23u);
+  Batch x(layer.store, layer.seqs, layer.queries);
+  const int keep = 5, k = 30, sink = 1, local = 4;
+  const auto one = run_one_level(x, k, sink, local);
+  const auto two = run_two_level(x, keep, k, sink, local);
+  std::vector<std::int32_t> cpu;
+  for (int b = 0; b < x.batch; ++b)
+    for (int h = 0; h < x.kv_heads; ++h) {
+      const int s = b * x.kv_heads + h, n = x.pages(b), groups = x.groups(b);
+      // Level 1: the CPU's top-k of the same coarse scores, with the sink and local groups forced.
+      const std::size_t goff = static_cast<std::size_t>(x.group_indptr[b]) * x.kv_heads + static_cast<std::size_t>(h) * groups;
+      const std::vector<float> coarse(two.coarse_upper.begin() + goff, two.coarse_upper.begin() + goff + groups);
+      const int sink_g = summary_groups(sink), local_g = max_groups_spanned(local);
+      cpu_select_top_k(coarse, keep + sink_g + local_g, sink_g, local_g, 0, groups, cpu);
+      const auto kept = segment(two.kept, goff, two.kept_count[s]);
+      ASSERT_EQ(kept, cpu) << "kept groups, b " << b << " h " << h;
+      // Level 2: the k best pages of the kept groups by their fine bound (one-level scores), the
+      // sink and local pages forced.
+      const std::size_t off = static_cast<std::size_t>(x.indptr[b]) * x.kv_heads + static_cast<std::size_t>(h) * n;
+      std::vector<int> ranked, forced;
+      for (int g : kept)
+        for (int i = g * kGroup; i < std::min((g + 1) * kGroup, n); ++i) (i < sink || i >= n - local ? forced : ranked).push_back(i);
+      ASSERT_EQ(static_cast<int>(forced.size()), std::min(n, sink + local)) << "every forced page is a candidate";
+      std::stable_sort(ranked.begin(), ranked.end(), [&](int a, int bb) { return one.upper[off + a] > one.upper[off + bb]; });
+      ranked.resize(std::min<std::size_t>(ranked.size(), static_cast<std::size_t>(std::max(0, k - static_cast<int>(forced.size()))))); 
+      std::vector<std::int32_t> want(forced.begin(), forced.end());
+      want.insert(want.end(), ranked.begin(), ranked.end());
+      std::sort(want.begin(), want.end());
+      EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), want) << "b " << b << " h " << h;
+      // Candidates carry the one-level bits at their positions.
+      for (int j = 0; j < two.candidates; ++j) {
+        const std::size_t at = static_cast<std::size_t>(s) * two.candidates + j;
+        const int pos = two.position_of[at];
+        if (pos >= 0) EXPECT_EQ(two.cand_upper[at], one.upper[off + pos]) << "candidate " << j;
+      }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypeDimPageGroup, CudaTwoLevel,
+                         ::testing::Values(Shape{DType::kBFloat16, 128, 16, 4}, Shape{DType::kFloat16, 64, 32, 1},
+                                           Shape{DType::kBFloat16, 256, 64, 8}, Shape{DType::kFloat16, 128, 16, 7}),
+                         [](const auto& info) {
+                           const Shape& c = info.param;
+                           return std::string(to_string(c.dtype)) + "_d" + std::to_string(c.dim) + "_p" +
+                                  std::to_string(c.page_size) + "_g" + std::to_string(c.group);
+                         });
+
+// A retrieval head: noise keys, a few needle tokens aligned with the query far from the sinks and
+// the local window (each needle's logit ~11 above the noise, most of the head's attention). Pruned to
+// a fifth of the groups, the selection still holds every needle page. A needle much weaker than its
+// group's noise envelope (a 256-token box) can be pruned: why the kept share is a knob and quality is
+// measured on the head zoo, not here.
+TEST(CudaTwoLevelNeedles, PrunedSelectionKeepsPlantedNeedles) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const int dim = 128, kvh = 2, group = 4, ps = 16;
+  const std::int64_t len = 32768;
+  const ModelShape shape{1, kvh * group, kvh, dim, DType::kBFloat16};
+  const PageLayout lay{ps, kvh, dim, DType::kBFloat16};
+  const int pages = static_cast<int>(len / ps);
+  PagedKVStore store(shape, ps, static_cast<std::size_t>(pages + 1) * (lay.page_bytes() + lay.summary_bytes()));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(static_cast<std::size_t>(kvh) * group * dim);
+  for (auto& v : q) v = normal(rng);
+  const std::vector<std::int64_t> needles{3001, 9000, 17777, 25000};
+  std::vector<float> k(static_cast<std::size_t>(len) * kvh * dim), v(k.size());
+  for (std::int64_t t = 0; t < len; ++t)
+    for (int h = 0; h < kvh; ++h) {
+      float* kr = &k[(static_cast<std::size_t>(t) * kvh + h) * dim];
+      const bool needle = std::find(needles.begin(), needles.end(), t) != needles.end();
+      for (int d = 0; d < dim; ++d) {
+        kr[d] = 0.5f * normal(rng) + (needle ? q[static_cast<std::size_t>(h * group) * dim + d] : 0.0f);
+        v[(static_cast<std::size_t>(t) * kvh + h) * dim + d] = normal(rng);
+      }
+    }
+  std::vector<std::byte> kb(k.size() * 2), vb(v.size() * 2);
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    store_from_float(kb.data(), i, DType::kBFloat16, k[i]);
+    store_from_float(vb.data(), i, DType::kBFloat16, v[i]);
+  }
+  const SeqId id = store.add_sequence();
+  store.append(id, 0, TensorView::contiguous(kb.data(), DType::kBFloat16, {len, kvh, dim}),
+               TensorView::contiguous(vb.data(), DType::kBFloat16, {len, kvh, dim}));
+  Batch x(store, {id}, {q});
+  const int k_pages = pages / 20;                              // 5%
+  const int keep = (4 * k_pages + kGroup - 1) / kGroup;        // 4x the budget in groups: 26 of 128
+  const auto two = run_two_level(x, keep, k_pages, 1, 4);
+  for (int h = 0; h < kvh; ++h) {
+    const auto sel = segment(two.selected, static_cast<std::size_t>(h) * pages, two.selected_count[h]);
+    EXPECT_EQ(static_cast<int>(sel.size()), k_pages);
+    for (std::int64_t t : needles)
+      EXPECT_TRUE(std::binary_search(sel.begin(), sel.end(), static_cast<std::int32_t>(t / ps)))
+          << "needle at token " << t << " (page " << t / ps << ") lost by the coarse level, head " << h;
+    EXPECT_TRUE(std::binary_search(sel.begin(), sel.end(), 0)) << "sink page";
+    EXPECT_TRUE(std::binary_search(sel.begin(), sel.end(), pages - 1)) << "local page";
+  }
+}
+
+TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {
+  const std::int32_t ints[2] = {0, 1};
+  const float floats[8] = {};
+  float out[2] = {};
+  std::int32_t pos[16] = {};
+  cuda::ScoreParams p;
+  p.batch = 1;
+  p.q_heads = 2;
+  p.kv_heads = 1;
+  p.head_dim = 64;
+  p.page_size = 16;
+  p.q = floats;
+  p.summaries = floats;
+  p.page_table = p.page_indptr = p.seq_len = ints;
+  p.upper = out;
+  p.kept_groups = ints;  // without kept_count, group_indptr, position_of
+  auto names = [](const auto& fn, const char* what) {
+    try {
+      fn();
+      ADD_FAILURE() << "accepted; expected an error naming " << what;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  names([&] { cuda::launch_score_pages(p, nullptr); }, "kept_count");
+  p.kept_count = p.group_indptr = ints;
+  p.position_of = pos;
+  p.candidates = 20;  // not a multiple of 16
+  names([&] { cuda::launch_score_pages(p, nullptr); }, "candidates");
+  p.kept_groups = nullptr;
+  p.candidates = 16;
+  names([&] { cuda::launch_score_pages(p, nullptr); }, "candidates/position_of");
+  cuda::SelectParams s;
+  s.batch = 1;
+  s.kv_heads = 1;
+  s.scores = floats;
+  s.page_indptr = s.budget_pages = ints;
+  s.selected = s.selected_count = pos;
+  s.candidates = 16;  // without position_of
+  names([&] { cuda::launch_select_pages(s, nullptr); }, "candidates");
+  cuda::GroupSummaryParams g;
+  g.batch = 1;
+  g.kv_heads = 1;
+  g.page_size = 24;
+  names([&] { cuda::launch_build_group_summaries(g, nullptr); }, "page_size");
+}
+
+}  // namespace
+}  // namespace hattn::test
