@@ -146,6 +146,11 @@ void DeviceKVCache::upload_state(const CacheState& st) {
   const std::int32_t ring[2] = {st.free_top, 0};
   static_assert(offsetof(detail::CacheScalars, free_head) == offsetof(detail::CacheScalars, free_count) + sizeof(std::int32_t));
   HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->free_count, ring, sizeof(ring), cudaMemcpyHostToDevice));
+  // The state replaces everything, so nothing of an earlier call is left to commit (callers have
+  // synchronised first; this keeps a stale push count from landing on the new ring).
+  const std::int32_t zero = 0;
+  HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->pushed, &zero, sizeof(zero), cudaMemcpyHostToDevice));
+  HATTN_CUDA_CHECK(cudaMemcpy(&v.scalars->uncommitted_rows, &zero, sizeof(zero), cudaMemcpyHostToDevice));
 }
 
 CacheState DeviceKVCache::download_state() {
@@ -423,6 +428,8 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   }
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[0], side));
   detail::launch_cache_lookup_plan(view_, a, side);
+  // From here the device may hold uncommitted rows, even if a later launch of this call throws.
+  commit_pending_ = true;
   // An event between the two kernels would cut their programmatic overlap: recorded only when asked.
   if (timing_ && per_stage_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[3], side));
   detail::launch_cache_evict_admit(view_, a, side);
@@ -437,7 +444,6 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
   HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
   side_pending_ = true;
-  commit_pending_ = true;
   timed_ = timing_;
   timed_per_stage_ = timing_ && per_stage_;
   timed_phases_ = timing_ && phases_;
