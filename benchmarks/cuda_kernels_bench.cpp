@@ -276,6 +276,7 @@ struct SparseStep {
     select.budget_pages = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, k)));
     select.sink_pages = 1;
     select.local_pages = 4;
+    select.max_entries = n;  // as the engine plans it: top-k over 8192 pages takes the compact kernel
     // Selection writes into the decode's selected list and counts (same segment offsets).
     select.selected = const_cast<std::int32_t*>(layer.decode.selected);
     select.selected_count = const_cast<std::int32_t*>(layer.decode.selected_count);
@@ -325,6 +326,7 @@ struct SparseStep {
     group_select.local_pages = local_groups;
     group_select.selected = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(groups) * kKvHeads));
     group_select.selected_count = arena.track(device_alloc<std::int32_t>(kKvHeads));
+    group_select.max_entries = groups;
     const int candidates = keep_groups * hattn::kPagesPerSummaryGroup;
     fine = score;
     fine.estimate = nullptr;

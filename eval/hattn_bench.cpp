@@ -53,6 +53,7 @@ struct Options {
   int layers = 4;  // layers per step, back to back (capped so the pinned KV stays under kMaxStepKvBytes)
   double budget = 0.05;
   double hbm_share = 0.19;  // under the 20% bar with the slack pages for new tokens
+  double coarse_keep = 4.0;  // fluxion_2l
   bool quick = false;
   bool cpu = false;
   bool phases = false;
@@ -418,6 +419,12 @@ Row run_system(const std::string& name, const Options& o, const Workload& w, std
     FluxionAttention a(cfg(o.budget, o.hbm_share));
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
+  if (name == "fluxion_2l") {  // the default with two-level scoring (Config::coarse_keep)
+    Config c = cfg(o.budget, o.hbm_share);
+    c.coarse_keep = o.coarse_keep;
+    FluxionAttention a(c);
+    return time_system(a, name, o, w, context, batch, bw, gpu);
+  }
   if (name == "fluxion_gpu") {  // ablation: the Fluxion selection, everything on the GPU
     HybridAttention<OnlineHeadProfile, OutputAware, GpuOnly> a(cfg(o.budget, o.hbm_share));
     return time_system(a, name, o, w, context, batch, bw, gpu);
@@ -439,7 +446,7 @@ Row run_system(const std::string& name, const Options& o, const Workload& w, std
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
   throw InvalidArgument(detail::concat("hattn-bench: --systems has unknown system '", name,
-                                       "' (fluxion, fluxion_gpu, fixed5, quest_gpu, gpu_dense, cpu_dense)"));
+                                       "' (fluxion, fluxion_2l, fluxion_gpu, fixed5, quest_gpu, gpu_dense, cpu_dense)"));
 }
 
 std::string key_of(std::int64_t context, int batch) { return detail::concat(context, "x", batch); }
@@ -451,7 +458,9 @@ int main(int argc, char** argv) {
   CLI::App app{"hattn-bench: end-to-end decode step of one layer against the baselines"};
   app.add_option("--contexts", o.contexts, "tokens per request (default 32768 131072; --quick 32768)");
   app.add_option("--batches", o.batches, "requests per step (default 1 4 16; --quick 1 4)");
-  app.add_option("--systems", o.systems, "fluxion fixed5 quest_gpu gpu_dense cpu_dense (default: these), fluxion_gpu (ablation)");
+  app.add_option("--systems", o.systems, "fluxion fixed5 quest_gpu gpu_dense cpu_dense (default: these), fluxion_gpu (ablation), fluxion_2l "
+                 "(two-level scoring)");
+  app.add_option("--coarse_keep", o.coarse_keep, "fluxion_2l: groups kept as a multiple of the page budget (>= 1)");
   app.add_option("--warmup", o.warmup, "untimed steps first (HBM cache and predictor settle)");
   app.add_option("--iters", o.iters, "timed steps (median reported)");
   app.add_option("--threads", o.threads, "CPU threads of the objects (0 = all)");

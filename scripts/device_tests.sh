@@ -15,7 +15,7 @@ for t in "$BUILD"/tests/hattn_cuda_kernels_test "$BUILD"/tests/test_*gpu*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
   filter='*'
-  [ "$name" = hattn_cuda_kernels_test ] && filter='CudaSplit*:CudaSelect*'
+  [ "$name" = hattn_cuda_kernels_test ] && filter='CudaSplit*:CudaSelect*:*TwoLevel*'
   for tool in memcheck racecheck; do
     # GTEST_BRIEF keeps the log short; a sanitizer finding fails the run via --error-exitcode.
     if ! GTEST_BRIEF=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --gtest_filter="$filter" \

@@ -577,7 +577,7 @@ struct GpuSide::Impl {
   // same rank as the pages, sink and local groups forced), then the fine scores of their pages only.
   void score_two_level(Slot& slot, cuda::ScoreParams sp, const std::int32_t* d_group_indptr,
                        const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
-                       const std::int32_t* d_first_group, int candidates, cuda::Stream s) {
+                       const std::int32_t* d_first_group, int candidates, int max_groups, cuda::Stream s) {
     cuda::GroupSummaryParams gp;
     gp.summaries = sp.summaries;
     gp.page_table = sp.page_table;
@@ -614,6 +614,7 @@ struct GpuSide::Impl {
     groups.local_pages = max_groups_spanned(config.local_pages);
     groups.selected = slot.kept.get();
     groups.selected_count = slot.kept_count.get();
+    groups.max_entries = max_groups;
     cuda::launch_select_pages(groups, s);
 
     sp.kept_groups = slot.kept.get();
@@ -762,7 +763,10 @@ struct GpuSide::Impl {
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
-    if (two_level) score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates, s);
+    const int max_pages = pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end());
+    if (two_level)
+      score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
+                      summary_groups(max_pages), s);
     else if (!whole) cuda::launch_score_pages(sp, s);
     mark_phase(slot, kScored, stream);
 
@@ -779,6 +783,7 @@ struct GpuSide::Impl {
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
+    sel.max_entries = max_pages;
     if (two_level) {  // the scores are the kept groups' pages, at their candidate offsets
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;

@@ -93,7 +93,7 @@ struct SelectCase {
 enum class Scores { kNormal, kTies, kBunched };
 
 void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t seed, bool with_exclude,
-                Scores kind) {
+                Scores kind, bool compact = false) {
   const int batch = static_cast<int>(c.pages.size());
   std::vector<std::int32_t> indptr{0};
   for (int n : c.pages) indptr.push_back(indptr.back() + n);
@@ -140,6 +140,8 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
   p.selected = d_selected.get();
   p.selected_count = d_count.get();
   p.workspace = ws.get();
+  // The bound that lets top-k over short segments take the compact kernel.
+  if (compact) p.max_entries = *std::max_element(c.pages.begin(), c.pages.end());
   cuda::launch_select_pages(p, nullptr);
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto sel = d_selected.download();
@@ -158,7 +160,8 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
       if (mass && margin < 1e-4) continue;  // fp32 vs double sums may legitimately disagree here
       const int got_n = cnt[b * c.kv_heads + h];
       std::vector<std::int32_t> got(sel.begin() + off, sel.begin() + off + std::max(got_n, 0));
-      EXPECT_EQ(got, want) << "request " << b << " head " << h << " n " << n << " k " << k;
+      EXPECT_EQ(got, want) << (compact ? "compact kernel: " : "") << "request " << b << " head " << h << " n " << n
+                           << " k " << k;
       if (with_exclude) continue;  // the CPU functions take a range, not a hole
       // The CPU side's own selection of the same scores (sink 2, local 3; the mass cap counts
       // the pages beyond the forced ones, as in the engine).
@@ -174,6 +177,15 @@ TEST(CudaSelect, TopKMatchesBruteForce) {
   for (bool ex : {false, true})
     for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched})
       run_select(c, false, 0, 1 + ex + 2 * static_cast<int>(kind), ex, kind);
+}
+
+TEST(CudaSelect, CompactTopKMatchesBruteForce) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  // Segments of at most 4096 (256 threads) and 16384 entries (1024 threads).
+  for (const SelectCase& c : {SelectCase{{1, 7, 300, 2048, 4096}, 3}, SelectCase{{1, 5000, 8192, 16384}, 2}})
+    for (bool ex : {false, true})
+      for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched})
+        run_select(c, false, 0, 31 + ex + 2 * static_cast<int>(kind), ex, kind, /*compact=*/true);
 }
 
 TEST(CudaSelect, MassThresholdMatchesBruteForce) {

@@ -39,6 +39,9 @@ struct SelectParams {
   /// only where they are candidates, so the group selection must keep the sink and local groups.
   const std::int32_t* position_of = nullptr;
   int candidates = 0;
+  /// Optional bound on the pages of any segment (0 = unknown). Top-k over segments of at most 16K
+  /// entries (this bound, or `candidates`) runs a compact kernel that selects the same positions.
+  int max_entries = 0;
 };
 
 /// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).
