@@ -55,6 +55,10 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int len = p.seq_len[b];
   const int group_first = by_candidate ? p.group_indptr[b] : 0;
   const int groups = by_candidate ? p.group_indptr[b + 1] - group_first : 0;
+  // More kept groups than candidate room would drop the last ones (the forced local groups).
+  if (by_candidate && threadIdx.x < p.kv_heads &&
+      p.kept_count[b * p.kv_heads + threadIdx.x] * kPagesPerSummaryGroup > p.candidates)
+    __trap();
 
   extern __shared__ float4 q_smem[];  // [q_heads][kQuads][kLanesPerPage]
   const float4* qb = reinterpret_cast<const float4*>(p.q + static_cast<long long>(b) * p.q_heads * D);

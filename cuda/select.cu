@@ -576,6 +576,8 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   const bool by_candidate = p.position_of != nullptr;
   const int n = by_candidate ? p.candidates : pages;
   const long long offset = by_candidate ? static_cast<long long>(s) * p.candidates : page_offset;
+  // max_entries understated the longest segment: its last entries (the local window) would be lost.
+  if (n > T * kSmallPerThread) __trap();
   const int exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
   const int exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
   const int sink_end = min(max(p.sink_pages, 0), pages);

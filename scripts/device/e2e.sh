@@ -3,7 +3,8 @@
 # and built Release tree with CUDA), OUT (logs and files that come back), HATTN_COMMIT (recorded in the
 # JSON), TORCH_JSON (PyTorch baselines from benchmarks/torch_baselines.py; made here when missing),
 # E2E_BENCH_ARGS / E2E_SWEEP_ARGS / E2E_EVAL_ARGS (extra flags, e.g. "--quick"), E2E_EVAL=0 (skip the
-# accuracy harness: quality.json stays as it is), E2E_SWEEP=0 (skip the sweep over contexts and batches). Every step has a timeout; the
+# accuracy harness: quality.json stays as it is), E2E_SWEEP=0 (skip the sweep over contexts and batches), E2E_PHASES=0 (skip
+# the phase breakdown). Every step has a timeout; the
 # whole script stays near 10 minutes (the torch baselines, when made here, add up to 400 s). Writes docs/results/e2e.json,
 # docs/results/orchestrator.json, orchestrator_hbm_cache.json, trace_128k_b1[_no_cache].json and
 # docs/results/quality.json (each program writes its own) and
@@ -46,11 +47,13 @@ say "-- hattn-bench 128K batch 1 without an HBM cache (the default Config; the s
 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 --hbm_share 0 --json '' \
   --orchestrator_json docs/results/orchestrator.json --trace docs/results/trace_128k_b1_no_cache.json \
   "${torch_flag[@]}" 2>&1 | tee -a "$log" || status=1
+if [[ "${E2E_PHASES:-1}" != 0 ]]; then
 say "-- hattn-bench 128K batch 1, GPU phase breakdown (CUDA events between phases; diagnosis, no JSON)"
 for share in 0.19 0; do
-  timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 quest_gpu gpu_dense \
+  timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fluxion_2l fixed5 quest_gpu gpu_dense \
     --hbm_share $share --phases --json '' --orchestrator_json '' 2>&1 | grep -E '^phases|^\| 131072' | tee -a "$log" "$OUT/phases.txt"
 done
+fi
 if [[ "${E2E_SWEEP:-1}" != 0 ]]; then
 say "-- hattn-bench sweep"
 # Every context x batch, fewer steps (E2E_SWEEP_ARGS), into its own file: the 128K batch 1 figures

@@ -240,10 +240,11 @@ struct GpuSide::Impl {
     const std::size_t elems = store.layout().summary_elems();
     while (static_cast<int>(v.size()) < groups) {
       if (free_group_slots.empty()) {
-        // Room for the pool's full groups plus slack for partial ones; grows by half when exceeded.
+        // Room for the pool's full groups plus a partial one per (sequence, layer) of 16 sequences;
+        // grows by half when exceeded (a device-wide wait: not inside a CUDA graph capture).
         const std::size_t have = group_summaries.size() / elems;
         const std::size_t want = have == 0 ? static_cast<std::size_t>(store.pool().capacity_pages()) /
-                                                     kPagesPerSummaryGroup + 64
+                                                     kPagesPerSummaryGroup + 16 * static_cast<std::size_t>(config.shape.layers)
                                            : have + have / 2;
         group_summaries.grow_keeping(want * elems);
         for (std::size_t i = want; i-- > have;) free_group_slots.push_back(static_cast<std::int32_t>(i));
@@ -714,13 +715,18 @@ struct GpuSide::Impl {
         std::memcpy(group_table + group_indptr[b], v.data(), static_cast<std::size_t>(groups) * sizeof(std::int32_t));
         group_indptr[b + 1] = group_indptr[b] + groups;
         // Rebuild from the group of the last page of the previous build: appends changed it and after.
-        std::int64_t& built = groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)];
+        // (built_tokens moves on only once the rebuild is enqueued, below.)
+        const std::int64_t built = groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)];
         first_group[b] = built == seq_len[b] ? groups
                                              : static_cast<std::int32_t>(std::max<std::int64_t>(built - 1, 0) / ps /
                                                                          kPagesPerSummaryGroup);
-        built = seq_len[b];
       }
       meta_end = group_table + group_indptr[batch];
+      // The plan sized the candidate and group buffers for one more page per row than it saw.
+      require(static_cast<std::size_t>(batch) * heads * max_keep * kPagesPerSummaryGroup <= slot.position_of.size() &&
+                  static_cast<std::size_t>(group_indptr[batch]) * heads <= slot.kept.size(),
+              "HybridAttention::run", "pages per row", *std::max_element(pages.begin(), pages.end()),
+              "at most one page per row more than at plan()");
     }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
     if (config.time_phases) HATTN_CUDA_CHECK(cudaEventRecord(slot.upload, stream));
@@ -767,6 +773,9 @@ struct GpuSide::Impl {
     if (two_level)
       score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
                       summary_groups(max_pages), s);
+    if (two_level)
+      for (int b = 0; b < batch; ++b)
+        groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
     else if (!whole) cuda::launch_score_pages(sp, s);
     mark_phase(slot, kScored, stream);
 

@@ -294,8 +294,9 @@ TEST(SelectTwoLevel, PicksFromTheTopGroupsPagesOnly) {
     for (auto& x : ge) x = n(rng);
     for (auto& x : pu) x = n(rng);
     for (auto& x : pe) x = n(rng);
-    for (float threshold : {0.0f, 0.9f}) {
-      const SegmentRule rule{std::max(3, pages / 20), threshold, 1};
+    for (float threshold : {0.0f, 0.9f})
+    for (PageRank by : {PageRank::kBound, PageRank::kBlend}) {
+      const SegmentRule rule{std::max(3, pages / 20), threshold, 1, by};
       const int sink = 1, local = 3;
       std::vector<std::int32_t> got, one;
       detail::select_two_level(gu, ge, pu, pe, rule, 1e9, sink, local, false, got);
@@ -306,8 +307,11 @@ TEST(SelectTwoLevel, PicksFromTheTopGroupsPagesOnly) {
       const int kept_groups = kept_summary_groups(pages, rule.budget_pages, keep, sink, local);
       detail::select_two_level(gu, ge, pu, pe, rule, keep, sink, local, false, got);
       if (kept_groups >= groups) continue;
-      // The kept groups: the top of the group bounds, groups 0 and the last two forced.
-      const auto kept = brute_top_k(gu, kept_groups, summary_groups(sink), max_groups_spanned(local), 0, groups);
+      // The kept groups: the top of the group ranks (bound or blend), groups 0 and the last two forced.
+      std::vector<float> grank = gu;
+      if (by == PageRank::kBlend)
+        for (int g = 0; g < groups; ++g) grank[g] = ge[g] + kRankBlend * (gu[g] - ge[g]);
+      const auto kept = brute_top_k(grank, kept_groups, summary_groups(sink), max_groups_spanned(local), 0, groups);
       std::vector<int> position;
       std::vector<float> cu, ce;
       for (int g : kept)

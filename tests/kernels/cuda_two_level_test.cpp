@@ -9,6 +9,7 @@
 #include <random>
 
 #include "cuda_test_support.hpp"
+#include "select_brute_force.hpp"
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
@@ -138,12 +139,33 @@ struct Exclusion {
   std::vector<std::int32_t> begin, end;
 };
 
-TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int local_pages, const Exclusion& ex = {}) {
+/// How both levels rank and select: top-k or the mass rule; odd segments ranked by the blend.
+struct Ranking {
+  float mass_threshold = 0.0f;
+  bool blend_odd_segments = false;
+};
+
+constexpr float kBlend = 0.1f;
+
+std::vector<std::int32_t> odd_segments(const Batch& x) {
+  std::vector<std::int32_t> v(static_cast<std::size_t>(x.batch) * x.kv_heads);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = i % 2;
+  return v;
+}
+
+TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int local_pages, const Exclusion& ex = {},
+                          const Ranking& rank = {}) {
   const std::size_t total_groups = x.group_table.size() * x.kv_heads;
   const std::size_t total_pages = x.page_table.size() * x.kv_heads;
+  DeviceBuffer<std::int32_t> blended(odd_segments(x));
   cuda::launch_build_group_summaries(x.group_params(), nullptr);
   DeviceBuffer<float> c_up(total_groups), c_est(total_groups);
-  cuda::launch_score_pages(x.coarse_params(c_up.get(), c_est.get()), nullptr);
+  cuda::ScoreParams cp = x.coarse_params(c_up.get(), c_est.get());
+  if (rank.blend_odd_segments) {
+    cp.blended = blended.get();
+    cp.blend = kBlend;
+  }
+  cuda::launch_score_pages(cp, nullptr);
 
   const int sink_groups = summary_groups(sink_pages);
   const int local_groups = max_groups_spanned(local_pages);
@@ -172,6 +194,10 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   fp.group_indptr = x.d_gip.get();
   fp.candidates = r.candidates;
   fp.position_of = d_pos.get();
+  if (rank.blend_odd_segments) {
+    fp.blended = blended.get();
+    fp.blend = kBlend;
+  }
   cuda::launch_score_pages(fp, nullptr);
 
   DeviceBuffer<std::int32_t> p_budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
@@ -179,6 +205,8 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
   cuda::SelectParams ps;
   ps.scores = f_up.get();
+  ps.log_mass = f_est.get();
+  ps.mass_threshold = rank.mass_threshold;
   ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
   ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
   ps.page_indptr = x.d_ip.get();
@@ -209,15 +237,24 @@ struct OneLevelRun {
   std::vector<std::int32_t> selected, selected_count;
 };
 
-OneLevelRun run_one_level(Batch& x, int k, int sink_pages, int local_pages, const Exclusion& ex = {}) {
+OneLevelRun run_one_level(Batch& x, int k, int sink_pages, int local_pages, const Exclusion& ex = {},
+                          const Ranking& rank = {}) {
   const std::size_t total = x.page_table.size() * x.kv_heads;
   DeviceBuffer<float> up(total), est(total);
-  cuda::launch_score_pages(x.fine_params(up.get(), est.get()), nullptr);
+  DeviceBuffer<std::int32_t> blended(odd_segments(x));
+  cuda::ScoreParams sp = x.fine_params(up.get(), est.get());
+  if (rank.blend_odd_segments) {
+    sp.blended = blended.get();
+    sp.blend = kBlend;
+  }
+  cuda::launch_score_pages(sp, nullptr);
   DeviceBuffer<std::int32_t> budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
   DeviceBuffer<std::int32_t> sel(total), count(static_cast<std::size_t>(x.batch) * x.kv_heads);
   DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
   cuda::SelectParams ps;
   ps.scores = up.get();
+  ps.log_mass = est.get();
+  ps.mass_threshold = rank.mass_threshold;
   ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
   ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
   ps.page_indptr = x.d_ip.get();
@@ -318,17 +355,30 @@ TEST_P(CudaTwoLevel, KeepingEveryGroupSelectsWhatOnePassSelects) {
   const int all_groups = summary_groups(301);
   // Without and with a CPU share: pages [n / 4, n / 2) of each request excluded.
   const Exclusion cpu_share{{75, 10, 1}, {150, 20, 3}};
+  // Top-k (the compact kernel over the candidates) and the mass rule (the general kernel's candidate
+  // mode), each with and without the blend and a CPU share.
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.9f, false}, Ranking{0.9f, true}})
   for (const Exclusion& ex : {Exclusion{}, cpu_share}) {
     const int k = 15;
-    const auto one = run_one_level(x, k, 2, 3, ex);
-    const auto two = run_two_level(x, all_groups, k, 2, 3, ex);
+    const auto one = run_one_level(x, k, 2, 3, ex, rank);
+    const auto two = run_two_level(x, all_groups, k, 2, 3, ex, rank);
     for (int b = 0; b < x.batch; ++b)
       for (int h = 0; h < x.kv_heads; ++h) {
         const int s = b * x.kv_heads + h;
         const std::size_t off = static_cast<std::size_t>(x.indptr[b]) * x.kv_heads + static_cast<std::size_t>(h) * x.pages(b);
         EXPECT_EQ(two.kept_count[s], x.groups(b));
+        if (rank.mass_threshold > 0) {
+          // Mass sums in fp32 with atomics: a segment within rounding of the threshold may differ.
+          const std::vector<float> r(one.upper.begin() + off, one.upper.begin() + off + x.pages(b));
+          const std::vector<float> m(one.estimate.begin() + off, one.estimate.begin() + off + x.pages(b));
+          double margin = 1;
+          const Rule rule{2, 3, ex.begin.empty() ? 0 : ex.begin[b], ex.end.empty() ? 0 : ex.end[b]};
+          brute_mass(r, m, rank.mass_threshold, k, rule, &margin);
+          if (margin < 1e-4) continue;
+        }
         EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), segment(one.selected, off, one.selected_count[s]))
-            << (ex.begin.empty() ? "" : "with exclusion: ") << "b " << b << " h " << h;
+            << (ex.begin.empty() ? "" : "with exclusion, ") << "mass " << rank.mass_threshold << ", blend "
+            << rank.blend_odd_segments << ": b " << b << " h " << h;
         // Candidates are the segment's pages in order, scored with the same bits; then padding.
         for (int j = 0; j < two.candidates; ++j) {
           const std::size_t at = static_cast<std::size_t>(s) * two.candidates + j;
@@ -351,8 +401,10 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
   StructuredLayer layer(shape, c.page_size, {c.page_size * 700 + 9, c.page_size * 200, c.page_size * 33}, 23u);
   Batch x(layer.store, layer.seqs, layer.queries);
   const int keep = 5, k = 30, sink = 1, local = 4;
-  const auto one = run_one_level(x, k, sink, local);
-  const auto two = run_two_level(x, keep, k, sink, local);
+  // Ranked by the bound, and with odd segments ranked by the blend at both levels.
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}}) {
+  const auto one = run_one_level(x, k, sink, local, {}, rank);
+  const auto two = run_two_level(x, keep, k, sink, local, {}, rank);
   std::vector<std::int32_t> cpu;
   for (int b = 0; b < x.batch; ++b)
     for (int h = 0; h < x.kv_heads; ++h) {
@@ -384,6 +436,31 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
         if (pos >= 0) EXPECT_EQ(two.cand_upper[at], one.upper[off + pos]) << "candidate " << j;
       }
     }
+  }
+}
+
+// The mass rule over more candidates than the general kernel stages in shared memory (8192): they are
+// read from global memory, and every group kept still selects what one pass selects.
+TEST(CudaTwoLevelMass, ManyCandidatesFromGlobalMemory) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const ModelShape shape{1, 8, 2, 64, DType::kBFloat16};
+  StructuredLayer layer(shape, 16, {16 * 9000 + 5}, 29u);
+  Batch x(layer.store, layer.seqs, layer.queries);
+  const int k = 450, groups = summary_groups(x.pages(0));
+  const Ranking rank{0.9f, true};
+  const auto one = run_one_level(x, k, 1, 2, {}, rank);
+  const auto two = run_two_level(x, groups, k, 1, 2, {}, rank);
+  ASSERT_GT(two.candidates, 8192);
+  for (int h = 0; h < x.kv_heads; ++h) {
+    const std::size_t off = static_cast<std::size_t>(h) * x.pages(0);
+    const std::vector<float> r(one.upper.begin() + off, one.upper.begin() + off + x.pages(0));
+    const std::vector<float> m(one.estimate.begin() + off, one.estimate.begin() + off + x.pages(0));
+    double margin = 1;
+    brute_mass(r, m, rank.mass_threshold, k, Rule{1, 2, 0, 0}, &margin);
+    if (margin < 1e-4) continue;  // within rounding of the threshold
+    EXPECT_EQ(segment(two.selected, off, two.selected_count[h]), segment(one.selected, off, one.selected_count[h]))
+        << "head " << h;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(DtypeDimPageGroup, CudaTwoLevel,

@@ -43,7 +43,7 @@ struct ScoreParams {
   const std::int32_t* kept_groups = nullptr;   ///< group positions, at the group segments' offsets
   const std::int32_t* kept_count = nullptr;    ///< [batch * kv_heads] groups kept per segment
   const std::int32_t* group_indptr = nullptr;  ///< [batch + 1] groups of request b (its group segments)
-  int candidates = 0;  ///< entries per segment, >= kept groups x kPagesPerSummaryGroup
+  int candidates = 0;  ///< entries per segment, >= kept groups x kPagesPerSummaryGroup (else a device trap)
   std::int32_t* position_of = nullptr;  ///< out, [batch * kv_heads * candidates]
 };
 

@@ -40,7 +40,8 @@ struct SelectParams {
   const std::int32_t* position_of = nullptr;
   int candidates = 0;
   /// Optional bound on the pages of any segment (0 = unknown). Top-k over segments of at most 16K
-  /// entries (this bound, or `candidates`) runs a compact kernel that selects the same positions.
+  /// entries (this bound, or `candidates`) runs a compact kernel that selects the same positions; a
+  /// segment longer than the bound stops that kernel with a device trap (a CudaError at the next sync).
   int max_entries = 0;
 };
 
