@@ -276,7 +276,6 @@ struct SparseStep {
     select.budget_pages = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, k)));
     select.sink_pages = 1;
     select.local_pages = 4;
-    select.max_entries = n;  // as the engine plans it: top-k over 8192 pages takes the compact kernel
     // Selection writes into the decode's selected list and counts (same segment offsets).
     select.selected = const_cast<std::int32_t*>(layer.decode.selected);
     select.selected_count = const_cast<std::int32_t*>(layer.decode.selected_count);
@@ -326,7 +325,6 @@ struct SparseStep {
     group_select.local_pages = local_groups;
     group_select.selected = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(groups) * kKvHeads));
     group_select.selected_count = arena.track(device_alloc<std::int32_t>(kKvHeads));
-    group_select.max_entries = groups;
     const int candidates = keep_groups * hattn::kPagesPerSummaryGroup;
     fine = score;
     fine.estimate = nullptr;
@@ -523,8 +521,11 @@ void BM_ScorePages(benchmark::State& state) {
   state.counters["GBps_graph"] = bytes / us * 1e-3;
 }
 
+// Args: tokens, compact (1: SelectParams::max_entries set, so segments <= 16K entries take the
+// compact kernel).
 void BM_SelectTopK(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
+  if (state.range(1) != 0) s.select.max_entries = static_cast<int>(state.range(0)) / 16;
   s.run_score();
   time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 4, g_hbm_gbps);
   state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
@@ -555,10 +556,15 @@ void BM_Sparse5Step(benchmark::State& state) {
 }
 
 /// The sparse 5% step with two-level scoring. Args: tokens, groups kept as a multiple of the page
-/// budget. Stages alone in graphs: coarse score, group selection, fine score of the candidates,
-/// candidate selection, decode + merge.
+/// budget, compact (1: both selections bounded, so they take the compact top-k kernel). Stages alone
+/// in graphs: coarse score, group selection, fine score of the candidates, candidate selection,
+/// decode + merge.
 void BM_Sparse5TwoLevel(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05, static_cast<int>(state.range(1)));
+  if (state.range(2) != 0) {
+    s.group_select.max_entries = hattn::summary_groups(static_cast<int>(state.range(0)) / 16);
+    s.candidate_select.max_entries = s.fine.candidates;
+  }
   time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);
   state.counters["kept_groups"] = s.keep_groups;
   state.counters["us_queued"] = median_us_queued([&] { s.run(); }, 100);
@@ -585,10 +591,10 @@ BENCHMARK(BM_MergePartials)->Args({32768, 1})->Args({131072, 1})->Args({131072, 
 BENCHMARK(BM_DecodeHostPages)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gather)->Args({32768, 16})->Args({32768, 64})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ScorePages)->Args({131072, 0})->Args({131072, 1})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_SelectTopK)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SelectTopK)->Args({131072, 0})->Args({131072, 1})->Args({1 << 20, 0})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SelectMass)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Sparse5Step)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Sparse5TwoLevel)->Args({131072, 2})->Args({131072, 4})->Args({1 << 20, 4})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Sparse5TwoLevel)->ArgsProduct({{131072}, {2, 4}, {0, 1}})->Args({1 << 20, 4, 0})->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // ---------------------------------------------------------------- figures
 /// Reads section[key] from the flat JSON torch_baselines.py writes ({"section": {"key": number}}).

@@ -720,8 +720,8 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   hattn::detail::require(segments <= 0x7fffffffLL, kWhere, "batch * kv_heads", segments, "< 2^31");
   hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates",
                          segments * p.candidates, "< 2^31");
-  // Top-k over segments known to be small: the compact kernel.
-  const int most = p.position_of != nullptr ? p.candidates : p.max_entries;
+  // Top-k over segments the caller bounds as small: the compact kernel.
+  const int most = p.max_entries;
   if (p.mass_threshold == 0.0f && most > 0 && most <= 1024 * kSmallPerThread) {
     if (most <= 256 * kSmallPerThread) SelectTopKSmallKernel<256><<<static_cast<unsigned>(segments), 256, 0, stream>>>(p);
     else SelectTopKSmallKernel<1024><<<static_cast<unsigned>(segments), 1024, 0, stream>>>(p);

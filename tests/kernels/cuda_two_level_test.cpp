@@ -143,6 +143,7 @@ struct Exclusion {
 struct Ranking {
   float mass_threshold = 0.0f;
   bool blend_odd_segments = false;
+  bool compact = false;  // top-k over the candidates by the compact kernel (SelectParams::max_entries)
 };
 
 constexpr float kBlend = 0.1f;
@@ -207,6 +208,7 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   ps.scores = f_up.get();
   ps.log_mass = f_est.get();
   ps.mass_threshold = rank.mass_threshold;
+  ps.max_entries = rank.compact ? r.candidates : 0;
   ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
   ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
   ps.page_indptr = x.d_ip.get();
@@ -357,7 +359,8 @@ TEST_P(CudaTwoLevel, KeepingEveryGroupSelectsWhatOnePassSelects) {
   const Exclusion cpu_share{{75, 10, 1}, {150, 20, 3}};
   // Top-k (the compact kernel over the candidates) and the mass rule (the general kernel's candidate
   // mode), each with and without the blend and a CPU share.
-  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.9f, false}, Ranking{0.9f, true}})
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, true, true}, Ranking{0.9f, false},
+                             Ranking{0.9f, true}})
   for (const Exclusion& ex : {Exclusion{}, cpu_share}) {
     const int k = 15;
     const auto one = run_one_level(x, k, 2, 3, ex, rank);
@@ -402,7 +405,7 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
   Batch x(layer.store, layer.seqs, layer.queries);
   const int keep = 5, k = 30, sink = 1, local = 4;
   // Ranked by the bound, and with odd segments ranked by the blend at both levels.
-  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}}) {
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, false, true}}) {
   const auto one = run_one_level(x, k, sink, local, {}, rank);
   const auto two = run_two_level(x, keep, k, sink, local, {}, rank);
   std::vector<std::int32_t> cpu;

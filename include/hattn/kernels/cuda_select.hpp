@@ -39,9 +39,10 @@ struct SelectParams {
   /// only where they are candidates, so the group selection must keep the sink and local groups.
   const std::int32_t* position_of = nullptr;
   int candidates = 0;
-  /// Optional bound on the pages of any segment (0 = unknown). Top-k over segments of at most 16K
-  /// entries (this bound, or `candidates`) runs a compact kernel that selects the same positions; a
-  /// segment longer than the bound stops that kernel with a device trap (a CudaError at the next sync).
+  /// Optional bound on the entries of any segment (pages, or `candidates` in candidate mode; 0 =
+  /// unknown). Top-k with a bound of at most 16K runs a compact kernel that selects the same positions;
+  /// a segment longer than the bound stops that kernel with a device trap (a CudaError at the next
+  /// sync). The engine does not pass it yet: the compact kernel awaits its first GPU test run.
   int max_entries = 0;
 };
 
