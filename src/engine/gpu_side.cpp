@@ -153,7 +153,6 @@ struct GpuSide::Impl {
     std::vector<std::int64_t> built_tokens;        // [layer]
   };
   DeviceArray<float> group_summaries;
-  std::int32_t group_slots_used = 0;
   std::vector<std::int32_t> free_group_slots;
   std::unordered_map<SeqId, GroupMirror> groups_of;
   PinnedArray<std::byte> stage_keys, stage_values;
@@ -768,11 +767,12 @@ struct GpuSide::Impl {
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
-    if (two_level) score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates, s);
-    if (two_level)
-      for (int b = 0; b < batch; ++b)
-        groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
-    else if (!whole) cuda::launch_score_pages(sp, s);
+    if (two_level) {
+      score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates, s);
+      for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
+    } else if (!whole) {
+      cuda::launch_score_pages(sp, s);
+    }
     mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
