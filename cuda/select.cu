@@ -83,6 +83,22 @@ struct Segment {
   __device__ float mass_of(int i) const { return mass ? mass[i] : page_mass(log_mass[i], max_log_mass); }
 };
 
+/// Where segment s = (request b, KV head) lives: its pages, its entries (the pages, or the candidates
+/// in candidate mode) and their offset, and the offset of its output at the page segment.
+struct SegmentPlace {
+  int s, b, pages, n;
+  bool by_candidate;
+  long long page_offset, offset;
+  __device__ SegmentPlace(const SelectParams& p, int segment) : s(segment), b(segment / p.kv_heads) {
+    const int first = p.page_indptr[b];
+    pages = p.page_indptr[b + 1] - first;
+    page_offset = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(segment % p.kv_heads) * pages;
+    by_candidate = p.position_of != nullptr;
+    n = by_candidate ? p.candidates : pages;
+    offset = by_candidate ? static_cast<long long>(segment) * p.candidates : page_offset;
+  }
+};
+
 /// The selection's cut: ranked positions with a key above `key` are taken, and the first
 /// `take_equal` (lowest positions) of those with exactly `key`.
 struct Cut {
@@ -421,15 +437,10 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
   // [kSmemPages] rank scores, then [kSmemPages] masses in mass mode, then [kSmemPages] page
   // positions in candidate mode.
   extern __shared__ float staged[];
-  const int s = blockIdx.x;
-  const int b = s / p.kv_heads;
-  const int h = s % p.kv_heads;
-  const int first = p.page_indptr[b];
-  const int pages = p.page_indptr[b + 1] - first;
-  const long long page_offset = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(h) * pages;
-  const bool by_candidate = p.position_of != nullptr;
-  const int n = by_candidate ? p.candidates : pages;  // entries of the segment
-  const long long offset = by_candidate ? static_cast<long long>(s) * p.candidates : page_offset;
+  const SegmentPlace place(p, static_cast<int>(blockIdx.x));
+  const int s = place.s, b = place.b, pages = place.pages, n = place.n;
+  const bool by_candidate = place.by_candidate;
+  const long long page_offset = place.page_offset, offset = place.offset;
   const bool by_mass = p.mass_threshold > 0.0f;
   const bool stage = n <= kSmemPages;
   const float* g_rank = p.scores + offset;
@@ -567,15 +578,10 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   __shared__ int scratch[detail::kWarp + 1];
   __shared__ std::uint32_t cut_key;
   __shared__ int cut_remaining;
-  const int s = blockIdx.x;
-  const int b = s / p.kv_heads;
-  const int h = s % p.kv_heads;
-  const int first = p.page_indptr[b];
-  const int pages = p.page_indptr[b + 1] - first;
-  const long long page_offset = static_cast<long long>(first) * p.kv_heads + static_cast<long long>(h) * pages;
-  const bool by_candidate = p.position_of != nullptr;
-  const int n = by_candidate ? p.candidates : pages;
-  const long long offset = by_candidate ? static_cast<long long>(s) * p.candidates : page_offset;
+  const SegmentPlace place(p, static_cast<int>(blockIdx.x));
+  const int s = place.s, b = place.b, pages = place.pages, n = place.n;
+  const bool by_candidate = place.by_candidate;
+  const long long page_offset = place.page_offset, offset = place.offset;
   // max_entries understated the longest segment: its last entries (the local window) would be lost.
   if (n > T * kSmallPerThread) __trap();
   const int exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
