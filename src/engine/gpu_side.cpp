@@ -577,7 +577,7 @@ struct GpuSide::Impl {
   // same rank as the pages, sink and local groups forced), then the fine scores of their pages only.
   void score_two_level(Slot& slot, cuda::ScoreParams sp, const std::int32_t* d_group_indptr,
                        const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
-                       const std::int32_t* d_first_group, int candidates, cuda::Stream s) {
+                       const std::int32_t* d_first_group, int candidates, int max_groups, cuda::Stream s) {
     cuda::GroupSummaryParams gp;
     gp.summaries = sp.summaries;
     gp.page_table = sp.page_table;
@@ -614,6 +614,7 @@ struct GpuSide::Impl {
     groups.local_pages = max_groups_spanned(config.local_pages);
     groups.selected = slot.kept.get();
     groups.selected_count = slot.kept_count.get();
+    groups.max_entries = max_groups;  // top-k over at most 16K groups: the compact kernel
     cuda::launch_select_pages(groups, s);
 
     sp.kept_groups = slot.kept.get();
@@ -767,8 +768,10 @@ struct GpuSide::Impl {
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
+    const int max_pages = pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end());
     if (two_level) {
-      score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates, s);
+      score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
+                      summary_groups(max_pages), s);
       for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
     } else if (!whole) {
       cuda::launch_score_pages(sp, s);
@@ -788,6 +791,8 @@ struct GpuSide::Impl {
     sel.selected = slot.selected.get();
     sel.selected_count = slot.selected_count.get();
     sel.workspace = slot.select_workspace.get();
+    // Top-k over at most 16K entries (a 256K-token row, or the candidates) takes the compact kernel.
+    sel.max_entries = two_level ? candidates : max_pages;
     if (two_level) {  // the scores are the kept groups' pages, at their candidate offsets
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;

@@ -42,7 +42,7 @@ struct SelectParams {
   /// Optional bound on the entries of any segment (pages, or `candidates` in candidate mode; 0 =
   /// unknown). Top-k with a bound of at most 16K runs a compact kernel that selects the same positions;
   /// a segment longer than the bound stops that kernel with a device trap (a CudaError at the next
-  /// sync). The engine does not pass it yet: the compact kernel awaits its first GPU test run.
+  /// sync). The engine passes its longest row (or the candidates).
   int max_entries = 0;
 };
 
