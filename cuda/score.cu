@@ -21,12 +21,6 @@ constexpr int kLanesPerPage = 8;
 constexpr int kThreads = 256;
 constexpr int kHeadsAtOnce = 4;
 
-// Items are (page, KV head) pairs of one request in summary order (page-major, heads inner), so a
-// block's lane groups stream consecutive 768-byte (page, head) summaries of a page's KV heads: one
-// contiguous run per page instead of one 256-byte row per page and head 6 KB apart (the per-head
-// grid read 1.2 TB/s on an H100). q of all heads sits in shared memory as float4s ordered
-// [q_head][quad][lane], so the eight lanes of an item read 128 contiguous bytes: no bank conflicts
-// (a lane-major layout was 4-way conflicted, 16 loads per head and item).
 // Summary rows of T as fp32: half-precision rows of fine summaries, fp32 rows of group summaries.
 template <class T>
 __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[detail::kVec16<T>]) {
@@ -38,8 +32,14 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[detail::kV
   }
 }
 
-// Items of a block (request b): (page, KV head) pairs, page-major; in candidate mode (two-level
-// scoring) (KV head, candidate) pairs, the candidates of a head being the pages of its kept groups.
+// Items are (page, KV head) pairs of one request in summary order (page-major, heads inner), so a
+// block's lane groups stream consecutive 768-byte (page, head) summaries of a page's KV heads: one
+// contiguous run per page instead of one 256-byte row per page and head 6 KB apart (the per-head
+// grid read 1.2 TB/s on an H100). q of all heads sits in shared memory as float4s ordered
+// [q_head][quad][lane], so the eight lanes of an item read 128 contiguous bytes: no bank conflicts
+// (a lane-major layout was 4-way conflicted, 16 loads per head and item). In candidate mode (two-level
+// scoring) a block's items are (KV head, candidate) pairs instead, a head's candidates being the pages
+// of its kept groups.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
   constexpr int kElems = detail::kVec16<T>;        // elements per 16-byte load
