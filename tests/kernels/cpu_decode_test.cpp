@@ -382,5 +382,31 @@ TEST(CpuDecoder, ThreadSplitEqualsUnsplit) {
   }
 }
 
+// Pieces capped by bytes: 40K tokens (2500 pages of 16 tokens per KV head, 2 KV heads) over two
+// workers would split evenly into ~313-page pieces, above the ~1 MB cap (128 pages of bf16 K and V at
+// dim 128), so the cap sets the pieces (20 per head). Still equal to the unsplit pass and the reference.
+TEST(CpuDecoder, PiecesCappedByBytesEqualTheUnsplitPass) {
+  const CpuIsa isa = detect_cpu_isa();
+  const LayerSpec spec{DType::kBFloat16, 128, 16, 4};
+  const std::vector<int> lengths = {40000};
+  StructuredLayer layer(spec, lengths, 91u);
+  const double scale = 1.0 / std::sqrt(128.0);
+  auto all = [](std::size_t, int, std::int64_t n) { return dense(n); };
+  ThreadPool one(1), two(2);
+  CpuDecoder unsplit(one, isa), split(two, isa);
+  Batch a = make_batch(layer, lengths.size(), scale, all);
+  Batch b = make_batch(layer, lengths.size(), scale, all);
+  unsplit.run(layer.store().pool(), 4, static_cast<float>(scale), a.items);
+  split.run(layer.store().pool(), 4, static_cast<float>(scale), b.items);
+  double worst = 0;
+  for (std::size_t i = 0; i < a.out.size(); ++i) worst = std::max(worst, static_cast<double>(std::abs(a.out[i] - b.out[i])));
+  for (std::size_t i = 0; i < a.lse.size(); ++i)
+    ASSERT_NEAR(a.lse[i], b.lse[i], 1e-5 * (1 + std::abs(a.lse[i]))) << to_string(isa) << " lse " << i;
+  // ~20 pieces reassociated: a few fp32 ulps of the output scale.
+  EXPECT_LE(worst, 2e-5 * layer.max_abs_value()) << to_string(isa);
+  expect_matches(b, layer.shape(), lengths.size(), out_tolerance(isa, spec.dtype) * layer.max_abs_value(),
+                 std::string("capped pieces ") + to_string(isa));
+}
+
 }  // namespace
 }  // namespace hattn
