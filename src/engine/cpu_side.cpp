@@ -33,19 +33,28 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
   const float* qg = q + (static_cast<std::size_t>(row) * shape.q_heads + static_cast<std::size_t>(head) * group) *
                             shape.head_dim;
   const std::span<const float> q_group{qg, static_cast<std::size_t>(group) * shape.head_dim};
-  cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), table, tail_tokens, seg.upper,
-                  seg.estimate);
   if (config_.coarse_keep > 0) {
-    // Every page is scored here too (the CPU reads summaries at DRAM speed, a small part of the step);
-    // the coarse level decides which of them may be selected, as on the GPU.
+    // Two-level scoring: the coarse level picks the groups, and only their pages' summaries are read.
     const auto groups = static_cast<std::size_t>(summary_groups(n));
     seg.group_upper.resize(groups);
     seg.group_estimate.resize(groups);
     cpu_score_groups(store_.layout(), store_.group_summaries(seq, work.layer), head, q_group, group,
                      config_.logit_scale(), store_.length(seq, work.layer), seg.group_upper, seg.group_estimate);
-    select_two_level(seg.group_upper, seg.group_estimate, seg.upper, seg.estimate, rule, config_.coarse_keep,
-                     config_.sink_pages, config_.local_pages, /*widen=*/true, seg.positions);
+    seg.candidates = kept_group_pages(seg.group_upper, seg.group_estimate, rule, config_.coarse_keep, n,
+                                      config_.sink_pages, config_.local_pages);
+    seg.pages.clear();
+    for (std::int32_t p : seg.candidates) seg.pages.push_back(table[static_cast<std::size_t>(p)]);
+    seg.upper.resize(seg.pages.size());
+    seg.estimate.resize(seg.pages.size());
+    const int last = seg.candidates.back() == n - 1 ? tail_tokens : config_.page_size;
+    cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), seg.pages, last, seg.upper,
+                    seg.estimate);
+    select_among_candidates(seg.candidates, seg.upper, seg.estimate, rule, n, config_.sink_pages,
+                            config_.local_pages, /*widen=*/true, seg.positions);
+    seg.pages.clear();
   } else {
+    cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), table, tail_tokens, seg.upper,
+                    seg.estimate);
     select_by_rule(seg.upper, seg.estimate, rule, config_.sink_pages, config_.local_pages, /*widen=*/true,
                    seg.positions);
   }

@@ -38,6 +38,7 @@ class CpuSide {
   struct Segment {
     std::vector<float> upper, estimate;
     std::vector<float> group_upper, group_estimate;  // two-level scoring (Config::coarse_keep)
+    std::vector<std::int32_t> candidates;            // page positions of the kept groups
     std::vector<std::int32_t> positions;
     std::vector<PageId> pages;
   };

@@ -60,42 +60,60 @@ inline void select_by_rule(std::span<const float> upper, std::span<const float> 
   widen_to_runs(out, g, static_cast<int>(upper.size()));
 }
 
-/// Two-level selection (Config::coarse_keep), as the GPU backend selects: the kept_summary_groups()
-/// groups that rank highest by their coarse scores (group_upper / group_estimate from
-/// cpu_score_groups, ranked as rule.rank says; the sink and local groups forced), then the rule of
-/// select_by_rule over the pages of those groups alone (page scores upper / estimate of every page;
-/// only the kept groups' are read). A segment that keeps every group selects as select_by_rule does.
+/// Two-level scoring's first level (Config::coarse_keep), as the GPU backend keeps groups: the page
+/// positions (ascending) of the kept_summary_groups() groups that rank highest by their coarse scores
+/// (cpu_score_groups' group_upper / group_estimate, ranked as rule.rank says; the sink and local
+/// groups forced) in a segment of `pages` pages; every position when it keeps every group.
+inline std::vector<std::int32_t> kept_group_pages(std::span<const float> group_upper,
+                                                  std::span<const float> group_estimate, const SegmentRule& rule,
+                                                  double coarse_keep, int pages, int sink_pages, int local_pages) {
+  const int groups = summary_groups(pages);
+  const int keep = kept_summary_groups(pages, rule.budget_pages, coarse_keep, sink_pages, local_pages);
+  std::vector<std::int32_t> kept;
+  if (keep >= groups) {
+    kept.resize(static_cast<std::size_t>(groups));
+    for (int g = 0; g < groups; ++g) kept[static_cast<std::size_t>(g)] = g;
+  } else {
+    std::vector<float> group_rank(group_upper.begin(), group_upper.end());
+    if (rule.rank == PageRank::kBlend)
+      for (std::size_t i = 0; i < group_rank.size(); ++i)
+        group_rank[i] = group_estimate[i] + kRankBlend * (group_upper[i] - group_estimate[i]);
+    cpu_select_top_k(group_rank, keep, summary_groups(sink_pages), max_groups_spanned(local_pages), 0, groups, kept);
+  }
+  std::vector<std::int32_t> position;
+  for (std::int32_t grp : kept)
+    for (int i = grp * kPagesPerSummaryGroup; i < std::min(pages, (grp + 1) * kPagesPerSummaryGroup); ++i)
+      position.push_back(i);
+  return position;
+}
+
+/// The second level: the rule of select_by_rule over candidate pages alone (`position` ascending, from
+/// kept_group_pages; cand_upper / cand_estimate their page scores), as page positions of a segment of
+/// `pages` pages. The candidates' first sink_pages and last local_pages are the segment's own (the
+/// sink and local groups are kept), so the forced pages stay forced.
+inline void select_among_candidates(std::span<const std::int32_t> position, std::span<const float> cand_upper,
+                                    std::span<const float> cand_estimate, const SegmentRule& rule, int pages,
+                                    int sink_pages, int local_pages, bool widen, std::vector<std::int32_t>& out) {
+  const int g = widen ? std::max(1, rule.granularity_pages) : 1;
+  select_ranked(cand_upper, cand_estimate, rule, sink_pages, local_pages, g, out);
+  for (std::int32_t& p : out) p = position[static_cast<std::size_t>(p)];
+  widen_to_runs(out, g, pages);
+}
+
+/// Both levels from the scores of every page (the accuracy harness's replay): the same positions the
+/// engine selects scoring only the candidates.
 inline void select_two_level(std::span<const float> group_upper, std::span<const float> group_estimate,
                              std::span<const float> upper, std::span<const float> estimate, const SegmentRule& rule,
                              double coarse_keep, int sink_pages, int local_pages, bool widen,
                              std::vector<std::int32_t>& out) {
   const int n = static_cast<int>(upper.size());
-  const int groups = summary_groups(n);
-  const int keep = kept_summary_groups(n, rule.budget_pages, coarse_keep, sink_pages, local_pages);
-  if (keep >= groups) {
-    select_by_rule(upper, estimate, rule, sink_pages, local_pages, widen, out);
-    return;
-  }
-  std::vector<float> group_rank(group_upper.begin(), group_upper.end());
-  if (rule.rank == PageRank::kBlend)
-    for (std::size_t i = 0; i < group_rank.size(); ++i)
-      group_rank[i] = group_estimate[i] + kRankBlend * (group_upper[i] - group_estimate[i]);
-  std::vector<std::int32_t> kept;
-  cpu_select_top_k(group_rank, keep, summary_groups(sink_pages), max_groups_spanned(local_pages), 0, groups, kept);
-  // The kept groups' pages in page order; their first sink_pages and last local_pages are the
-  // sequence's own (the sink and local groups are kept), so the forced pages stay forced.
-  std::vector<std::int32_t> position;
+  const auto position = kept_group_pages(group_upper, group_estimate, rule, coarse_keep, n, sink_pages, local_pages);
   std::vector<float> cand_upper, cand_estimate;
-  for (std::int32_t grp : kept)
-    for (int i = grp * kPagesPerSummaryGroup; i < std::min(n, (grp + 1) * kPagesPerSummaryGroup); ++i) {
-      position.push_back(i);
-      cand_upper.push_back(upper[i]);
-      cand_estimate.push_back(estimate[i]);
-    }
-  const int g = widen ? std::max(1, rule.granularity_pages) : 1;
-  select_ranked(cand_upper, cand_estimate, rule, sink_pages, local_pages, g, out);
-  for (std::int32_t& p : out) p = position[static_cast<std::size_t>(p)];
-  widen_to_runs(out, g, n);
+  for (std::int32_t i : position) {
+    cand_upper.push_back(upper[static_cast<std::size_t>(i)]);
+    cand_estimate.push_back(estimate[static_cast<std::size_t>(i)]);
+  }
+  select_among_candidates(position, cand_upper, cand_estimate, rule, n, sink_pages, local_pages, widen, out);
 }
 
 }  // namespace hattn::detail
