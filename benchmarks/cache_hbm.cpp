@@ -231,13 +231,21 @@ void BM_Maintenance100K(benchmark::State& state) {
   }
   // Phase marks inside the kernels (another pass: the marks cost a few atomics per block).
   cache.set_timing(true, false, true);
+  // A mark a step did not reach (-1: no block got there) is left out of its mean; -1 when no step did.
   std::vector<double> phase(detail::kCachePhases, 0.0);
+  std::vector<int> marked(detail::kCachePhases, 0);
   for (int i = 0; i < kStageSteps; ++i) {
     held_step();
     const auto t = cache.last_timing();
-    for (int k = 0; k < detail::kCachePhases; ++k) phase[static_cast<std::size_t>(k)] += t.phase_us[k] / kStageSteps;
+    for (int k = 0; k < detail::kCachePhases; ++k)
+      if (t.phase_us[k] >= 0) {
+        phase[static_cast<std::size_t>(k)] += t.phase_us[k];
+        ++marked[static_cast<std::size_t>(k)];
+      }
     trace.advance();
   }
+  for (int k = 0; k < detail::kCachePhases; ++k)
+    phase[static_cast<std::size_t>(k)] = marked[static_cast<std::size_t>(k)] > 0 ? phase[static_cast<std::size_t>(k)] / marked[static_cast<std::size_t>(k)] : -1.0;
   cache.set_timing(false);
   double empty = 0;
   {

@@ -466,9 +466,11 @@ CacheStepTiming DeviceKVCache::last_timing() {
   if (timed_phases_) {
     unsigned long long ns[detail::kCachePhases] = {};
     HATTN_CUDA_CHECK(cudaMemcpy(ns, phase_ns_, sizeof(ns), cudaMemcpyDeviceToHost));
+    // Marks are relative to stage 1's first block (ns[0]); without it, none means anything.
+    const auto unset = [](unsigned long long v) { return v == 0 || v == ~0ull; };
     for (int k = 0; k < detail::kCachePhases; ++k)
-      t.phase_us[k] = ns[k] == 0 || ns[k] == ~0ull ? -1.0f
-                                                    : static_cast<float>(static_cast<double>(ns[k] - ns[0]) * 1e-3);
+      t.phase_us[k] = unset(ns[k]) || unset(ns[0]) ? -1.0f
+                                                   : static_cast<float>(static_cast<double>(ns[k] - ns[0]) * 1e-3);
   }
   return t;
 }
