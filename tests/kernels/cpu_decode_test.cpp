@@ -346,6 +346,28 @@ TEST(CpuDecoder, RejectsAnUnsupportedPathAndBadItems) {
   EXPECT_THROW(decoder.run(layer.store().pool(), 0, 0.125f, b.items), InvalidArgument);
 }
 
+// Dense attention over `layer` by a pool of `workers` (which splits long lists into pieces merged by
+// LSE) against a one-worker pool (which never splits): LSE within 1e-5, outputs within
+// `split_ulps` x 1e-5 of the output scale (reassociated softmax sums), and the split result against
+// the reference. `b` receives the split batch.
+void expect_split_equals_unsplit(const StructuredLayer& layer, const LayerSpec& spec, const std::vector<int>& lengths,
+                                 CpuIsa isa, CpuDecoder& split, double split_ulps, const std::string& what, Batch& b) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(spec.head_dim));
+  auto all = [](std::size_t, int, std::int64_t n) { return dense(n); };
+  ThreadPool one(1);
+  CpuDecoder unsplit(one, isa);
+  Batch a = make_batch(layer, lengths.size(), scale, all);
+  b = make_batch(layer, lengths.size(), scale, all);
+  unsplit.run(layer.store().pool(), spec.group, static_cast<float>(scale), a.items);
+  split.run(layer.store().pool(), spec.group, static_cast<float>(scale), b.items);
+  double worst = 0;
+  for (std::size_t i = 0; i < a.out.size(); ++i) worst = std::max(worst, static_cast<double>(std::abs(a.out[i] - b.out[i])));
+  for (std::size_t i = 0; i < a.lse.size(); ++i)
+    ASSERT_NEAR(a.lse[i], b.lse[i], 1e-5 * (1 + std::abs(a.lse[i]))) << what << " lse " << i;
+  EXPECT_LE(worst, split_ulps * 1e-5 * layer.max_abs_value()) << what;
+  expect_matches(b, layer.shape(), lengths.size(), out_tolerance(isa, spec.dtype) * layer.max_abs_value(), what);
+}
+
 // A long list split across workers and merged by LSE equals the unsplit pass (a one-worker pool
 // never splits), and both equal the reference. Every supported path.
 TEST(CpuDecoder, ThreadSplitEqualsUnsplit) {
@@ -358,24 +380,16 @@ TEST(CpuDecoder, ThreadSplitEqualsUnsplit) {
       const LayerSpec spec{DType::kBFloat16, 128, P, 4};
       const std::vector<int> lengths = {8000, 300, 4100};
       StructuredLayer layer(spec, lengths, 77u + P);
-      const double scale = 1.0 / std::sqrt(128.0);
-      auto all = [](std::size_t, int, std::int64_t n) { return dense(n); };
-      ThreadPool one(1), four(4);
-      CpuDecoder unsplit(one, isa), split(four, isa);
-      Batch a = make_batch(layer, lengths.size(), scale, all);
-      Batch b = make_batch(layer, lengths.size(), scale, all);
-      unsplit.run(layer.store().pool(), 4, static_cast<float>(scale), a.items);
-      split.run(layer.store().pool(), 4, static_cast<float>(scale), b.items);
-      double worst = 0;
-      for (std::size_t i = 0; i < a.out.size(); ++i) worst = std::max(worst, static_cast<double>(std::abs(a.out[i] - b.out[i])));
-      for (std::size_t i = 0; i < a.lse.size(); ++i)
-        ASSERT_NEAR(a.lse[i], b.lse[i], 1e-5 * (1 + std::abs(a.lse[i]))) << to_string(isa) << " lse " << i;
-      // Reassociating the softmax sums over ~8 pieces: a few fp32 ulps of the output scale.
-      EXPECT_LE(worst, 1e-5 * layer.max_abs_value()) << to_string(isa) << " page " << P;
-      expect_matches(b, layer.shape(), lengths.size(), out_tolerance(isa, spec.dtype) * layer.max_abs_value(),
-                     std::string("split ") + to_string(isa));
+      ThreadPool four(4);
+      CpuDecoder split(four, isa);
+      // ~8 pieces reassociated: a few fp32 ulps of the output scale.
+      Batch b;
+      expect_split_equals_unsplit(layer, spec, lengths, isa, split, 1.0,
+                                  std::string("split ") + to_string(isa) + " page " + std::to_string(P), b);
+      ASSERT_FALSE(HasFatalFailure());
       // Run again on the same decoder: scratch is reused, results identical.
-      Batch c = make_batch(layer, lengths.size(), scale, all);
+      const double scale = 1.0 / std::sqrt(128.0);
+      Batch c = make_batch(layer, lengths.size(), scale, [](std::size_t, int, std::int64_t n) { return dense(n); });
       split.run(layer.store().pool(), 4, static_cast<float>(scale), c.items);
       EXPECT_EQ(c.out, b.out);
     }
@@ -390,22 +404,11 @@ TEST(CpuDecoder, PiecesCappedByBytesEqualTheUnsplitPass) {
   const LayerSpec spec{DType::kBFloat16, 128, 16, 4};
   const std::vector<int> lengths = {40000};
   StructuredLayer layer(spec, lengths, 91u);
-  const double scale = 1.0 / std::sqrt(128.0);
-  auto all = [](std::size_t, int, std::int64_t n) { return dense(n); };
-  ThreadPool one(1), two(2);
-  CpuDecoder unsplit(one, isa), split(two, isa);
-  Batch a = make_batch(layer, lengths.size(), scale, all);
-  Batch b = make_batch(layer, lengths.size(), scale, all);
-  unsplit.run(layer.store().pool(), 4, static_cast<float>(scale), a.items);
-  split.run(layer.store().pool(), 4, static_cast<float>(scale), b.items);
-  double worst = 0;
-  for (std::size_t i = 0; i < a.out.size(); ++i) worst = std::max(worst, static_cast<double>(std::abs(a.out[i] - b.out[i])));
-  for (std::size_t i = 0; i < a.lse.size(); ++i)
-    ASSERT_NEAR(a.lse[i], b.lse[i], 1e-5 * (1 + std::abs(a.lse[i]))) << to_string(isa) << " lse " << i;
-  // ~20 pieces reassociated: a few fp32 ulps of the output scale.
-  EXPECT_LE(worst, 2e-5 * layer.max_abs_value()) << to_string(isa);
-  expect_matches(b, layer.shape(), lengths.size(), out_tolerance(isa, spec.dtype) * layer.max_abs_value(),
-                 std::string("capped pieces ") + to_string(isa));
+  ThreadPool two(2);
+  CpuDecoder split(two, isa);
+  // ~20 pieces reassociated.
+  Batch b;
+  expect_split_equals_unsplit(layer, spec, lengths, isa, split, 2.0, std::string("capped pieces ") + to_string(isa), b);
 }
 
 }  // namespace

@@ -154,18 +154,50 @@ std::vector<std::int32_t> odd_segments(const Batch& x) {
   return v;
 }
 
+/// Odd segments rank by the blend where `rank` says so (`blended` from odd_segments, on the device).
+void apply_blend(cuda::ScoreParams& p, const Ranking& rank, const DeviceBuffer<std::int32_t>& blended) {
+  if (!rank.blend_odd_segments) return;
+  p.blended = blended.get();
+  p.blend = kBlend;
+}
+
+/// The page selection of a batch, both passes' last step: k pages per segment (top-k, or the mass
+/// rule's cap), sink and local pages, an optional CPU share, and the buffers it writes.
+struct PageSelection {
+  DeviceBuffer<std::int32_t> budget, exclude_begin, exclude_end, selected, count;
+  cuda::SelectParams params;
+
+  PageSelection(const Batch& x, const float* upper, const float* estimate, int k, int sink_pages, int local_pages,
+                const Exclusion& ex, const Ranking& rank)
+      : budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k)),
+        exclude_begin(ex.begin),
+        exclude_end(ex.end),
+        selected(x.page_table.size() * x.kv_heads),
+        count(static_cast<std::size_t>(x.batch) * x.kv_heads) {
+    params.scores = upper;
+    params.log_mass = estimate;
+    params.mass_threshold = rank.mass_threshold;
+    params.exclude_begin = ex.begin.empty() ? nullptr : exclude_begin.get();
+    params.exclude_end = ex.end.empty() ? nullptr : exclude_end.get();
+    params.page_indptr = x.d_ip.get();
+    params.batch = x.batch;
+    params.kv_heads = x.kv_heads;
+    params.budget_pages = budget.get();
+    params.sink_pages = sink_pages;
+    params.local_pages = local_pages;
+    params.selected = selected.get();
+    params.selected_count = count.get();
+  }
+};
+
 TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int local_pages, const Exclusion& ex = {},
                           const Ranking& rank = {}) {
   const std::size_t total_groups = x.group_table.size() * x.kv_heads;
-  const std::size_t total_pages = x.page_table.size() * x.kv_heads;
   DeviceBuffer<std::int32_t> blended(odd_segments(x));
   cuda::launch_build_group_summaries(x.group_params(), nullptr);
   DeviceBuffer<float> c_up(total_groups), c_est(total_groups);
   cuda::ScoreParams cp = x.coarse_params(c_up.get(), c_est.get());
-  if (rank.blend_odd_segments) {
-    cp.blended = blended.get();
-    cp.blend = kBlend;
-  }
+  apply_blend(cp, rank, blended);
   cuda::launch_score_pages(cp, nullptr);
 
   const int sink_groups = summary_groups(sink_pages);
@@ -195,41 +227,22 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   fp.group_indptr = x.d_gip.get();
   fp.candidates = r.candidates;
   fp.position_of = d_pos.get();
-  if (rank.blend_odd_segments) {
-    fp.blended = blended.get();
-    fp.blend = kBlend;
-  }
+  apply_blend(fp, rank, blended);
   cuda::launch_score_pages(fp, nullptr);
 
-  DeviceBuffer<std::int32_t> p_budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
-  DeviceBuffer<std::int32_t> d_sel(total_pages), d_count(static_cast<std::size_t>(x.batch) * x.kv_heads);
-  DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
-  cuda::SelectParams ps;
-  ps.scores = f_up.get();
-  ps.log_mass = f_est.get();
-  ps.mass_threshold = rank.mass_threshold;
-  ps.max_entries = rank.compact ? r.candidates : 0;
-  ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
-  ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
-  ps.page_indptr = x.d_ip.get();
-  ps.batch = x.batch;
-  ps.kv_heads = x.kv_heads;
-  ps.budget_pages = p_budget.get();
-  ps.sink_pages = sink_pages;
-  ps.local_pages = local_pages;
-  ps.position_of = d_pos.get();
-  ps.candidates = r.candidates;
-  ps.selected = d_sel.get();
-  ps.selected_count = d_count.get();
-  cuda::launch_select_pages(ps, nullptr);
+  PageSelection sel(x, f_up.get(), f_est.get(), k, sink_pages, local_pages, ex, rank);
+  sel.params.max_entries = rank.compact ? r.candidates : 0;
+  sel.params.position_of = d_pos.get();
+  sel.params.candidates = r.candidates;
+  cuda::launch_select_pages(sel.params, nullptr);
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   r.coarse_upper = c_up.download();
   r.cand_upper = f_up.download();
   r.kept = d_kept.download();
   r.kept_count = d_kept_count.download();
   r.position_of = d_pos.download();
-  r.selected = d_sel.download();
-  r.selected_count = d_count.download();
+  r.selected = sel.selected.download();
+  r.selected_count = sel.count.download();
   return r;
 }
 
@@ -245,31 +258,12 @@ OneLevelRun run_one_level(Batch& x, int k, int sink_pages, int local_pages, cons
   DeviceBuffer<float> up(total), est(total);
   DeviceBuffer<std::int32_t> blended(odd_segments(x));
   cuda::ScoreParams sp = x.fine_params(up.get(), est.get());
-  if (rank.blend_odd_segments) {
-    sp.blended = blended.get();
-    sp.blend = kBlend;
-  }
+  apply_blend(sp, rank, blended);
   cuda::launch_score_pages(sp, nullptr);
-  DeviceBuffer<std::int32_t> budget(std::vector<std::int32_t>(x.batch * x.kv_heads, k));
-  DeviceBuffer<std::int32_t> sel(total), count(static_cast<std::size_t>(x.batch) * x.kv_heads);
-  DeviceBuffer<std::int32_t> d_eb(ex.begin), d_ee(ex.end);
-  cuda::SelectParams ps;
-  ps.scores = up.get();
-  ps.log_mass = est.get();
-  ps.mass_threshold = rank.mass_threshold;
-  ps.exclude_begin = ex.begin.empty() ? nullptr : d_eb.get();
-  ps.exclude_end = ex.end.empty() ? nullptr : d_ee.get();
-  ps.page_indptr = x.d_ip.get();
-  ps.batch = x.batch;
-  ps.kv_heads = x.kv_heads;
-  ps.budget_pages = budget.get();
-  ps.sink_pages = sink_pages;
-  ps.local_pages = local_pages;
-  ps.selected = sel.get();
-  ps.selected_count = count.get();
-  cuda::launch_select_pages(ps, nullptr);
+  PageSelection sel(x, up.get(), est.get(), k, sink_pages, local_pages, ex, rank);
+  cuda::launch_select_pages(sel.params, nullptr);
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
-  return {up.download(), est.download(), sel.download(), count.download()};
+  return {up.download(), est.download(), sel.selected.download(), sel.count.download()};
 }
 
 std::vector<std::int32_t> segment(const std::vector<std::int32_t>& all, std::size_t offset, int count) {
