@@ -693,6 +693,7 @@ struct GpuSide::Impl {
                 "one rule kind and threshold per layer on the GPU");
       }
     }
+    const int max_pages = pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end());
     // Two-level scoring where some segment keeps fewer groups than it has (kept_summary_groups).
     int max_keep = 0;
     bool two_level = false;
@@ -724,7 +725,7 @@ struct GpuSide::Impl {
       // The plan sized the candidate and group buffers for one more page per row than it saw.
       require(static_cast<std::size_t>(batch) * heads * max_keep * kPagesPerSummaryGroup <= slot.position_of.size() &&
                   static_cast<std::size_t>(group_indptr[batch]) * heads <= slot.kept.size(),
-              "HybridAttention::run", "pages per row", *std::max_element(pages.begin(), pages.end()),
+              "HybridAttention::run", "pages per row", max_pages,
               "at most one page per row more than at plan()");
     }
     const std::size_t meta_count = static_cast<std::size_t>(meta_end - m);
@@ -768,7 +769,6 @@ struct GpuSide::Impl {
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
-    const int max_pages = pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end());
     if (two_level) {
       score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
                       summary_groups(max_pages), s);
