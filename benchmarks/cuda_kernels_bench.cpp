@@ -29,6 +29,7 @@
 #include "hattn/kernels/cuda_gather.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kernels/cuda_two_level.hpp"
 #include "hattn/kv/page_summary.hpp"
 
 namespace {
@@ -245,6 +246,7 @@ struct SparseStep {
   // Two-level scoring (keep_multiple > 0): coarse scores of groups, the group selection, the fine
   // scores of the kept groups' pages, the selection over those candidates.
   int keep_groups = 0;
+  hc::TwoLevelScoreParams two_level;  // its stages below, each launched alone for the breakdown
   hc::ScoreParams coarse, fine;
   hc::SelectParams group_select, candidate_select;
 
@@ -295,60 +297,38 @@ struct SparseStep {
                                        sink_groups + local_groups);
     std::vector<std::int32_t> group_table(groups);
     for (int g = 0; g < groups; ++g) group_table[g] = g;
-    hc::GroupSummaryParams gp;
-    gp.summaries = score.summaries;
-    gp.page_table = score.page_table;
-    gp.page_indptr = score.page_indptr;
-    gp.seq_len = score.seq_len;
-    gp.group_table = arena.track(device_copy(group_table));
-    gp.group_indptr = arena.track(device_copy(std::vector<std::int32_t>{0, groups}));
-    gp.batch = 1;
-    gp.kv_heads = kKvHeads;
-    gp.head_dim = kDim;
-    gp.page_size = 16;
-    gp.dtype = DType::kBFloat16;
-    gp.group_summaries = arena.track(device_alloc<float>(static_cast<std::size_t>(groups) * kKvHeads * 3 * kDim));
-    hc::launch_build_group_summaries(gp, nullptr);  // once: appends rebuild only the last group
-    coarse = score;
-    coarse.summaries = gp.group_summaries;
-    coarse.dtype = DType::kFloat32;
-    coarse.page_table = gp.group_table;
-    coarse.page_indptr = gp.group_indptr;
-    coarse.page_size = 16 * hattn::kPagesPerSummaryGroup;
-    coarse.upper = arena.track(device_alloc<float>(static_cast<std::size_t>(groups) * kKvHeads));
-    coarse.estimate = nullptr;
-    group_select = select;
-    group_select.scores = coarse.upper;
-    group_select.page_indptr = gp.group_indptr;
-    group_select.budget_pages = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, keep_groups)));
-    group_select.sink_pages = sink_groups;
-    group_select.local_pages = local_groups;
-    group_select.selected = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(groups) * kKvHeads));
-    group_select.selected_count = arena.track(device_alloc<std::int32_t>(kKvHeads));
-    const int candidates = keep_groups * hattn::kPagesPerSummaryGroup;
-    fine = score;
-    fine.estimate = nullptr;
-    fine.kept_groups = group_select.selected;
-    fine.kept_count = group_select.selected_count;
-    fine.group_indptr = gp.group_indptr;
-    fine.candidates = candidates;
-    fine.upper = arena.track(device_alloc<float>(static_cast<std::size_t>(candidates) * kKvHeads));
-    fine.position_of = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(candidates) * kKvHeads));
+    hc::TwoLevelScoreParams& t = two_level;
+    t.pages = score;
+    t.pages.estimate = nullptr;  // top-k by the bound
+    t.group_table = arena.track(device_copy(group_table));
+    t.group_indptr = arena.track(device_copy(std::vector<std::int32_t>{0, groups}));
+    t.group_summaries = arena.track(device_alloc<float>(static_cast<std::size_t>(groups) * kKvHeads * 3 * kDim));
+    t.group_upper = arena.track(device_alloc<float>(static_cast<std::size_t>(groups) * kKvHeads));
+    t.group_budget = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, keep_groups)));
+    t.sink_pages = select.sink_pages;
+    t.local_pages = select.local_pages;
+    t.kept = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(groups) * kKvHeads));
+    t.kept_count = arena.track(device_alloc<std::int32_t>(kKvHeads));
+    t.candidates = keep_groups * hattn::kPagesPerSummaryGroup;
+    t.pages.upper = arena.track(device_alloc<float>(static_cast<std::size_t>(t.candidates) * kKvHeads));
+    t.position_of = arena.track(device_alloc<std::int32_t>(static_cast<std::size_t>(t.candidates) * kKvHeads));
+    const hc::TwoLevelStages stages = hc::two_level_stages(t);
+    hc::launch_build_group_summaries(stages.rebuild, nullptr);  // once: appends rebuild only the last group
+    t.rebuild_groups = false;
+    coarse = stages.coarse;
+    group_select = stages.keep;
+    fine = stages.fine;
     candidate_select = select;
     candidate_select.scores = fine.upper;
     candidate_select.position_of = fine.position_of;
-    candidate_select.candidates = candidates;
+    candidate_select.candidates = t.candidates;
     HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
   void run_score(cudaStream_t stream = nullptr) { hc::launch_score_pages(score, stream); }
   void run_select(cudaStream_t stream = nullptr) { hc::launch_select_pages(select, stream); }
   /// Two-level scoring and selection: coarse scores, group selection, fine scores of the candidates.
-  void run_two_level_score(cudaStream_t stream = nullptr) {
-    hc::launch_score_pages(coarse, stream);
-    hc::launch_select_pages(group_select, stream);
-    hc::launch_score_pages(fine, stream);
-  }
+  void run_two_level_score(cudaStream_t stream = nullptr) { hc::launch_score_two_level(two_level, stream); }
   /// The sparse step ranks by the Quest bound only, so scoring skips the mean rows.
   void run(cudaStream_t stream = nullptr) {
     if (keep_groups > 0) {
@@ -562,7 +542,8 @@ void BM_Sparse5Step(benchmark::State& state) {
 void BM_Sparse5TwoLevel(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05, static_cast<int>(state.range(1)));
   if (state.range(2) != 0) {
-    s.group_select.max_entries = hattn::summary_groups(static_cast<int>(state.range(0)) / 16);
+    s.two_level.max_groups = hattn::summary_groups(static_cast<int>(state.range(0)) / 16);
+    s.group_select.max_entries = s.two_level.max_groups;
     s.candidate_select.max_entries = s.fine.candidates;
   }
   time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);

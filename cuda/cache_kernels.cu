@@ -30,6 +30,7 @@
 
 #include "detail/block_scan.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "hattn/kv/device_kv_cache_kernels.hpp"
 
 namespace hattn::detail {
@@ -53,18 +54,10 @@ constexpr unsigned kAllLanes = 0xffffffffu;
 enum : int { kAccHits, kAccMisses, kAccBypass, kAccFresh, kAccFields };
 static_assert(kMaxRows <= kThreads, "the plan gives each row a thread");
 
-// Programmatic dependent launch (Hopper): stage 2's blocks start and load what stage 1 does not
-// write while stage 1 runs; `wait` returns once stage 1 is complete and visible.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (detail/pdl.cuh): stage 2's blocks start and load what stage 1
+// does not write while stage 1 runs; `pdl_wait` returns once stage 1 is complete and visible.
+using cuda::detail::pdl_launch_dependents;
+using cuda::detail::pdl_wait;
 
 // Profiling only (CacheCallArgs::phase_ns): thread 0 of a block records a phase mark; the
 // barrier makes it the block's, not one thread's.
@@ -728,17 +721,8 @@ std::size_t lookup_plan_smem(const CacheDeviceView& v, int batch) {
 
 template <class Kernel, class... Args>
 void launch_dependent(Kernel kernel, int blocks, std::size_t smem, cuda::Stream stream, Args... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = reinterpret_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  HATTN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  cuda::detail::launch_programmatic(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem,
+                                    reinterpret_cast<cudaStream_t>(stream), args...);
 }
 
 }  // namespace

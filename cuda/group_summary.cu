@@ -8,6 +8,7 @@
 
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "hattn/kernels/cuda_score.hpp"
 
 namespace hattn::cuda {
@@ -26,6 +27,8 @@ __device__ __forceinline__ float to_float(T v) {
 // the host sums the same products rounded the same way).
 template <class T>
 __global__ void __launch_bounds__(kThreads) BuildGroupSummariesKernel(const __grid_constant__ GroupSummaryParams p) {
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the page summaries may come from the kernels before
   const int b = blockIdx.y;
   const int first = p.page_indptr[b];
   const int n = p.page_indptr[b + 1] - first;
@@ -84,8 +87,7 @@ void launch_build_group_summaries(const GroupSummaryParams& p, Stream stream) {
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     // A full rebuild of a 128K-token request is 512 groups; an append's is one per request.
     const int blocks = std::max(1, 4 * sms / p.batch);
-    BuildGroupSummariesKernel<T><<<dim3(blocks, p.batch), kThreads, 0, stream>>>(p);
-    HATTN_CUDA_CHECK_LAUNCH();
+    detail::launch_programmatic(BuildGroupSummariesKernel<T>, dim3(blocks, p.batch), dim3(kThreads), 0, stream, p);
   });
 }
 

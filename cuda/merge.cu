@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "hattn/kernels/cuda_decode.hpp"
 
 namespace hattn::cuda {
@@ -61,11 +62,8 @@ __device__ __forceinline__ void fma4(float4& o, float w, const float4& v) {
 // One block per row. Weights exp(lse - max) are 0 for empty partials (lse = -inf); a row with only
 // empty partials is written as (0, -inf), never NaN.
 __global__ void __launch_bounds__(kThreads) MergePartialsKernel(const __grid_constant__ MergeParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the decode (see the launcher): the partials are read
-  // only after the decode grid has completed and its writes are visible.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the partials are the decode's until then
   __shared__ float weight[kCachedSplits];
   __shared__ float scratch[kThreads / 32];
   __shared__ float4 part_sum[kThreads];
@@ -161,28 +159,9 @@ void launch_merge_partials(const MergeParams& p, Stream stream) {
   if (p.rows == 0) return;
   hattn::detail::require(p.out != nullptr && (p.splits == 0 || (p.partial_out && p.partial_lse)), kWhere,
                          "pointers", "null", "out and the partials set");
-  // Programmatic dependent launch (sm_90+): the merge is set up while the decode before it in the
-  // stream finishes (the decode kernels trigger it at their start), which hides a launch latency of
-  // a few us; griddepcontrol.wait in the kernel keeps the stream order for the data. After a host
-  // function or copy (the engine's CPU gate) the attribute has no effect and order is as usual.
-  static const bool programmatic = [] {
-    int device = 0, major = 0;
-    HATTN_CUDA_CHECK(cudaGetDevice(&device));
-    HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major >= 9;
-  }();
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(p.rows));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = programmatic ? 1 : 0;
-  HATTN_CUDA_CHECK(cudaLaunchKernelEx(&config, MergePartialsKernel, p));
-  HATTN_CUDA_CHECK_LAUNCH();
+  // Set up while the decode before it finishes (detail/pdl.cuh); after the engine's CPU gate (a
+  // host function or copy) the stream orders it as usual.
+  detail::launch_programmatic(MergePartialsKernel, dim3(static_cast<unsigned>(p.rows)), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace hattn::cuda

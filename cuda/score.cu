@@ -8,6 +8,7 @@
 
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_score.hpp"
 
@@ -46,6 +47,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   constexpr int kDimsPerLane = D / kLanesPerPage;  // 8, 16 or 32
   constexpr int kLoads = kDimsPerLane / kElems;    // 16-byte loads per lane and row
   constexpr int kQuads = kDimsPerLane / 4;         // float4s of q per lane and head
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the summaries, kept groups and q may come from the kernels before
   const int group = p.q_heads / p.kv_heads;
   const int b = blockIdx.y;
   const int first = p.page_indptr[b];
@@ -250,8 +253,7 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
       int per_sm = 0;
       HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       const int blocks_per_request = std::max(1, std::max(per_sm, 1) * sms / p.batch);
-      kernel<<<dim3(blocks_per_request, p.batch), kThreads, smem, stream>>>(p);
-      HATTN_CUDA_CHECK_LAUNCH();
+      detail::launch_programmatic(kernel, dim3(blocks_per_request, p.batch), dim3(kThreads), smem, stream, p);
     });
   };
   if (by_group) launch.template operator()<float>();

@@ -19,6 +19,7 @@
 
 #include "detail/block_scan.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_select.hpp"
 
@@ -433,6 +434,8 @@ __device__ int write_selection(const Segment& seg, SelectShared& sh, int mode, C
 }
 
 __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_constant__ SelectParams p) {
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
   __shared__ SelectShared sh;
   // [kSmemPages] rank scores, then [kSmemPages] masses in mass mode, then [kSmemPages] page
   // positions in candidate mode.
@@ -574,6 +577,8 @@ constexpr int kSmallPerThread = 16;
 
 template <int T>
 __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant__ SelectParams p) {
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
   __shared__ int hist[kRadixBins];
   __shared__ int scratch[detail::kWarp + 1];
   __shared__ std::uint32_t cut_key;
@@ -687,6 +692,8 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
 }
 
 __global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
   const int s = blockIdx.x;
   const int b = s / p.kv_heads;
   const int first = p.page_indptr[b];
@@ -729,9 +736,11 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   // Top-k over segments the caller bounds as small: the compact kernel.
   const int most = p.max_entries;
   if (p.mass_threshold == 0.0f && most > 0 && most <= 1024 * kSmallPerThread) {
-    if (most <= 256 * kSmallPerThread) SelectTopKSmallKernel<256><<<static_cast<unsigned>(segments), 256, 0, stream>>>(p);
-    else SelectTopKSmallKernel<1024><<<static_cast<unsigned>(segments), 1024, 0, stream>>>(p);
-    HATTN_CUDA_CHECK_LAUNCH();
+    if (most <= 256 * kSmallPerThread)
+      detail::launch_programmatic(SelectTopKSmallKernel<256>, dim3(static_cast<unsigned>(segments)), dim3(256), 0, stream, p);
+    else
+      detail::launch_programmatic(SelectTopKSmallKernel<1024>, dim3(static_cast<unsigned>(segments)), dim3(1024), 0, stream,
+                                  p);
     return;
   }
   const int staged_arrays = (p.mass_threshold > 0.0f ? 2 : 1) + (p.position_of != nullptr ? 1 : 0);
@@ -739,8 +748,8 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   // Above the 48 KB default; a per-device attribute, so set on every launch (a host-side call).
   HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectPagesKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         3 * kSmemPages * static_cast<int>(sizeof(float))));
-  SelectPagesKernel<<<static_cast<unsigned>(segments), kThreads, smem, stream>>>(p);
-  HATTN_CUDA_CHECK_LAUNCH();
+  detail::launch_programmatic(SelectPagesKernel, dim3(static_cast<unsigned>(segments)), dim3(kThreads),
+                              static_cast<std::size_t>(smem), stream, p);
 }
 
 void launch_select_all_pages(const SelectParams& p, Stream stream) {
@@ -751,8 +760,7 @@ void launch_select_all_pages(const SelectParams& p, Stream stream) {
   hattn::detail::require(p.page_indptr && p.selected && p.selected_count, kWhere, "pointers", "null", "all set");
   const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
   hattn::detail::require(segments <= 0x7fffffffLL, kWhere, "batch * kv_heads", segments, "< 2^31");
-  SelectAllPagesKernel<<<static_cast<unsigned>(segments), kThreads, 0, stream>>>(p);
-  HATTN_CUDA_CHECK_LAUNCH();
+  detail::launch_programmatic(SelectAllPagesKernel, dim3(static_cast<unsigned>(segments)), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace hattn::cuda

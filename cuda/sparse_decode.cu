@@ -19,6 +19,7 @@
 #include "detail/decode_tensor_cores.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/pdl.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_decode.hpp"
 
@@ -85,9 +86,8 @@ std::size_t decode_smem_bytes(const Shape& s) {
 
 template <class T, int D, int kDimsPerThread>
 __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_constant__ SparseDecodeParams p) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // see launch_merge_partials
-#endif
+  detail::pdl_launch_dependents();
+  detail::pdl_wait();  // the selection and the partial buffers belong to the kernels before until then
   constexpr int kTx = D / kDimsPerThread;         // lanes per query head and row
   constexpr int kRowVecs = D / 8;                  // uint4 per K (or V) row
   constexpr int kTileVecs = kTileTokens * kRowVecs;  // uint4 per K (or V) tile
@@ -302,8 +302,8 @@ void launch(const SparseDecodeParams& p, Stream stream) {
     return true;
   }();
   (void)raised;
-  SparseDecodeKernel<T, D, kDimsPerThread><<<dim3(p.splits, p.batch * p.kv_heads), s.threads, smem, stream>>>(p);
-  HATTN_CUDA_CHECK_LAUNCH();
+  detail::launch_programmatic(SparseDecodeKernel<T, D, kDimsPerThread>, dim3(p.splits, p.batch * p.kv_heads),
+                              dim3(s.threads), smem, stream, p);
 }
 
 // Ring stages per warp of the tensor-core kernel. H100, Llama-3-8B layer (bf16, dim 128, 16-token
@@ -335,9 +335,8 @@ void launch_tensor_cores(const SparseDecodeParams& p, Stream stream) {
     return true;
   }();
   (void)raised;
-  detail::TensorCoreDecodeKernel<T, D>
-      <<<dim3(p.splits, p.batch * p.kv_heads), detail::kMmaWarps * 32, smem, stream>>>(p, stages);
-  HATTN_CUDA_CHECK_LAUNCH();
+  detail::launch_programmatic(detail::TensorCoreDecodeKernel<T, D>, dim3(p.splits, p.batch * p.kv_heads),
+                              dim3(detail::kMmaWarps * 32), smem, stream, p, stages);
 }
 
 bool tensor_cores_support(int head_dim, int group) {

@@ -25,6 +25,7 @@
 #include "cp_async.cuh"
 #include "hattn/kernels/cuda_decode.hpp"
 #include "mma.cuh"
+#include "pdl.cuh"
 
 namespace hattn::cuda::detail {
 
@@ -63,11 +64,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   constexpr int kCopiesPerHalf = kTileElems / 8 / 32;    // 16-byte copies per lane per half tile
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2 = 0.6931471805599453f;
-#if __CUDA_ARCH__ >= 900
-  // Lets the merge launched next in the stream be scheduled as blocks retire (it waits for this
-  // grid's completion itself; see launch_merge_partials).
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  pdl_launch_dependents();
+  pdl_wait();  // the selection and the partial buffers belong to the kernels before until then
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int gid = lane / 4;  // fragment row (query head) of this lane

@@ -18,6 +18,7 @@
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
+#include "hattn/kernels/cuda_two_level.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
 #include "hattn/kv/page_summary.hpp"
 #include <unordered_map>
@@ -575,54 +576,26 @@ struct GpuSide::Impl {
 
   // Two-level scoring: the changed groups' summaries, their coarse scores, the kept groups (top by the
   // same rank as the pages, sink and local groups forced), then the fine scores of their pages only.
-  void score_two_level(Slot& slot, cuda::ScoreParams sp, const std::int32_t* d_group_indptr,
+  void score_two_level(Slot& slot, const cuda::ScoreParams& sp, const std::int32_t* d_group_indptr,
                        const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
                        const std::int32_t* d_first_group, int candidates, int max_groups, cuda::Stream s) {
-    cuda::GroupSummaryParams gp;
-    gp.summaries = sp.summaries;
-    gp.page_table = sp.page_table;
-    gp.page_indptr = sp.page_indptr;
-    gp.seq_len = sp.seq_len;
-    gp.group_table = d_group_table;
-    gp.group_indptr = d_group_indptr;
-    gp.first_group = d_first_group;
-    gp.batch = sp.batch;
-    gp.kv_heads = sp.kv_heads;
-    gp.head_dim = sp.head_dim;
-    gp.page_size = sp.page_size;
-    gp.dtype = sp.dtype;
-    gp.group_summaries = group_summaries.get();
-    cuda::launch_build_group_summaries(gp, s);
-
-    cuda::ScoreParams coarse = sp;
-    coarse.summaries = group_summaries.get();
-    coarse.dtype = DType::kFloat32;
-    coarse.page_table = d_group_table;
-    coarse.page_indptr = d_group_indptr;
-    coarse.page_size = sp.page_size * kPagesPerSummaryGroup;
-    coarse.upper = slot.coarse_upper.get();
-    coarse.estimate = sp.blended ? slot.coarse_estimate.get() : nullptr;  // the blend needs it
-    cuda::launch_score_pages(coarse, s);
-
-    cuda::SelectParams groups;
-    groups.scores = slot.coarse_upper.get();
-    groups.page_indptr = d_group_indptr;
-    groups.batch = sp.batch;
-    groups.kv_heads = sp.kv_heads;
-    groups.budget_pages = d_group_budget;
-    groups.sink_pages = summary_groups(config.sink_pages);
-    groups.local_pages = max_groups_spanned(config.local_pages);
-    groups.selected = slot.kept.get();
-    groups.selected_count = slot.kept_count.get();
-    groups.max_entries = max_groups;  // top-k over at most 16K groups: the compact kernel
-    cuda::launch_select_pages(groups, s);
-
-    sp.kept_groups = slot.kept.get();
-    sp.kept_count = slot.kept_count.get();
-    sp.group_indptr = d_group_indptr;
-    sp.candidates = candidates;
-    sp.position_of = slot.position_of.get();
-    cuda::launch_score_pages(sp, s);
+    cuda::TwoLevelScoreParams p;
+    p.pages = sp;
+    p.group_table = d_group_table;
+    p.group_indptr = d_group_indptr;
+    p.group_summaries = group_summaries.get();
+    p.first_group = d_first_group;
+    p.group_upper = slot.coarse_upper.get();
+    p.group_estimate = slot.coarse_estimate.get();
+    p.group_budget = d_group_budget;
+    p.sink_pages = config.sink_pages;
+    p.local_pages = config.local_pages;
+    p.max_groups = max_groups;  // top-k over at most 16K groups: the compact kernel
+    p.kept = slot.kept.get();
+    p.kept_count = slot.kept_count.get();
+    p.candidates = candidates;
+    p.position_of = slot.position_of.get();
+    cuda::launch_score_two_level(p, s);
   }
 
   void run(const LayerWork& work, const float* q, float* out, cuda::Stream s, std::uint64_t generation,

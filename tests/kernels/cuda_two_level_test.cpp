@@ -13,6 +13,7 @@
 #include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
+#include "hattn/kernels/cuda_two_level.hpp"
 #include "hattn/kv/page_summary.hpp"
 
 namespace hattn::test {
@@ -194,41 +195,33 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
                           const Ranking& rank = {}) {
   const std::size_t total_groups = x.group_table.size() * x.kv_heads;
   DeviceBuffer<std::int32_t> blended(odd_segments(x));
-  cuda::launch_build_group_summaries(x.group_params(), nullptr);
   DeviceBuffer<float> c_up(total_groups), c_est(total_groups);
-  cuda::ScoreParams cp = x.coarse_params(c_up.get(), c_est.get());
-  apply_blend(cp, rank, blended);
-  cuda::launch_score_pages(cp, nullptr);
-
   const int sink_groups = summary_groups(sink_pages);
   const int local_groups = max_groups_spanned(local_pages);
   DeviceBuffer<std::int32_t> g_budget(std::vector<std::int32_t>(x.batch * x.kv_heads, keep_groups + sink_groups + local_groups));
   DeviceBuffer<std::int32_t> d_kept(total_groups), d_kept_count(static_cast<std::size_t>(x.batch) * x.kv_heads);
-  cuda::SelectParams gs;
-  gs.scores = c_up.get();
-  gs.page_indptr = x.d_gip.get();
-  gs.batch = x.batch;
-  gs.kv_heads = x.kv_heads;
-  gs.budget_pages = g_budget.get();
-  gs.sink_pages = sink_groups;
-  gs.local_pages = local_groups;
-  gs.selected = d_kept.get();
-  gs.selected_count = d_kept_count.get();
-  cuda::launch_select_pages(gs, nullptr);
 
   TwoLevelRun r;
   r.candidates = (keep_groups + sink_groups + local_groups) * kGroup;
   const std::size_t entries = static_cast<std::size_t>(x.batch) * x.kv_heads * r.candidates;
   DeviceBuffer<float> f_up(entries), f_est(entries);
   DeviceBuffer<std::int32_t> d_pos(entries);
-  cuda::ScoreParams fp = x.fine_params(f_up.get(), f_est.get());
-  fp.kept_groups = d_kept.get();
-  fp.kept_count = d_kept_count.get();
-  fp.group_indptr = x.d_gip.get();
-  fp.candidates = r.candidates;
-  fp.position_of = d_pos.get();
-  apply_blend(fp, rank, blended);
-  cuda::launch_score_pages(fp, nullptr);
+  cuda::TwoLevelScoreParams t;
+  t.pages = x.fine_params(f_up.get(), f_est.get());
+  apply_blend(t.pages, rank, blended);
+  t.group_table = x.d_gt.get();
+  t.group_indptr = x.d_gip.get();
+  t.group_summaries = x.d_groups.get();
+  t.group_upper = c_up.get();
+  t.group_estimate = c_est.get();
+  t.group_budget = g_budget.get();
+  t.sink_pages = sink_pages;
+  t.local_pages = local_pages;
+  t.kept = d_kept.get();
+  t.kept_count = d_kept_count.get();
+  t.candidates = r.candidates;
+  t.position_of = d_pos.get();
+  cuda::launch_score_two_level(t, nullptr);
 
   PageSelection sel(x, f_up.get(), f_est.get(), k, sink_pages, local_pages, ex, rank);
   sel.params.max_entries = rank.compact ? r.candidates : 0;
@@ -565,6 +558,22 @@ TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {
   g.kv_heads = 1;
   g.page_size = 24;
   names([&] { cuda::launch_build_group_summaries(g, nullptr); }, "page_size");
+  // The two-level launcher: the fine pass's candidate fields come from the group level, and the
+  // blend needs the groups' estimate.
+  cuda::TwoLevelScoreParams t;
+  t.pages = p;  // candidates and position_of still set
+  names([&] { cuda::two_level_stages(t); }, "pages.kept_groups/position_of/candidates");
+  t.pages.candidates = 0;
+  t.pages.position_of = nullptr;
+  names([&] { cuda::two_level_stages(t); }, "pointers");
+  t.group_table = t.group_indptr = t.group_budget = ints;
+  t.group_summaries = t.group_upper = out;
+  t.kept = t.kept_count = t.position_of = pos;
+  t.pages.blended = ints;
+  names([&] { cuda::two_level_stages(t); }, "group_estimate");
+  t.group_estimate = out;
+  t.local_pages = -1;
+  names([&] { cuda::two_level_stages(t); }, "local_pages");
 }
 
 }  // namespace
