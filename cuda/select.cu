@@ -567,39 +567,71 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
   if (threadIdx.x == 0) p.selected_count[s] = written;
 }
 
-// Top-k over segments of at most T x kSmallPerThread entries (the two-level pipeline's group and
-// candidate segments, and 128K-token page segments): one block of T threads per segment, each thread
-// owning kSmallPerThread consecutive entries in registers, and a radix select over the 32-bit order
-// keys in four 8-bit passes. No shared staging, no 4096-bin histograms: for such segments the general
-// kernel's fixed costs dominated (10 us for 512 entries, 17 us for 8192 on an H200). The rule is the
-// general kernel's top-k exactly (ties to the lower position, NaN lowest, forced and excluded pages).
-constexpr int kSmallPerThread = 16;
+// Top-k over segments of at most kSmallThreads x kSmallMaxPerThread entries (the two-level
+// pipeline's group and candidate segments, and 128K-token page segments): one block of T threads per
+// segment, each thread owning E consecutive entries in registers (E as small as the caller's bound
+// allows, so a 900-entry segment is one entry per thread, not 16 entries on 56 threads), and a radix
+// select over the 32-bit order keys in 8-bit passes. The passes start below the bits every ranked key
+// shares (a segment's scores share their sign and most exponent bits: starting at the top put them all
+// in one or two bins, whose shared atomics serialise) and stop once the bin holding the cut is taken
+// whole. No shared staging, no 4096-bin histograms: for such segments the general kernel's fixed costs
+// dominated (10 us for 512 entries, 17 us for 8192 on an H200). The rule is the general kernel's top-k
+// exactly (ties to the lower position, NaN lowest, forced and excluded pages).
+constexpr int kSmallThreads = 1024;
+constexpr int kSmallMaxPerThread = 16;
 
+/// Sum of `count` and the min and max of `lo` / `hi` over the block in one round (a barrier, then
+/// every thread reads the warps' partials). The shared arrays are free again after the next barrier,
+/// so they are the caller's own, not scratch that the block scans reuse.
 template <int T>
+__device__ void block_count_min_max(int& count, std::uint32_t& lo, std::uint32_t& hi, int* counts,
+                                    std::uint32_t* los, std::uint32_t* his) {
+#pragma unroll
+  for (int off = detail::kWarp / 2; off > 0; off /= 2) {
+    count += __shfl_xor_sync(0xffffffffu, count, off);
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+  const int warp = threadIdx.x / detail::kWarp;
+  if (threadIdx.x % detail::kWarp == 0) counts[warp] = count, los[warp] = lo, his[warp] = hi;
+  __syncthreads();
+  count = 0;
+  lo = 0xffffffffu;
+  hi = 0;
+#pragma unroll
+  for (int w = 0; w < T / detail::kWarp; ++w) count += counts[w], lo = min(lo, los[w]), hi = max(hi, his[w]);
+}
+
+template <int T, int E>
 __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
   detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
+  static_assert(E <= 16, "entry bits are kept in 32-bit masks, ranked and forced counts in 15 bits");
   __shared__ int hist[kRadixBins];
   __shared__ int scratch[detail::kWarp + 1];
+  __shared__ int count_partial[T / detail::kWarp];
+  __shared__ std::uint32_t lo_partial[T / detail::kWarp], hi_partial[T / detail::kWarp];
   __shared__ std::uint32_t cut_key;
-  __shared__ int cut_remaining;
+  __shared__ int cut_remaining, cut_whole;
   const SegmentPlace place(p, static_cast<int>(blockIdx.x));
   const int s = place.s, b = place.b, pages = place.pages, n = place.n;
   const bool by_candidate = place.by_candidate;
   const long long page_offset = place.page_offset, offset = place.offset;
   // max_entries understated the longest segment: its last entries (the local window) would be lost.
-  if (n > T * kSmallPerThread) __trap();
+  if (n > T * E) __trap();
   const int exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
   const int exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
   const int sink_end = min(max(p.sink_pages, 0), pages);
   const int local_begin = max(pages - max(p.local_pages, 0), 0);
+  const int budget = p.budget_pages[s];
 
-  const int base = static_cast<int>(threadIdx.x) * kSmallPerThread;
-  std::uint32_t key[kSmallPerThread];
-  std::int32_t at[kSmallPerThread];
+  const int base = static_cast<int>(threadIdx.x) * E;
+  std::uint32_t key[E];
+  std::int32_t at[E];
   unsigned ranked = 0, forced = 0;  // bit j: entry base + j
+  std::uint32_t lo = 0xffffffffu, hi = 0;  // over the ranked keys
 #pragma unroll
-  for (int j = 0; j < kSmallPerThread; ++j) {
+  for (int j = 0; j < E; ++j) {
     const int i = base + j;
     key[j] = 0;
     at[j] = -1;
@@ -608,14 +640,19 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
     key[j] = detail::order_key(p.scores[offset + i]);
     const int q = at[j];
     if (q < 0 || (q >= exclude_begin && q < exclude_end)) continue;
-    if (q < sink_end || q >= local_begin) forced |= 1u << j;
-    else ranked |= 1u << j;
+    if (q < sink_end || q >= local_begin) {
+      forced |= 1u << j;
+    } else {
+      ranked |= 1u << j;
+      lo = min(lo, key[j]);
+      hi = max(hi, key[j]);
+    }
   }
-  // Both counts in one reduction: ranked in the low half, forced in the high (each <= 2^15).
-  const int counts = detail::block_reduce(static_cast<int>(__popc(ranked) | (__popc(forced) << 16)),
-                                          [](int x, int y) { return x + y; }, scratch);
+  // Both counts in one value: ranked in the low half, forced in the high (each <= 2^14).
+  int counts = static_cast<int>(__popc(ranked) | (__popc(forced) << 16));
+  block_count_min_max<T>(counts, lo, hi, count_partial, lo_partial, hi_partial);
   const int n_ranked = counts & 0xffff, n_forced = counts >> 16;
-  const int take = max(p.budget_pages[s] - n_forced, 0);
+  const int take = max(budget - n_forced, 0);
 
   // The cut: ranked entries with a key above cut are taken, and the first `equal` (lowest entries)
   // of those with exactly cut.
@@ -624,14 +661,20 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   if (take >= n_ranked) {
     cut = 0;
     equal = n_ranked;
+  } else if (take > 0 && lo == hi) {  // every ranked key equal: the lowest `take` entries
+    cut = lo;
+    equal = take;
   } else if (take > 0) {
-    std::uint32_t prefix = 0, mask = 0;
+    // Bits above the highest one in which lo and hi differ are the same in every ranked key.
+    const int top = 31 - __clz(lo ^ hi);
+    std::uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
+    std::uint32_t prefix = hi & mask;
     int remaining = take;
-    for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    for (int shift = max(top - (kRadixBits - 1), 0);; shift = max(shift - kRadixBits, 0)) {
       for (int d = threadIdx.x; d < kRadixBins; d += T) hist[d] = 0;
       __syncthreads();
 #pragma unroll
-      for (int j = 0; j < kSmallPerThread; ++j)
+      for (int j = 0; j < E; ++j)
         if ((ranked >> j & 1u) && (key[j] & mask) == prefix) atomicAdd(&hist[(key[j] >> shift) & (kRadixBins - 1)], 1);
       __syncthreads();
       if (threadIdx.x < detail::kWarp) {
@@ -645,38 +688,47 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
           lane_count += c[k];
         }
         int above = detail::warp_inclusive_sum(lane_count) - lane_count;
-        int found = -1, found_above = 0;
+        int found = -1, found_above = 0, found_count = 0;
 #pragma unroll
         for (int k = 0; k < kPerLane; ++k) {
           if (found < 0 && above < remaining && remaining <= above + c[k]) {
             found = kRadixBins - 1 - lane * kPerLane - k;
             found_above = above;
+            found_count = c[k];
           }
           above += c[k];
         }
         if (found >= 0) {  // exactly one lane finds it: the counts are exact integers
-          cut_key = prefix | static_cast<std::uint32_t>(found) << shift;
+          cut_key = (prefix & ~(static_cast<std::uint32_t>(kRadixBins - 1) << shift)) |
+                    static_cast<std::uint32_t>(found) << shift;
           cut_remaining = remaining - found_above;
+          cut_whole = cut_remaining == found_count;  // the whole bin is taken
         }
       }
       __syncthreads();
       prefix = cut_key;
       remaining = cut_remaining;
       mask |= static_cast<std::uint32_t>(kRadixBins - 1) << shift;
+      if (cut_whole || shift == 0) break;
     }
     cut = prefix;
     equal = remaining;
+    if (cut_whole) {
+      // Every ranked key with these high bits is taken: the cut is their lowest possible key, and
+      // all keys equal to it are taken.
+      equal = n_ranked;
+    }
   }
 
   // Write forced + taken entries' page positions in ascending order (thread order is entry order).
   unsigned is_equal = 0;
 #pragma unroll
-  for (int j = 0; j < kSmallPerThread; ++j) is_equal |= static_cast<unsigned>((ranked >> j & 1u) && key[j] == cut) << j;
+  for (int j = 0; j < E; ++j) is_equal |= static_cast<unsigned>((ranked >> j & 1u) && key[j] == cut) << j;
   int equal_total = 0;
   int equal_rank = detail::block_exclusive_sum(__popc(is_equal), scratch, equal_total);
   unsigned taken = forced;
 #pragma unroll
-  for (int j = 0; j < kSmallPerThread; ++j) {
+  for (int j = 0; j < E; ++j) {
     const bool r = ranked >> j & 1u;
     bool t = r && key[j] > cut;
     if (is_equal >> j & 1u) t = equal_rank++ < equal;
@@ -686,9 +738,21 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   int slot = detail::block_exclusive_sum(__popc(taken), scratch, written);
   std::int32_t* out = p.selected + page_offset;
 #pragma unroll
-  for (int j = 0; j < kSmallPerThread; ++j)
+  for (int j = 0; j < E; ++j)
     if (taken >> j & 1u) out[slot++] = at[j];
   if (threadIdx.x == 0) p.selected_count[s] = written;
+}
+
+/// The compact kernel for segments of at most `most` entries: 256 threads of one entry up to 256,
+/// else 1024 threads of the fewest entries each that hold `most`.
+void launch_select_top_k_small(const SelectParams& p, int most, unsigned segments, cudaStream_t stream) {
+  const dim3 grid(segments);
+  if (most <= 256) detail::launch_programmatic(SelectTopKSmallKernel<256, 1>, grid, dim3(256), 0, stream, p);
+  else if (most <= kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 1>, grid, dim3(kSmallThreads), 0, stream, p);
+  else if (most <= 2 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 2>, grid, dim3(kSmallThreads), 0, stream, p);
+  else if (most <= 4 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 4>, grid, dim3(kSmallThreads), 0, stream, p);
+  else if (most <= 8 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 8>, grid, dim3(kSmallThreads), 0, stream, p);
+  else detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 16>, grid, dim3(kSmallThreads), 0, stream, p);
 }
 
 __global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
@@ -734,13 +798,8 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates",
                          segments * p.candidates, "< 2^31");
   // Top-k over segments the caller bounds as small: the compact kernel.
-  const int most = p.max_entries;
-  if (p.mass_threshold == 0.0f && most > 0 && most <= 1024 * kSmallPerThread) {
-    if (most <= 256 * kSmallPerThread)
-      detail::launch_programmatic(SelectTopKSmallKernel<256>, dim3(static_cast<unsigned>(segments)), dim3(256), 0, stream, p);
-    else
-      detail::launch_programmatic(SelectTopKSmallKernel<1024>, dim3(static_cast<unsigned>(segments)), dim3(1024), 0, stream,
-                                  p);
+  if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= kSmallThreads * kSmallMaxPerThread) {
+    launch_select_top_k_small(p, p.max_entries, static_cast<unsigned>(segments), stream);
     return;
   }
   const int staged_arrays = (p.mass_threshold > 0.0f ? 2 : 1) + (p.position_of != nullptr ? 1 : 0);

@@ -21,7 +21,7 @@ struct SelectCase {
   int kv_heads;
 };
 
-enum class Scores { kNormal, kTies, kBunched };
+enum class Scores { kNormal, kTies, kBunched, kConstant };
 
 void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t seed, bool with_exclude,
                 Scores kind, bool compact = false) {
@@ -33,7 +33,8 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
   std::normal_distribution<float> normal(0.0f, 3.0f);
   // Rank scores (the Quest bound) and log-masses (the mean-key estimate): correlated, not in the
   // same order. kTies rounds the ranks so ties are common; kBunched puts most ranks on two values
-  // and a few far away, so a bin of the equal-width histogram overflows and the radix path runs.
+  // and a few far away, so a bin of the equal-width histogram overflows and the radix path runs;
+  // kConstant ranks every page alike (the selection is then by position alone).
   std::vector<float> scores(total), log_mass(total);
   for (std::int64_t i = 0; i < total; ++i) {
     const float x = normal(rng);
@@ -42,6 +43,7 @@ void run_select(const SelectCase& c, bool mass, float threshold, std::uint32_t s
       case Scores::kNormal: scores[i] = x; break;
       case Scores::kTies: scores[i] = std::round(x) + 0.0f; break;  // + 0: no -0, which the GPU ranks below +0
       case Scores::kBunched: scores[i] = i % 97 == 0 ? 1000.0f * x : (x > 0 ? 1.0f + 1e-6f * x : 1.0f); break;
+      case Scores::kConstant: scores[i] = 2.5f; break;
     }
   }
   std::vector<std::int32_t> budget, eb, ee;
@@ -112,10 +114,13 @@ TEST(CudaSelect, TopKMatchesBruteForce) {
 
 TEST(CudaSelect, CompactTopKMatchesBruteForce) {
   HATTN_REQUIRE_CUDA_DEVICE();
-  // Segments of at most 4096 (256 threads) and 16384 entries (1024 threads).
-  for (const SelectCase& c : {SelectCase{{1, 7, 300, 2048, 4096}, 3}, SelectCase{{1, 5000, 8192, 16384}, 2}})
+  // Bounds that pick each shape of the kernel: 256 threads of one entry, 1024 threads of 1, 2, 4, 8
+  // and 16 entries.
+  for (const SelectCase& c : {SelectCase{{1, 100, 256}, 3}, SelectCase{{5, 900, 1024}, 2}, SelectCase{{1500, 2048}, 2},
+                              SelectCase{{1, 7, 300, 2048, 4096}, 3}, SelectCase{{6000, 8192}, 1},
+                              SelectCase{{1, 5000, 8192, 16384}, 2}})
     for (bool ex : {false, true})
-      for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched})
+      for (Scores kind : {Scores::kNormal, Scores::kTies, Scores::kBunched, Scores::kConstant})
         run_select(c, false, 0, 31 + ex + 2 * static_cast<int>(kind), ex, kind, /*compact=*/true);
 }
 
