@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Q_HEADS, KV_HEADS, DIM = 32, 8, 128
 GPU_SHAPES = [(32768, 1), (131072, 1), (131072, 8), (32768, 4), (131072, 4), (32768, 16), (131072, 16)]
+KERNEL_SHAPES = [(32768, 1), (131072, 1), (131072, 8)]
 OFFLOAD_SHAPES = [(32768, 1), (131072, 1), (131072, 4)]
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -125,10 +126,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu-threads", type=int, default=16)
+    ap.add_argument("--kernel-shapes-only", action="store_true",
+                    help="only the GPU shapes of docs/results/cuda_kernels.json (no offload, no CPU): ~1 minute")
     args = ap.parse_args()
     log = []
     gpu, chosen = {}, {}
-    for tokens, batch in GPU_SHAPES:
+    shapes = KERNEL_SHAPES if args.kernel_shapes_only else GPU_SHAPES
+    for tokens, batch in shapes:
         us, best = best_gpu_sdpa(tokens, batch, log)
         gpu[f"{tokens}x{batch}"] = us
         chosen[f"{tokens}x{batch}"] = best
@@ -144,13 +148,14 @@ def main():
 
         return run
 
-    offload = {}
-    for tokens, batch in OFFLOAD_SHAPES:
+    offload, cpu = {}, {}
+    for tokens, batch in [] if args.kernel_shapes_only else OFFLOAD_SHAPES:
         key = f"{tokens}x{batch}"
         offload[key] = full_offload_us(tokens, batch, best_fn_for(key))
         print(f"full offload {key}: {offload[key]:.1f} us", flush=True)
-    cpu = {"131072x1": cpu_sdpa_us(131072, 1, args.cpu_threads)}
-    print(f"cpu sdpa 131072x1: {cpu['131072x1']:.1f} us", flush=True)
+    if not args.kernel_shapes_only:
+        cpu["131072x1"] = cpu_sdpa_us(131072, 1, args.cpu_threads)
+        print(f"cpu sdpa 131072x1: {cpu['131072x1']:.1f} us", flush=True)
     result = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,

@@ -7,7 +7,8 @@ set -uo pipefail
 export HATTN_COMMIT=${HATTN_COMMIT:-unknown}
 mkdir -p "$OUT" docs/results
 status=0
-PYTHONUNBUFFERED=1 python3 benchmarks/torch_baselines.py --out "$OUT/torch_baselines.json" \
+# TORCH_QUICK=1: only the shapes the kernel figures use (the e2e and CPU figures need the full set).
+PYTHONUNBUFFERED=1 python3 benchmarks/torch_baselines.py --out "$OUT/torch_baselines.json" ${TORCH_QUICK:+--kernel-shapes-only} \
   > "$OUT/torch_baselines.log" 2>&1 || { echo "torch_baselines.py failed"; tail -20 "$OUT/torch_baselines.log"; status=1; }
 bench="$BUILD/benchmarks/bench_cuda_kernels"
 [ -x "$bench" ] || { echo "missing $bench"; exit 1; }
