@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   constexpr int kLoads = kDimsPerLane / kElems;    // 16-byte loads per lane and row
   constexpr int kQuads = kDimsPerLane / 4;         // float4s of q per lane and head
   detail::pdl_launch_dependents();
-  detail::pdl_wait();  // the summaries, kept groups and q may come from the kernels before
+  // Inputs that no kernel of the chain writes (detail/pdl.cuh): the tables and q are read, and q
+  // staged, while the kernel before finishes. Summaries, scores and kept groups only after the wait.
   const int group = p.q_heads / p.kv_heads;
   const int b = blockIdx.y;
   const int first = p.page_indptr[b];
@@ -58,11 +59,6 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int len = p.seq_len[b];
   const int group_first = by_candidate ? p.group_indptr[b] : 0;
   const int groups = by_candidate ? p.group_indptr[b + 1] - group_first : 0;
-  // More kept groups than candidate room would drop the last ones (the forced local groups).
-  if (by_candidate && threadIdx.x < p.kv_heads &&
-      p.kept_count[b * p.kv_heads + threadIdx.x] * kPagesPerSummaryGroup > p.candidates)
-    __trap();
-
   extern __shared__ float4 q_smem[];  // [q_heads][kQuads][kLanesPerPage]
   const float4* qb = reinterpret_cast<const float4*>(p.q + static_cast<long long>(b) * p.q_heads * D);
   for (int idx = threadIdx.x; idx < p.q_heads * (D / 4); idx += blockDim.x) {
@@ -70,6 +66,11 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
     const int lane = quad / kQuads, j = quad % kQuads;
     q_smem[(head * kQuads + j) * kLanesPerPage + lane] = qb[idx];
   }
+  detail::pdl_wait();
+  // More kept groups than candidate room would drop the last ones (the forced local groups).
+  if (by_candidate && threadIdx.x < p.kv_heads &&
+      p.kept_count[b * p.kv_heads + threadIdx.x] * kPagesPerSummaryGroup > p.candidates)
+    __trap();
   __syncthreads();
 
   const int lane = threadIdx.x % kLanesPerPage;

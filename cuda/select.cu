@@ -605,7 +605,6 @@ __device__ void block_count_min_max(int& count, std::uint32_t& lo, std::uint32_t
 template <int T, int E>
 __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
-  detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
   static_assert(E <= 16, "entry bits are kept in 32-bit masks, ranked and forced counts in 15 bits");
   __shared__ int hist[kRadixBins];
   __shared__ int scratch[detail::kWarp + 1];
@@ -624,6 +623,9 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   const int sink_end = min(max(p.sink_pages, 0), pages);
   const int local_begin = max(pages - max(p.local_pages, 0), 0);
   const int budget = p.budget_pages[s];
+  // The tables, budgets and exclusions above are read while the kernel before finishes
+  // (detail/pdl.cuh); the scores and candidates, and every output, only after the wait.
+  detail::pdl_wait();
 
   const int base = static_cast<int>(threadIdx.x) * E;
   std::uint32_t key[E];

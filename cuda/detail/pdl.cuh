@@ -5,12 +5,17 @@
 // while the one before it still runs, so its launch latency hides behind that kernel's tail.
 //
 // The contract every kernel launched by `launch_programmatic` keeps:
-//  - it calls `pdl_wait()` before it reads or writes any global memory that an earlier kernel of
-//    the stream may still touch. `wait` returns once every kernel before it in the stream has
-//    completed and its writes are visible, so the chain keeps plain stream order for the data. We
-//    call it first thing: the gain we want is the launch latency, not loads moved ahead of it;
-//  - it calls `pdl_launch_dependents()` early (first thing too), which lets the next kernel's
-//    blocks be scheduled. A kernel launched after it without the attribute is ordered as usual.
+//  - it calls `pdl_wait()` before it reads or writes global memory that a kernel of ours may write
+//    (summaries, scores, selections, partials, outputs). `wait` returns once every kernel before
+//    it in the stream has completed and its writes are visible, so the chain keeps plain stream
+//    order for that data;
+//  - before the wait it may read only the inputs that no kernel of ours writes: q, the page and
+//    group tables, indptrs, lengths, budgets and exclusions, which callers upload or compute before
+//    the chain. (A caller's own kernel is launched without the attribute and never lets ours start
+//    early, so whatever it wrote is complete when the next of ours begins.) That is where the gain
+//    is: those loads and the launch latency hide behind the tail of the kernel before;
+//  - it calls `pdl_launch_dependents()` first thing, which lets the next kernel's blocks be
+//    scheduled. A kernel launched after it without the attribute is ordered as usual.
 // After a copy or a host function in the stream the attribute has no effect.
 #include <cuda_runtime.h>
 
