@@ -513,6 +513,78 @@ TEST(CudaTwoLevelNeedles, PrunedSelectionKeepsPlantedNeedles) {
   }
 }
 
+// The four launches follow from one description: the coarse pass is the page launch over the group
+// level, the group selection forces the groups of the sink and local pages, the fine pass takes the
+// kept groups. Host-side, so it runs without a GPU.
+TEST(CudaTwoLevel, StagesFollowTheDescription) {
+  std::int32_t table[4] = {}, indptr[2] = {}, gtable[2] = {}, gindptr[2] = {}, budget[2] = {}, blended[2] = {};
+  std::int32_t kept[2] = {}, kept_count[2] = {}, first[1] = {}, pos[32] = {};
+  float q[256] = {}, up[32] = {}, est[32] = {}, gsum[2] = {}, gup[2] = {}, gest[2] = {};
+  const std::byte summaries[16] = {};
+  cuda::TwoLevelScoreParams t;
+  t.pages.q = q;
+  t.pages.summaries = summaries;
+  t.pages.page_table = table;
+  t.pages.page_indptr = indptr;
+  t.pages.seq_len = indptr;
+  t.pages.batch = 1;
+  t.pages.q_heads = 8;
+  t.pages.kv_heads = 2;
+  t.pages.head_dim = 128;
+  t.pages.page_size = 32;
+  t.pages.dtype = DType::kFloat16;
+  t.pages.upper = up;
+  t.pages.estimate = est;
+  t.pages.blended = blended;
+  t.group_table = gtable;
+  t.group_indptr = gindptr;
+  t.group_summaries = gsum;
+  t.first_group = first;
+  t.group_upper = gup;
+  t.group_estimate = gest;
+  t.group_budget = budget;
+  t.sink_pages = 17;   // the first two groups
+  t.local_pages = 20;  // up to three groups, wherever the window starts
+  t.max_groups = 9;
+  t.kept = kept;
+  t.kept_count = kept_count;
+  t.candidates = 48;
+  t.position_of = pos;
+  const cuda::TwoLevelStages st = cuda::two_level_stages(t);
+  EXPECT_EQ(st.rebuild.summaries, static_cast<const void*>(summaries));
+  EXPECT_EQ(st.rebuild.group_summaries, gsum);
+  EXPECT_EQ(st.rebuild.first_group, first);
+  EXPECT_EQ(st.rebuild.page_size, 32);
+  EXPECT_EQ(st.rebuild.dtype, DType::kFloat16);
+  EXPECT_EQ(st.coarse.summaries, static_cast<const void*>(gsum));
+  EXPECT_EQ(st.coarse.dtype, DType::kFloat32);
+  EXPECT_EQ(st.coarse.page_table, gtable);
+  EXPECT_EQ(st.coarse.page_indptr, gindptr);
+  EXPECT_EQ(st.coarse.page_size, 32 * kGroup);
+  EXPECT_EQ(st.coarse.upper, gup);
+  EXPECT_EQ(st.coarse.estimate, gest);  // the blend ranks groups by it
+  EXPECT_EQ(st.coarse.kept_groups, nullptr);
+  EXPECT_EQ(st.keep.scores, gup);
+  EXPECT_EQ(st.keep.page_indptr, gindptr);
+  EXPECT_EQ(st.keep.budget_pages, budget);
+  EXPECT_EQ(st.keep.sink_pages, 2);
+  EXPECT_EQ(st.keep.local_pages, 3);
+  EXPECT_EQ(st.keep.max_entries, 9);
+  EXPECT_EQ(st.keep.selected, kept);
+  EXPECT_EQ(st.keep.selected_count, kept_count);
+  EXPECT_EQ(st.fine.summaries, static_cast<const void*>(summaries));
+  EXPECT_EQ(st.fine.page_table, table);
+  EXPECT_EQ(st.fine.kept_groups, kept);
+  EXPECT_EQ(st.fine.kept_count, kept_count);
+  EXPECT_EQ(st.fine.group_indptr, gindptr);
+  EXPECT_EQ(st.fine.candidates, 48);
+  EXPECT_EQ(st.fine.position_of, pos);
+  EXPECT_EQ(st.fine.upper, up);
+  EXPECT_EQ(st.fine.estimate, est);
+  t.pages.blended = nullptr;  // without the blend the groups rank by the bound alone
+  EXPECT_EQ(cuda::two_level_stages(t).coarse.estimate, nullptr);
+}
+
 TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {
   const std::int32_t ints[2] = {0, 1};
   const float floats[8] = {};
