@@ -278,6 +278,9 @@ struct SparseStep {
     select.batch = 1;
     select.kv_heads = kKvHeads;
     select.budget_pages = arena.track(device_copy(std::vector<std::int32_t>(kKvHeads, k)));
+    // Inputs uploaded once, before any launch: read while the kernel before finishes, as the engine does.
+    score.inputs_ready = true;
+    select.inputs_ready = true;
     select.sink_pages = 1;
     select.local_pages = 4;
     // Selection writes into the decode's selected list and counts (same segment offsets).

@@ -48,8 +48,9 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   constexpr int kLoads = kDimsPerLane / kElems;    // 16-byte loads per lane and row
   constexpr int kQuads = kDimsPerLane / 4;         // float4s of q per lane and head
   detail::pdl_launch_dependents();
-  // Inputs that no kernel of the chain writes (detail/pdl.cuh): the tables and q are read, and q
-  // staged, while the kernel before finishes. Summaries, scores and kept groups only after the wait.
+  // Where the caller vouches for its inputs (inputs_ready, detail/pdl.cuh), the tables and q are
+  // read, and q staged, while the kernel before finishes. Summaries and kept groups only after the wait.
+  if (!p.inputs_ready) detail::pdl_wait();
   const int group = p.q_heads / p.kv_heads;
   const int b = blockIdx.y;
   const int first = p.page_indptr[b];

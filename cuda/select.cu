@@ -612,20 +612,22 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   __shared__ std::uint32_t lo_partial[T / detail::kWarp], hi_partial[T / detail::kWarp];
   __shared__ std::uint32_t cut_key;
   __shared__ int cut_remaining, cut_whole;
+  if (!p.inputs_ready) detail::pdl_wait();
   const SegmentPlace place(p, static_cast<int>(blockIdx.x));
   const int s = place.s, b = place.b, pages = place.pages, n = place.n;
   const bool by_candidate = place.by_candidate;
   const long long page_offset = place.page_offset, offset = place.offset;
-  // max_entries understated the longest segment: its last entries (the local window) would be lost.
-  if (n > T * E) __trap();
   const int exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
   const int exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
   const int sink_end = min(max(p.sink_pages, 0), pages);
   const int local_begin = max(pages - max(p.local_pages, 0), 0);
   const int budget = p.budget_pages[s];
-  // The tables, budgets and exclusions above are read while the kernel before finishes
-  // (detail/pdl.cuh); the scores and candidates, and every output, only after the wait.
+  // Where the caller vouches for them (inputs_ready), the tables, budgets and exclusions above are
+  // read while the kernel before finishes (detail/pdl.cuh); the scores, candidates and every output
+  // only after the wait (a second wait returns at once).
   detail::pdl_wait();
+  // max_entries understated the longest segment: its last entries (the local window) would be lost.
+  if (n > T * E) __trap();
 
   const int base = static_cast<int>(threadIdx.x) * E;
   std::uint32_t key[E];

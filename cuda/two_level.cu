@@ -57,6 +57,7 @@ TwoLevelStages two_level_stages(const TwoLevelScoreParams& p) {
   k.selected = p.kept;
   k.selected_count = p.kept_count;
   k.max_entries = p.max_groups;
+  k.inputs_ready = sp.inputs_ready;
 
   ScoreParams& f = t.fine;
   f = sp;

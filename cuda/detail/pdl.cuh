@@ -9,11 +9,13 @@
 //    (summaries, scores, selections, partials, outputs). `wait` returns once every kernel before
 //    it in the stream has completed and its writes are visible, so the chain keeps plain stream
 //    order for that data;
-//  - before the wait it may read only the inputs that no kernel of ours writes: q, the page and
-//    group tables, indptrs, lengths, budgets and exclusions, which callers upload or compute before
-//    the chain. (A caller's own kernel is launched without the attribute and never lets ours start
-//    early, so whatever it wrote is complete when the next of ours begins.) That is where the gain
-//    is: those loads and the launch latency hide behind the tail of the kernel before;
+//  - before the wait it may read only the caller's inputs (q, the page and group tables, indptrs,
+//    lengths, budgets and exclusions), and only where the caller says they were complete before the
+//    first kernel of the chain began (ScoreParams / SelectParams::inputs_ready). That needs saying:
+//    a kernel of the caller's that triggers its dependents early (PDL-aware GEMMs do) lets ours
+//    start before it has finished writing, and every kernel of a chain may run beside the ones
+//    before it. The engine says so (a metadata copy heads each of its chains), and there the gain is
+//    those loads and the launch latency hidden behind the tail of the kernel before;
 //  - it calls `pdl_launch_dependents()` first thing, which lets the next kernel's blocks be
 //    scheduled. A kernel launched after it without the attribute is ordered as usual.
 // After a copy or a host function in the stream the attribute has no effect.

@@ -741,6 +741,7 @@ struct GpuSide::Impl {
     // Segments that rank by the blend get it in place of their bound, from the same pass.
     sp.blended = any_blended ? d_blended : nullptr;
     sp.blend = kRankBlend;
+    sp.inputs_ready = true;  // the metadata copy above heads the chain
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
     if (two_level) {
       score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
@@ -766,6 +767,7 @@ struct GpuSide::Impl {
     sel.workspace = slot.select_workspace.get();
     // Top-k over at most 16K entries (a 256K-token row, or the candidates) takes the compact kernel.
     sel.max_entries = two_level ? candidates : max_pages;
+    sel.inputs_ready = true;
     if (two_level) {  // the scores are the kept groups' pages, at their candidate offsets
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;

@@ -209,6 +209,7 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   cuda::TwoLevelScoreParams t;
   t.pages = x.fine_params(f_up.get(), f_est.get());
   apply_blend(t.pages, rank, blended);
+  t.pages.inputs_ready = true;  // uploaded before the chain: the engine's early reads, exercised here
   t.group_table = x.d_gt.get();
   t.group_indptr = x.d_gip.get();
   t.group_summaries = x.d_groups.get();
@@ -225,6 +226,7 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
 
   PageSelection sel(x, f_up.get(), f_est.get(), k, sink_pages, local_pages, ex, rank);
   sel.params.max_entries = rank.compact ? r.candidates : 0;
+  sel.params.inputs_ready = true;
   sel.params.position_of = d_pos.get();
   sel.params.candidates = r.candidates;
   cuda::launch_select_pages(sel.params, nullptr);
@@ -570,6 +572,7 @@ TEST(CudaTwoLevel, StagesFollowTheDescription) {
   EXPECT_EQ(st.keep.sink_pages, 2);
   EXPECT_EQ(st.keep.local_pages, 3);
   EXPECT_EQ(st.keep.max_entries, 9);
+  EXPECT_FALSE(st.keep.inputs_ready);
   EXPECT_EQ(st.keep.selected, kept);
   EXPECT_EQ(st.keep.selected_count, kept_count);
   EXPECT_EQ(st.fine.summaries, static_cast<const void*>(summaries));
@@ -583,6 +586,9 @@ TEST(CudaTwoLevel, StagesFollowTheDescription) {
   EXPECT_EQ(st.fine.estimate, est);
   t.pages.blended = nullptr;  // without the blend the groups rank by the bound alone
   EXPECT_EQ(cuda::two_level_stages(t).coarse.estimate, nullptr);
+  t.pages.inputs_ready = true;  // the caller's word about its inputs holds for the whole chain
+  EXPECT_TRUE(cuda::two_level_stages(t).keep.inputs_ready);
+  EXPECT_TRUE(cuda::two_level_stages(t).fine.inputs_ready);
 }
 
 TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {

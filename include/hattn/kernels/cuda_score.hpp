@@ -45,6 +45,13 @@ struct ScoreParams {
   const std::int32_t* group_indptr = nullptr;  ///< [batch + 1] groups of request b (its group segments)
   int candidates = 0;  ///< entries per segment, >= kept groups x kPagesPerSummaryGroup (else a device trap)
   std::int32_t* position_of = nullptr;  ///< out, [batch * kv_heads * candidates]
+  /// The caller's inputs (q, page and group tables, indptrs, lengths) were complete before the first
+  /// kernel of this chain of hattn launches began: a copy, a host function or an event wait comes
+  /// before it, or a kernel that does not trigger programmatic dependents early. Then the kernel
+  /// reads them while the kernel before it finishes (cuda/detail/pdl.cuh); false (the default) reads
+  /// nothing before the kernel before it has completed. The engine sets it (its metadata copy heads
+  /// every chain).
+  bool inputs_ready = false;
 };
 
 void launch_score_pages(const ScoreParams& p, Stream stream);

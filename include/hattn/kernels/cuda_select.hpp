@@ -44,6 +44,8 @@ struct SelectParams {
   /// a segment longer than the bound stops that kernel with a device trap (a CudaError at the next
   /// sync). The engine passes its longest row (or the candidates).
   int max_entries = 0;
+  /// As ScoreParams::inputs_ready, for page_indptr, budget_pages and the exclusions.
+  bool inputs_ready = false;
 };
 
 /// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).
