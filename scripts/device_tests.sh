@@ -9,13 +9,14 @@ bash scripts/device_build.sh "$BUILD" > "$OUT/build.log" 2>&1 || { tail -50 "$OU
 ctest --test-dir "$BUILD" --output-on-failure -j4 --timeout 900 > "$OUT/ctest.log" 2>&1
 ctest_rc=$?
 sanitizer_rc=0
-# The kernel test binary runs its selection and split suites only: its 175 decode cases under both
-# sanitizers take longer than one device call allows (run them with a filter when the decode changes).
+# The kernel test binary runs its scoring, selection, two-level, split and merge suites only: its 175
+# decode cases under both sanitizers take longer than one device call allows (run them with a filter
+# when the decode changes). Scoring is in because its q staging now overlaps the grid-dependency wait.
 for t in "$BUILD"/tests/hattn_cuda_kernels_test "$BUILD"/tests/test_*gpu*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
   filter='*'
-  [ "$name" = hattn_cuda_kernels_test ] && filter='CudaSplit*:CudaSelect*:*TwoLevel*'
+  [ "$name" = hattn_cuda_kernels_test ] && filter='CudaSplit*:CudaSelect*:*TwoLevel*:*CudaScore*:CudaSparseDecodeMerge*'
   for tool in memcheck racecheck; do
     # GTEST_BRIEF keeps the log short; a sanitizer finding fails the run via --error-exitcode.
     if ! GTEST_BRIEF=1 compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" --gtest_filter="$filter" \
