@@ -244,12 +244,12 @@ struct SparseStep {
   hc::ScoreParams score;
   hc::SelectParams select;
   // Two-level scoring (keep_multiple > 0): coarse scores of groups, the group selection, the fine
-  // scores of the kept groups' pages, the selection over those candidates.
+  // scores of the kept groups' pages (two_level; hc::two_level_stages gives each launch for the
+  // breakdown), then the selection over those candidates.
   int pages = 0;  // per KV head
   int keep_groups = 0;
-  hc::TwoLevelScoreParams two_level;  // its stages below, each launched alone for the breakdown
-  hc::ScoreParams coarse, fine;
-  hc::SelectParams group_select, candidate_select;
+  hc::TwoLevelScoreParams two_level;
+  hc::SelectParams candidate_select;
 
   SparseStep(int tokens, double fraction, int keep_multiple = 0) : layer(tokens, 1, true) {
     const int n = (tokens + 15) / 16;
@@ -320,12 +320,9 @@ struct SparseStep {
     const hc::TwoLevelStages stages = hc::two_level_stages(t);
     hc::launch_build_group_summaries(stages.rebuild, nullptr);  // once: appends rebuild only the last group
     t.rebuild_groups = false;
-    coarse = stages.coarse;
-    group_select = stages.keep;
-    fine = stages.fine;
     candidate_select = select;
-    candidate_select.scores = fine.upper;
-    candidate_select.position_of = fine.position_of;
+    candidate_select.scores = t.pages.upper;
+    candidate_select.position_of = t.position_of;
     candidate_select.candidates = t.candidates;
     HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -336,8 +333,7 @@ struct SparseStep {
     select.max_entries = pages;
     if (keep_groups == 0) return;
     two_level.max_groups = hattn::summary_groups(select.max_entries);
-    group_select.max_entries = two_level.max_groups;
-    candidate_select.max_entries = fine.candidates;
+    candidate_select.max_entries = two_level.candidates;
   }
 
   void run_score(cudaStream_t stream = nullptr) { hc::launch_score_pages(score, stream); }
@@ -520,7 +516,7 @@ void BM_ScorePages(benchmark::State& state) {
 // compact kernel).
 void BM_SelectTopK(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05);
-  if (state.range(1) != 0) s.select.max_entries = static_cast<int>(state.range(0)) / 16;
+  if (state.range(1) != 0) s.bound_like_the_engine();
   s.run_score();
   time_loop(state, [&] { s.run_select(); }, static_cast<double>(state.range(0)) / 16 * kKvHeads * 4, g_hbm_gbps);
   state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
@@ -561,10 +557,11 @@ void BM_Sparse5TwoLevel(benchmark::State& state) {
   state.counters["kept_groups"] = s.keep_groups;
   state.counters["us_queued"] = median_us_queued([&] { s.run(); }, 100);
   state.counters["us_graph"] = graph_us_per_launch([&](cudaStream_t st) { s.run(st); }, 20, 30);
-  state.counters["coarse_us"] = graph_us_per_launch([&](cudaStream_t st) { hc::launch_score_pages(s.coarse, st); }, 20, 30);
+  const hc::TwoLevelStages stage = hc::two_level_stages(s.two_level);
+  state.counters["coarse_us"] = graph_us_per_launch([&](cudaStream_t st) { hc::launch_score_pages(stage.coarse, st); }, 20, 30);
   state.counters["group_select_us"] =
-      graph_us_per_launch([&](cudaStream_t st) { hc::launch_select_pages(s.group_select, st); }, 20, 30);
-  state.counters["fine_us"] = graph_us_per_launch([&](cudaStream_t st) { hc::launch_score_pages(s.fine, st); }, 20, 30);
+      graph_us_per_launch([&](cudaStream_t st) { hc::launch_select_pages(stage.keep, st); }, 20, 30);
+  state.counters["fine_us"] = graph_us_per_launch([&](cudaStream_t st) { hc::launch_score_pages(stage.fine, st); }, 20, 30);
   state.counters["select_us"] =
       graph_us_per_launch([&](cudaStream_t st) { hc::launch_select_pages(s.candidate_select, st); }, 20, 30);
   state.counters["decode_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
