@@ -747,28 +747,30 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
   if (threadIdx.x == 0) p.selected_count[s] = written;
 }
 
-/// The compact kernel for segments of at most `most` entries: 256 threads of one entry up to 256,
-/// else 1024 threads of the fewest entries each that hold `most`.
-void launch_select_top_k_small(const SelectParams& p, int most, unsigned segments, cudaStream_t stream) {
-  const dim3 grid(segments);
-  if (most <= 256) detail::launch_programmatic(SelectTopKSmallKernel<256, 1>, grid, dim3(256), 0, stream, p);
-  else if (most <= kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 1>, grid, dim3(kSmallThreads), 0, stream, p);
-  else if (most <= 2 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 2>, grid, dim3(kSmallThreads), 0, stream, p);
-  else if (most <= 4 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 4>, grid, dim3(kSmallThreads), 0, stream, p);
-  else if (most <= 8 * kSmallThreads) detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 8>, grid, dim3(kSmallThreads), 0, stream, p);
-  else detail::launch_programmatic(SelectTopKSmallKernel<kSmallThreads, 16>, grid, dim3(kSmallThreads), 0, stream, p);
+template <int T, int E>
+void launch_top_k_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
+  detail::launch_programmatic(SelectTopKSmallKernel<T, E>, dim3(segments), dim3(T), 0, stream, p);
+}
+
+/// The compact kernel for segments of at most p.max_entries entries: 256 threads of one entry up to
+/// 256, else 1024 threads of the fewest entries each that hold them.
+void launch_select_top_k_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
+  const int most = p.max_entries;
+  if (most <= 256) launch_top_k_small<256, 1>(p, segments, stream);
+  else if (most <= kSmallThreads) launch_top_k_small<kSmallThreads, 1>(p, segments, stream);
+  else if (most <= 2 * kSmallThreads) launch_top_k_small<kSmallThreads, 2>(p, segments, stream);
+  else if (most <= 4 * kSmallThreads) launch_top_k_small<kSmallThreads, 4>(p, segments, stream);
+  else if (most <= 8 * kSmallThreads) launch_top_k_small<kSmallThreads, 8>(p, segments, stream);
+  else launch_top_k_small<kSmallThreads, 16>(p, segments, stream);
 }
 
 __global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
-  detail::pdl_wait();  // the scores (and the output arrays) belong to the kernels before until then
-  const int s = blockIdx.x;
-  const int b = s / p.kv_heads;
-  const int first = p.page_indptr[b];
-  const int n = p.page_indptr[b + 1] - first;
-  std::int32_t* out = p.selected + static_cast<long long>(first) * p.kv_heads + static_cast<long long>(s % p.kv_heads) * n;
-  for (int i = threadIdx.x; i < n; i += kThreads) out[i] = i;
-  if (threadIdx.x == 0) p.selected_count[s] = n;
+  detail::pdl_wait();  // the output arrays belong to the kernels before until then
+  const SegmentPlace place(p, static_cast<int>(blockIdx.x));
+  std::int32_t* out = p.selected + place.page_offset;
+  for (int i = threadIdx.x; i < place.pages; i += kThreads) out[i] = i;
+  if (threadIdx.x == 0) p.selected_count[place.s] = place.pages;
 }
 
 }  // namespace
@@ -803,7 +805,7 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
                          segments * p.candidates, "< 2^31");
   // Top-k over segments the caller bounds as small: the compact kernel.
   if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= kSmallThreads * kSmallMaxPerThread) {
-    launch_select_top_k_small(p, p.max_entries, static_cast<unsigned>(segments), stream);
+    launch_select_top_k_small(p, static_cast<unsigned>(segments), stream);
     return;
   }
   const int staged_arrays = (p.mass_threshold > 0.0f ? 2 : 1) + (p.position_of != nullptr ? 1 : 0);
