@@ -248,6 +248,7 @@ struct SparseStep {
   // breakdown), then the selection over those candidates.
   int pages = 0;  // per KV head
   int keep_groups = 0;
+  bool fused = false;  // two-level scoring and selection through launch_select_two_level (as the engine)
   hc::TwoLevelScoreParams two_level;
   hc::SelectParams candidate_select;
 
@@ -287,7 +288,8 @@ struct SparseStep {
     select.selected = const_cast<std::int32_t*>(layer.decode.selected);
     select.selected_count = const_cast<std::int32_t*>(layer.decode.selected_count);
     const std::size_t ws = hc::select_workspace_bytes(n, kKvHeads, 1);
-    select.workspace = ws ? arena.track(device_alloc<std::byte>(ws)) : nullptr;
+    select.workspace = arena.track(device_alloc<std::byte>(ws));
+    HATTN_CUDA_CHECK(cudaMemset(select.workspace, 0, ws));  // zeroed once, as the contract asks
     layer.decode.splits = hc::suggest_decode_splits(kKvHeads, k, 16);
     layer.merge.splits = layer.decode.splits;
     if (keep_multiple > 0) plan_two_level(n, k, keep_multiple);
@@ -328,12 +330,14 @@ struct SparseStep {
   }
 
   /// Each selection told its longest segment, as the engine tells it (SelectParams::max_entries), so
-  /// the top-k runs take the compact kernel.
-  void bound_like_the_engine() {
+  /// the top-k runs take the compact kernel, and (fuse) the two-level step through
+  /// launch_select_two_level, as the engine runs it.
+  void bound_like_the_engine(bool fuse = true) {
     select.max_entries = pages;
     if (keep_groups == 0) return;
     two_level.max_groups = hattn::summary_groups(select.max_entries);
     candidate_select.max_entries = two_level.candidates;
+    fused = fuse;
   }
 
   void run_score(cudaStream_t stream = nullptr) { hc::launch_score_pages(score, stream); }
@@ -342,7 +346,9 @@ struct SparseStep {
   void run_two_level_score(cudaStream_t stream = nullptr) { hc::launch_score_two_level(two_level, stream); }
   /// The sparse step ranks by the Quest bound only, so scoring skips the mean rows.
   void run(cudaStream_t stream = nullptr) {
-    if (keep_groups > 0) {
+    if (fused) {
+      hc::launch_select_two_level(two_level, candidate_select, stream);
+    } else if (keep_groups > 0) {
       run_two_level_score(stream);
       hc::launch_select_pages(candidate_select, stream);
     } else {
@@ -547,12 +553,13 @@ void BM_Sparse5Step(benchmark::State& state) {
 }
 
 /// The sparse 5% step with two-level scoring. Args: tokens, groups kept as a multiple of the page
-/// budget, compact (1: both selections bounded, so they take the compact top-k kernel). Stages alone
-/// in graphs: coarse score, group selection, fine score of the candidates, candidate selection,
-/// decode + merge.
+/// budget, kernels (0: general top-k, staged; 1: both selections bounded, so they take the compact
+/// top-k kernel, staged; 2: bounded and fused through launch_select_two_level, as the engine runs it).
+/// Stages alone in graphs (the staged launches): coarse score, group selection, fine score of the
+/// candidates, candidate selection, decode + merge.
 void BM_Sparse5TwoLevel(benchmark::State& state) {
   SparseStep s(static_cast<int>(state.range(0)), 0.05, static_cast<int>(state.range(1)));
-  if (state.range(2) != 0) s.bound_like_the_engine();
+  if (state.range(2) != 0) s.bound_like_the_engine(state.range(2) == 2);
   time_loop(state, [&] { s.run(); }, 0.05 * static_cast<double>(s.layer.kv_bytes), g_hbm_gbps);
   state.counters["kept_groups"] = s.keep_groups;
   state.counters["us_queued"] = median_us_queued([&] { s.run(); }, 100);
@@ -583,7 +590,7 @@ BENCHMARK(BM_ScorePages)->Args({131072, 0})->Args({131072, 1})->UseManualTime()-
 BENCHMARK(BM_SelectTopK)->Args({131072, 0})->Args({131072, 1})->Args({1 << 20, 0})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SelectMass)->Arg(131072)->Arg(1 << 20)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Sparse5Step)->Arg(131072)->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Sparse5TwoLevel)->ArgsProduct({{131072}, {2, 4}, {0, 1}})->Args({1 << 20, 4, 0})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Sparse5TwoLevel)->ArgsProduct({{131072}, {2, 4}, {0, 1, 2}})->Args({1 << 20, 4, 0})->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // ---------------------------------------------------------------- figures
 /// Reads section[key] from the flat JSON torch_baselines.py writes ({"section": {"key": number}}).
@@ -678,6 +685,9 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
                    graph_us_per_launch([&](cudaStream_t st) { s.run(st); }, 20, 30)};
     };
     const Times t1 = time(one), t2 = time(two);
+    two.fused = false;  // the same kernels staged: group selection and page selection as launches of their own
+    const Times t3 = time(two);
+    two.fused = true;
     std::printf("sparse 5%% one-level: %.1f us synced, %.1f queued, %.1f in a graph; two-level (%d of 512 groups "
                 "kept): %.1f synced, %.1f queued, %.1f in a graph\n",
                 t1.synced, t1.queued, t1.graph, two.keep_groups, t2.synced, t2.queued, t2.graph);
@@ -685,11 +695,14 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
     how << "two-level scoring (coarse Quest bound of 512 groups of 16 pages from fp32 group summaries, top "
         << two.keep_groups << " groups per KV head incl. sink and local groups, fine bound of their pages) + top-k "
         << "selection (5% of 8192 pages per KV head, 1 sink, 4 local; both selections told their longest segment, "
-        << "as the engine does, so the compact top-k kernel runs) + sparse decode from HBM + merge, 128K tokens "
+        << "as the engine does, so the compact top-k kernel runs; fused as the engine runs it: after the coarse "
+        << "scores one kernel keeps the groups, scores their pages and selects, launch_select_two_level) + sparse "
+        << "decode from HBM + merge, 128K tokens "
         << "batch 1, Llama-3-8B layer, bf16; median of 100 steps each captured in a CUDA graph of 20 steps (as "
         << "engines replay decode): " << t2.graph << " us; launched one by one with events around: " << t2.synced
         << " us synced, " << t2.queued << " us queued. One-level scoring (every page's summary): " << t1.graph
-        << " us in a graph, " << t1.synced << " us synced";
+        << " us in a graph, " << t1.synced << " us synced. The same two-level step staged (group and page "
+        << "selections as launches of their own): " << t3.graph << " us in a graph";
     figs["gpu_sparse5_128k_b1_us"] = {t2.graph, "us", how.str()};
   }
   {

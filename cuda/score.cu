@@ -9,29 +9,15 @@
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/pdl.cuh"
+#include "detail/score_item.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_score.hpp"
 
 namespace hattn::cuda {
 namespace {
 
-// Eight lanes per (page, KV head) item: its summary rows are read as 16-byte vectors by lanes that
-// then reduce with three shuffles, and a warp scores four items per instruction (one item per warp
-// would cost five shuffles per value and dominate the kernel).
-constexpr int kLanesPerPage = 8;
+constexpr int kLanesPerPage = detail::kLanesPerItem;
 constexpr int kThreads = 256;
-constexpr int kHeadsAtOnce = 4;
-
-// Summary rows of T as fp32: half-precision rows of fine summaries, fp32 rows of group summaries.
-template <class T>
-__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[detail::kVec16<T>]) {
-  if constexpr (std::is_same_v<T, float>) {
-    out[0] = __uint_as_float(raw.x), out[1] = __uint_as_float(raw.y);
-    out[2] = __uint_as_float(raw.z), out[3] = __uint_as_float(raw.w);
-  } else {
-    detail::unpack8<T>(raw, out);
-  }
-}
 
 // Items are (page, KV head) pairs of one request in summary order (page-major, heads inner), so a
 // block's lane groups stream consecutive 768-byte (page, head) summaries of a page's KV heads: one
@@ -43,10 +29,9 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[detail::kV
 // of its kept groups.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
-  constexpr int kElems = detail::kVec16<T>;        // elements per 16-byte load
-  constexpr int kDimsPerLane = D / kLanesPerPage;  // 8, 16 or 32
-  constexpr int kLoads = kDimsPerLane / kElems;    // 16-byte loads per lane and row
-  constexpr int kQuads = kDimsPerLane / 4;         // float4s of q per lane and head
+  using Lanes = detail::SummaryLanes<T, D>;
+  constexpr int kElems = Lanes::kElems, kDimsPerLane = Lanes::kDimsPerLane, kLoads = Lanes::kLoads;
+  constexpr int kQuads = Lanes::kQuads;
   detail::pdl_launch_dependents();
   // Where the caller vouches for its inputs (inputs_ready, detail/pdl.cuh), the tables and q are
   // read, and q staged, while the kernel before finishes. Summaries and kept groups only after the wait.
@@ -61,12 +46,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int group_first = by_candidate ? p.group_indptr[b] : 0;
   const int groups = by_candidate ? p.group_indptr[b + 1] - group_first : 0;
   extern __shared__ float4 q_smem[];  // [q_heads][kQuads][kLanesPerPage]
-  const float4* qb = reinterpret_cast<const float4*>(p.q + static_cast<long long>(b) * p.q_heads * D);
-  for (int idx = threadIdx.x; idx < p.q_heads * (D / 4); idx += blockDim.x) {
-    const int head = idx / (D / 4), quad = idx % (D / 4);  // dims 4 quad .. 4 quad + 3
-    const int lane = quad / kQuads, j = quad % kQuads;
-    q_smem[(head * kQuads + j) * kLanesPerPage + lane] = qb[idx];
-  }
+  detail::stage_q<D>(p.q + static_cast<long long>(b) * p.q_heads * D, p.q_heads, q_smem);
   detail::pdl_wait();
   // More kept groups than candidate room would drop the last ones (the forced local groups).
   if (by_candidate && threadIdx.x < p.kv_heads &&
@@ -121,69 +101,19 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   int next_page = page_of(w + stride);
   // Trip count from the block's first item so every lane of a warp runs the shuffles together.
   for (int base = first_w; base < items; base += stride, w += stride) {
-    float lo[kDimsPerLane], hi[kDimsPerLane], mean[kDimsPerLane];
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      float f[kElems];
-      unpack<T>(raw[0][l], f);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) lo[l * kElems + e] = f[e];
-      unpack<T>(raw[1][l], f);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) hi[l * kElems + e] = f[e];
-      unpack<T>(raw[2][l], f);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) mean[l * kElems + e] = f[e];
-    }
     const bool live = w < items;
     const int h = live ? head_of(w) : 0;
+    // The rows are copied out before the next item's loads overwrite `raw`.
+    uint4 rows[3][kLoads];
+#pragma unroll
+    for (int r = 0; r < 3; ++r)
+#pragma unroll
+      for (int l = 0; l < kLoads; ++l) rows[r][l] = raw[r][l];
     load(w + stride, next_page);
     next_page = page_of(w + 2 * stride);
-    float best_upper = -INFINITY;
-    float est_max = -INFINITY, est_sum = 0.0f;
-    // Four heads of the group at a time: four independent FMA and shuffle chains per lane (one head
-    // at a time left the warps waiting on each head's shuffles).
-    for (int g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
-      float up[kHeadsAtOnce], dot[kHeadsAtOnce];
-#pragma unroll
-      for (int k = 0; k < kHeadsAtOnce; ++k) {
-        const int g = min(g0 + k, group - 1);  // past the group: a repeat of its last head, not used
-        const float4* q = q_smem + (h * group + g) * kQuads * kLanesPerPage + lane;
-        up[k] = 0.0f;
-        dot[k] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kQuads; ++j) {
-          const float4 q4 = q[j * kLanesPerPage];
-          const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int e = 4 * j + c;
-            up[k] = fmaf(qv[c], qv[c] >= 0.0f ? hi[e] : lo[e], up[k]);
-            if (want_estimate) dot[k] = fmaf(qv[c], mean[e], dot[k]);
-          }
-        }
-      }
-#pragma unroll
-      for (int off = kLanesPerPage / 2; off > 0; off /= 2)
-#pragma unroll
-        for (int k = 0; k < kHeadsAtOnce; ++k) {
-          up[k] += __shfl_xor_sync(0xffffffffu, up[k], off);
-          if (want_estimate) dot[k] += __shfl_xor_sync(0xffffffffu, dot[k], off);
-        }
-#pragma unroll
-      for (int k = 0; k < kHeadsAtOnce; ++k) {
-        if (g0 + k >= group) break;
-        best_upper = fmaxf(best_upper, p.scale * up[k]);
-        // log-mean-exp over the group, kept stable with a running max.
-        const float x = p.scale * dot[k];
-        if (x > est_max) {
-          est_sum = est_sum * __expf(est_max - x) + 1.0f;
-          est_max = x;
-        } else {
-          est_sum += __expf(x - est_max);
-        }
-      }
-    }
+    float best_upper, est_max, est_sum;
+    detail::score_item<T, D>(rows, q_smem + h * group * kQuads * kLanesPerPage, group, p.scale, want_estimate,
+                             best_upper, est_max, est_sum);
     if (live && lane == 0) {
       const int i = position_of(w);
       const long long at = by_candidate ? static_cast<long long>(b * p.kv_heads + h) * p.candidates + w % p.candidates
@@ -196,8 +126,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
           continue;
         }
       }
-      const int tokens = min(p.page_size, len - i * p.page_size);
-      const float estimate = logf(static_cast<float>(tokens)) + est_max + logf(est_sum / group);
+      const float estimate = detail::item_estimate(min(p.page_size, len - i * p.page_size), est_max, est_sum, group);
       if (want_estimate) p.estimate[at] = estimate;
       if (want_upper)
         p.upper[at] = blended && p.blended[b * p.kv_heads + h] ? estimate + p.blend * (best_upper - estimate) : best_upper;

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "detail/block_scan.cuh"
+#include "detail/block_top_k.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/pdl.cuh"
 #include "detail/vec.cuh"
@@ -567,201 +568,57 @@ __global__ void __launch_bounds__(kThreads) SelectPagesKernel(const __grid_const
   if (threadIdx.x == 0) p.selected_count[s] = written;
 }
 
-// Top-k over segments of at most kSmallThreads x kSmallMaxPerThread entries (the two-level
-// pipeline's group and candidate segments, and 128K-token page segments): one block of T threads per
-// segment, each thread owning E consecutive entries in registers (E as small as the caller's bound
-// allows, so a 900-entry segment is one entry per thread, not 16 entries on 56 threads), and a radix
-// select over the 32-bit order keys in 8-bit passes. The passes start below the bits every ranked key
-// shares (a segment's scores share their sign and most exponent bits: starting at the top put them all
-// in one or two bins, whose shared atomics serialise) and stop once the bin holding the cut is taken
-// whole. No shared staging, no 4096-bin histograms: for such segments the general kernel's fixed costs
-// dominated (10 us for 512 entries, 17 us for 8192 on an H200). The rule is the general kernel's top-k
-// exactly (ties to the lower position, NaN lowest, forced and excluded pages).
+// Top-k over segments the caller bounds by max_entries (the two-level pipeline's group and candidate
+// segments, and 128K-token page segments): one block per segment stages its order keys and positions
+// in shared memory and runs detail::block_top_k. No 4096-bin histograms: for such segments the
+// general kernel's fixed costs dominated (10 us for 512 entries, 17 us for 8192 on an H200). 256
+// threads up to 256 entries, else 1024 (a 900-entry segment is one entry per thread, not 16 entries on
+// 56 threads).
 constexpr int kSmallThreads = 1024;
-constexpr int kSmallMaxPerThread = 16;
 
-/// Sum of `count` and the min and max of `lo` / `hi` over the block in one round (a barrier, then
-/// every thread reads the warps' partials). The shared arrays are free again after the next barrier,
-/// so they are the caller's own, not scratch that the block scans reuse.
 template <int T>
-__device__ void block_count_min_max(int& count, std::uint32_t& lo, std::uint32_t& hi, int* counts,
-                                    std::uint32_t* los, std::uint32_t* his) {
-#pragma unroll
-  for (int off = detail::kWarp / 2; off > 0; off /= 2) {
-    count += __shfl_xor_sync(0xffffffffu, count, off);
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-  }
-  const int warp = threadIdx.x / detail::kWarp;
-  if (threadIdx.x % detail::kWarp == 0) counts[warp] = count, los[warp] = lo, his[warp] = hi;
-  __syncthreads();
-  count = 0;
-  lo = 0xffffffffu;
-  hi = 0;
-#pragma unroll
-  for (int w = 0; w < T / detail::kWarp; ++w) count += counts[w], lo = min(lo, los[w]), hi = max(hi, his[w]);
-}
-
-template <int T, int E>
 __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
-  static_assert(E <= 16, "entry bits are kept in 32-bit masks, ranked and forced counts in 15 bits");
-  __shared__ int hist[kRadixBins];
-  __shared__ int scratch[detail::kWarp + 1];
-  __shared__ int count_partial[T / detail::kWarp];
-  __shared__ std::uint32_t lo_partial[T / detail::kWarp], hi_partial[T / detail::kWarp];
-  __shared__ std::uint32_t cut_key;
-  __shared__ int cut_remaining, cut_whole;
+  __shared__ detail::TopKShared<T> sh;
+  extern __shared__ std::uint32_t keys[];  // [max_entries] order keys, then [max_entries] positions
   if (!p.inputs_ready) detail::pdl_wait();
   const SegmentPlace place(p, static_cast<int>(blockIdx.x));
-  const int s = place.s, b = place.b, pages = place.pages, n = place.n;
-  const bool by_candidate = place.by_candidate;
-  const long long page_offset = place.page_offset, offset = place.offset;
-  const int exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
-  const int exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
-  const int sink_end = min(max(p.sink_pages, 0), pages);
-  const int local_begin = max(pages - max(p.local_pages, 0), 0);
-  const int budget = p.budget_pages[s];
+  const int b = place.b, pages = place.pages, n = place.n;
+  detail::TopKRule rule;
+  rule.budget = p.budget_pages[place.s];
+  rule.sink_end = min(max(p.sink_pages, 0), pages);
+  rule.local_begin = max(pages - max(p.local_pages, 0), 0);
+  rule.exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
+  rule.exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
   // Where the caller vouches for them (inputs_ready), the tables, budgets and exclusions above are
   // read while the kernel before finishes (detail/pdl.cuh); the scores, candidates and every output
   // only after the wait (a second wait returns at once).
   detail::pdl_wait();
   // max_entries understated the longest segment: its last entries (the local window) would be lost.
-  if (n > T * E) __trap();
-
-  const int base = static_cast<int>(threadIdx.x) * E;
-  std::uint32_t key[E];
-  std::int32_t at[E];
-  unsigned ranked = 0, forced = 0;  // bit j: entry base + j
-  std::uint32_t lo = 0xffffffffu, hi = 0;  // over the ranked keys
-#pragma unroll
-  for (int j = 0; j < E; ++j) {
-    const int i = base + j;
-    key[j] = 0;
-    at[j] = -1;
-    if (i >= n) continue;
-    at[j] = by_candidate ? p.position_of[offset + i] : i;
-    key[j] = detail::order_key(p.scores[offset + i]);
-    const int q = at[j];
-    if (q < 0 || (q >= exclude_begin && q < exclude_end)) continue;
-    if (q < sink_end || q >= local_begin) {
-      forced |= 1u << j;
-    } else {
-      ranked |= 1u << j;
-      lo = min(lo, key[j]);
-      hi = max(hi, key[j]);
-    }
+  if (n > p.max_entries) __trap();
+  auto* at = reinterpret_cast<std::int32_t*>(keys + p.max_entries);
+  for (int i = threadIdx.x; i < n; i += T) {
+    keys[i] = detail::order_key(p.scores[place.offset + i]);
+    at[i] = place.by_candidate ? p.position_of[place.offset + i] : i;
   }
-  // Both counts in one value: ranked in the low half, forced in the high (each <= 2^14).
-  int counts = static_cast<int>(__popc(ranked) | (__popc(forced) << 16));
-  block_count_min_max<T>(counts, lo, hi, count_partial, lo_partial, hi_partial);
-  const int n_ranked = counts & 0xffff, n_forced = counts >> 16;
-  const int take = max(budget - n_forced, 0);
-
-  // The cut: ranked entries with a key above cut are taken, and the first `equal` (lowest entries)
-  // of those with exactly cut.
-  std::uint32_t cut = 0xffffffffu;
-  int equal = 0;
-  if (take >= n_ranked) {
-    cut = 0;
-    equal = n_ranked;
-  } else if (take > 0 && lo == hi) {  // every ranked key equal: the lowest `take` entries
-    cut = lo;
-    equal = take;
-  } else if (take > 0) {
-    // Bits above the highest one in which lo and hi differ are the same in every ranked key.
-    const int top = 31 - __clz(lo ^ hi);
-    std::uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
-    std::uint32_t prefix = hi & mask;
-    int remaining = take;
-    for (int shift = max(top - (kRadixBits - 1), 0);; shift = max(shift - kRadixBits, 0)) {
-      for (int d = threadIdx.x; d < kRadixBins; d += T) hist[d] = 0;
-      __syncthreads();
-#pragma unroll
-      for (int j = 0; j < E; ++j)
-        if ((ranked >> j & 1u) && (key[j] & mask) == prefix) atomicAdd(&hist[(key[j] >> shift) & (kRadixBins - 1)], 1);
-      __syncthreads();
-      if (threadIdx.x < detail::kWarp) {
-        // Lane l owns digits 255 - 8l .. 248 - 8l, visited from the top.
-        const int lane = threadIdx.x;
-        constexpr int kPerLane = kRadixBins / detail::kWarp;
-        int c[kPerLane], lane_count = 0;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) {
-          c[k] = hist[kRadixBins - 1 - lane * kPerLane - k];
-          lane_count += c[k];
-        }
-        int above = detail::warp_inclusive_sum(lane_count) - lane_count;
-        int found = -1, found_above = 0, found_count = 0;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) {
-          if (found < 0 && above < remaining && remaining <= above + c[k]) {
-            found = kRadixBins - 1 - lane * kPerLane - k;
-            found_above = above;
-            found_count = c[k];
-          }
-          above += c[k];
-        }
-        if (found >= 0) {  // exactly one lane finds it: the counts are exact integers
-          cut_key = (prefix & ~(static_cast<std::uint32_t>(kRadixBins - 1) << shift)) |
-                    static_cast<std::uint32_t>(found) << shift;
-          cut_remaining = remaining - found_above;
-          cut_whole = cut_remaining == found_count;  // the whole bin is taken
-        }
-      }
-      __syncthreads();
-      prefix = cut_key;
-      remaining = cut_remaining;
-      mask |= static_cast<std::uint32_t>(kRadixBins - 1) << shift;
-      if (cut_whole || shift == 0) break;
-    }
-    cut = prefix;
-    equal = remaining;
-    if (cut_whole) {
-      // Every ranked key with these high bits is taken: the cut is their lowest possible key, and
-      // all keys equal to it are taken.
-      equal = n_ranked;
-    }
-  }
-
-  // Write forced + taken entries' page positions in ascending order (thread order is entry order).
-  unsigned is_equal = 0;
-#pragma unroll
-  for (int j = 0; j < E; ++j) is_equal |= static_cast<unsigned>((ranked >> j & 1u) && key[j] == cut) << j;
-  int equal_total = 0;
-  int equal_rank = detail::block_exclusive_sum(__popc(is_equal), scratch, equal_total);
-  unsigned taken = forced;
-#pragma unroll
-  for (int j = 0; j < E; ++j) {
-    const bool r = ranked >> j & 1u;
-    bool t = r && key[j] > cut;
-    if (is_equal >> j & 1u) t = equal_rank++ < equal;
-    taken |= static_cast<unsigned>(t) << j;
-  }
-  int written = 0;
-  int slot = detail::block_exclusive_sum(__popc(taken), scratch, written);
-  std::int32_t* out = p.selected + page_offset;
-#pragma unroll
-  for (int j = 0; j < E; ++j)
-    if (taken >> j & 1u) out[slot++] = at[j];
-  if (threadIdx.x == 0) p.selected_count[s] = written;
+  __syncthreads();
+  const int written = detail::block_top_k<T>(keys, at, n, rule, sh, p.selected + place.page_offset);
+  if (threadIdx.x == 0) p.selected_count[place.s] = written;
 }
 
-template <int T, int E>
+template <int T>
 void launch_top_k_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
-  detail::launch_programmatic(SelectTopKSmallKernel<T, E>, dim3(segments), dim3(T), 0, stream, p);
+  const std::size_t smem = 2 * sizeof(std::int32_t) * static_cast<std::size_t>(p.max_entries);
+  if (smem > 48 * 1024)  // above the default; a per-device attribute, so set on every launch (host-side)
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectTopKSmallKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  detail::launch_programmatic(SelectTopKSmallKernel<T>, dim3(segments), dim3(T), smem, stream, p);
 }
 
-/// The compact kernel for segments of at most p.max_entries entries: 256 threads of one entry up to
-/// 256, else 1024 threads of the fewest entries each that hold them.
+/// The compact kernel for segments of at most p.max_entries entries.
 void launch_select_top_k_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
-  const int most = p.max_entries;
-  if (most <= 256) launch_top_k_small<256, 1>(p, segments, stream);
-  else if (most <= kSmallThreads) launch_top_k_small<kSmallThreads, 1>(p, segments, stream);
-  else if (most <= 2 * kSmallThreads) launch_top_k_small<kSmallThreads, 2>(p, segments, stream);
-  else if (most <= 4 * kSmallThreads) launch_top_k_small<kSmallThreads, 4>(p, segments, stream);
-  else if (most <= 8 * kSmallThreads) launch_top_k_small<kSmallThreads, 8>(p, segments, stream);
-  else launch_top_k_small<kSmallThreads, 16>(p, segments, stream);
+  if (p.max_entries <= 256) launch_top_k_small<256>(p, segments, stream);
+  else launch_top_k_small<kSmallThreads>(p, segments, stream);
 }
 
 __global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
@@ -779,8 +636,9 @@ std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int b
   hattn::detail::require(total_pages >= 0, "select_workspace_bytes", "total_pages", total_pages, ">= 0");
   hattn::detail::require(kv_heads > 0, "select_workspace_bytes", "kv_heads", kv_heads, "> 0");
   hattn::detail::require(batch >= 0, "select_workspace_bytes", "batch", batch, ">= 0");
-  // Histograms and staged scores live in shared memory: no global workspace at any length.
-  return 0;
+  // Histograms and staged scores live in shared memory; the workspace holds the fused two-level
+  // kernel's arrival count per segment, at any length.
+  return static_cast<std::size_t>(batch) * static_cast<std::size_t>(kv_heads) * sizeof(std::uint32_t);
 }
 
 void launch_select_pages(const SelectParams& p, Stream stream) {
@@ -804,7 +662,7 @@ void launch_select_pages(const SelectParams& p, Stream stream) {
   hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates",
                          segments * p.candidates, "< 2^31");
   // Top-k over segments the caller bounds as small: the compact kernel.
-  if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= kSmallThreads * kSmallMaxPerThread) {
+  if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= detail::kBlockTopKMaxEntries) {
     launch_select_top_k_small(p, static_cast<unsigned>(segments), stream);
     return;
   }

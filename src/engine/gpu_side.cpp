@@ -32,14 +32,15 @@ class DeviceArray {
   DeviceArray() = default;
   DeviceArray(const DeviceArray&) = delete;
   ~DeviceArray() { cudaFree(ptr_); }
-  // Grows only, at plan time; contents are not kept.
-  void reserve(std::size_t count) {
-    if (count <= size_) return;
+  // Grows only, at plan time; contents are not kept. True where it allocated.
+  bool reserve(std::size_t count) {
+    if (count <= size_) return false;
     cudaFree(ptr_);
     ptr_ = nullptr;
     size_ = 0;
     HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(count, 1) * sizeof(T)));
     size_ = count;
+    return true;
   }
   // Grows keeping the contents; waits for the device first, since enqueued kernels may read the old
   // buffer (rare: the group mirror when more groups are live than planned).
@@ -523,8 +524,11 @@ struct GpuSide::Impl {
         slot.q_host.reserve(qrows * dim);
         slot.cpu_out.reserve(qrows * dim);
         slot.cpu_lse.reserve(qrows);
-        slot.select_workspace.reserve(cuda::select_workspace_bytes(static_cast<std::int64_t>(total), config.shape.kv_heads,
-                                                                   static_cast<int>(batch)));
+        // Zeroed when allocated: the fused two-level selection's arrival counts start at zero and every
+        // launch leaves them so.
+        const std::size_t ws = cuda::select_workspace_bytes(static_cast<std::int64_t>(total), config.shape.kv_heads,
+                                                            static_cast<int>(batch));
+        if (slot.select_workspace.reserve(ws)) HATTN_CUDA_CHECK(cudaMemset(slot.select_workspace.get(), 0, ws));
       }
       planned_pages = total;
       planned_batch = static_cast<int>(batch);
@@ -576,9 +580,9 @@ struct GpuSide::Impl {
 
   // Two-level scoring: the changed groups' summaries, their coarse scores, the kept groups (top by the
   // same rank as the pages, sink and local groups forced), then the fine scores of their pages only.
-  void score_two_level(Slot& slot, const cuda::ScoreParams& sp, const std::int32_t* d_group_indptr,
-                       const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
-                       const std::int32_t* d_first_group, int candidates, int max_groups, cuda::Stream s) {
+  cuda::TwoLevelScoreParams two_level_params(Slot& slot, const cuda::ScoreParams& sp, const std::int32_t* d_group_indptr,
+                                             const std::int32_t* d_group_table, const std::int32_t* d_group_budget,
+                                             const std::int32_t* d_first_group, int candidates, int max_groups) {
     cuda::TwoLevelScoreParams p;
     p.pages = sp;
     p.group_table = d_group_table;
@@ -595,7 +599,7 @@ struct GpuSide::Impl {
     p.kept_count = slot.kept_count.get();
     p.candidates = candidates;
     p.position_of = slot.position_of.get();
-    cuda::launch_score_two_level(p, s);
+    return p;
   }
 
   void run(const LayerWork& work, const float* q, float* out, cuda::Stream s, std::uint64_t generation,
@@ -743,14 +747,9 @@ struct GpuSide::Impl {
     sp.blend = kRankBlend;
     sp.inputs_ready = true;  // the metadata copy above heads the chain
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
-    if (two_level) {
-      score_two_level(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
-                      summary_groups(max_pages), s);
-      for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
-    } else if (!whole) {
-      cuda::launch_score_pages(sp, s);
-    }
-    mark_phase(slot, kScored, stream);
+    if (!two_level && !whole) cuda::launch_score_pages(sp, s);
+    // Two-level scoring selects too (launch_select_two_level); its time counts as scoring.
+    if (!two_level) mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
     sel.scores = slot.upper.get();  // the bound, or the blend where a rule ranks by it
@@ -772,8 +771,17 @@ struct GpuSide::Impl {
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;
     }
-    if (whole) cuda::launch_select_all_pages(sel, s);
-    else cuda::launch_select_pages(sel, s);
+    if (two_level) {
+      cuda::launch_select_two_level(two_level_params(slot, sp, d_group_indptr, d_group_table, d_group_budget,
+                                                     d_first_group, candidates, summary_groups(max_pages)),
+                                    sel, s);
+      for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
+      mark_phase(slot, kScored, stream);
+    } else if (whole) {
+      cuda::launch_select_all_pages(sel, s);
+    } else {
+      cuda::launch_select_pages(sel, s);
+    }
     // What the GPU computes: the whole selection, or what the CPU's share leaves it. The split also
     // counts the GPU's cached blocks for the stats.
     const std::int32_t* gpu_selected = slot.selected.get();

@@ -168,10 +168,12 @@ TEST(CudaSelect, MassRuleKeepsANeedleThatTheEstimateRanksLow) {
             (std::vector<std::int32_t>{10, 40}));
 }
 
-TEST(CudaSelect, MillionTokenSegmentNeedsNoWorkspace) {
+TEST(CudaSelect, MillionTokenSegmentNeedsOnlyACountPerSegment) {
   HATTN_REQUIRE_CUDA_DEVICE();
-  // 1M tokens of 16-token pages: 65536 pages per segment; selection memory stays O(pages).
-  EXPECT_EQ(cuda::select_workspace_bytes(65536, 8, 1), 0u);
+  // 1M tokens of 16-token pages: 65536 pages per segment; selection memory stays O(pages), and the
+  // workspace is one count per (request, KV head) segment at any length.
+  EXPECT_EQ(cuda::select_workspace_bytes(65536, 8, 1), 8 * sizeof(std::uint32_t));
+  EXPECT_EQ(cuda::select_workspace_bytes(1 << 20, 8, 1), 8 * sizeof(std::uint32_t));
   run_select(SelectCase{{65536}, 2}, false, 0, 5, false, Scores::kNormal);
   run_select(SelectCase{{65536}, 2}, true, 0.8f, 6, true, Scores::kNormal);
   run_select(SelectCase{{65536}, 2}, true, 0.8f, 7, false, Scores::kTies);

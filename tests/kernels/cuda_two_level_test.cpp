@@ -145,6 +145,7 @@ struct Ranking {
   float mass_threshold = 0.0f;
   bool blend_odd_segments = false;
   bool compact = false;  // top-k over the candidates by the compact kernel (SelectParams::max_entries)
+  bool fused = false;    // top-k by launch_select_two_level's fused kernel (needs compact's bounds)
 };
 
 constexpr float kBlend = 0.1f;
@@ -222,14 +223,25 @@ TwoLevelRun run_two_level(Batch& x, int keep_groups, int k, int sink_pages, int 
   t.kept_count = d_kept_count.get();
   t.candidates = r.candidates;
   t.position_of = d_pos.get();
-  cuda::launch_score_two_level(t, nullptr);
-
   PageSelection sel(x, f_up.get(), f_est.get(), k, sink_pages, local_pages, ex, rank);
   sel.params.max_entries = rank.compact ? r.candidates : 0;
   sel.params.inputs_ready = true;
   sel.params.position_of = d_pos.get();
   sel.params.candidates = r.candidates;
-  cuda::launch_select_pages(sel.params, nullptr);
+  if (rank.fused) {
+    for (int b = 0; b < x.batch; ++b) t.max_groups = std::max(t.max_groups, x.groups(b));
+    const std::size_t ws = cuda::select_workspace_bytes(static_cast<std::int64_t>(x.page_table.size()), x.kv_heads, x.batch);
+    DeviceBuffer<std::byte> workspace(std::vector<std::byte>(ws, std::byte{0}));
+    sel.params.workspace = workspace.get();
+    // Twice: the second launch finds the arrival counts the first left at zero, and writes the same.
+    cuda::launch_select_two_level(t, sel.params, nullptr);
+    cuda::launch_select_two_level(t, sel.params, nullptr);
+    HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+    for (std::byte c : workspace.download()) EXPECT_EQ(c, std::byte{0}) << "arrival counts left set";
+  } else {
+    cuda::launch_score_two_level(t, nullptr);
+    cuda::launch_select_pages(sel.params, nullptr);
+  }
   HATTN_CUDA_CHECK(cudaDeviceSynchronize());
   r.coarse_upper = c_up.download();
   r.cand_upper = f_up.download();
@@ -348,8 +360,8 @@ TEST_P(CudaTwoLevel, KeepingEveryGroupSelectsWhatOnePassSelects) {
   const Exclusion cpu_share{{75, 10, 1}, {150, 20, 3}};
   // Top-k (the compact kernel over the candidates) and the mass rule (the general kernel's candidate
   // mode), each with and without the blend and a CPU share.
-  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, true, true}, Ranking{0.9f, false},
-                             Ranking{0.9f, true}})
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, true, true}, Ranking{0.0f, false, true, true},
+                             Ranking{0.0f, true, true, true}, Ranking{0.9f, false}, Ranking{0.9f, true}})
   for (const Exclusion& ex : {Exclusion{}, cpu_share}) {
     const int k = 15;
     const auto one = run_one_level(x, k, 2, 3, ex, rank);
@@ -370,7 +382,7 @@ TEST_P(CudaTwoLevel, KeepingEveryGroupSelectsWhatOnePassSelects) {
         }
         EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), segment(one.selected, off, one.selected_count[s]))
             << (ex.begin.empty() ? "" : "with exclusion, ") << "mass " << rank.mass_threshold << ", blend "
-            << rank.blend_odd_segments << ": b " << b << " h " << h;
+            << rank.blend_odd_segments << ", fused " << rank.fused << ": b " << b << " h " << h;
         // Candidates are the segment's pages in order, scored with the same bits; then padding.
         for (int j = 0; j < two.candidates; ++j) {
           const std::size_t at = static_cast<std::size_t>(s) * two.candidates + j;
@@ -394,7 +406,8 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
   Batch x(layer.store, layer.seqs, layer.queries);
   const int keep = 5, k = 30, sink = 1, local = 4;
   // Ranked by the bound, and with odd segments ranked by the blend at both levels.
-  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, false, true}}) {
+  for (const Ranking rank : {Ranking{}, Ranking{0.0f, true}, Ranking{0.0f, false, true}, Ranking{0.0f, false, true, true},
+                             Ranking{0.0f, true, true, true}}) {
   const auto one = run_one_level(x, k, sink, local, {}, rank);
   const auto two = run_two_level(x, keep, k, sink, local, {}, rank);
   std::vector<std::int32_t> cpu;
@@ -407,7 +420,7 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
       const int sink_g = summary_groups(sink), local_g = max_groups_spanned(local);
       cpu_select_top_k(coarse, keep + sink_g + local_g, sink_g, local_g, 0, groups, cpu);
       const auto kept = segment(two.kept, goff, two.kept_count[s]);
-      ASSERT_EQ(kept, cpu) << "kept groups, b " << b << " h " << h;
+      ASSERT_EQ(kept, cpu) << "kept groups, b " << b << " h " << h << ", fused " << rank.fused;
       // Level 2: the k best pages of the kept groups by their fine bound (one-level scores), the
       // sink and local pages forced.
       const std::size_t off = static_cast<std::size_t>(x.indptr[b]) * x.kv_heads + static_cast<std::size_t>(h) * n;
@@ -420,7 +433,7 @@ TEST_P(CudaTwoLevel, PrunedSelectionFollowsTheTwoLevelRule) {
       std::vector<std::int32_t> want(forced.begin(), forced.end());
       want.insert(want.end(), ranked.begin(), ranked.end());
       std::sort(want.begin(), want.end());
-      EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), want) << "b " << b << " h " << h;
+      EXPECT_EQ(segment(two.selected, off, two.selected_count[s]), want) << "b " << b << " h " << h << ", fused " << rank.fused;
       // Candidates carry the one-level bits at their positions.
       for (int j = 0; j < two.candidates; ++j) {
         const std::size_t at = static_cast<std::size_t>(s) * two.candidates + j;
@@ -652,6 +665,17 @@ TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {
   t.group_estimate = out;
   t.local_pages = -1;
   names([&] { cuda::two_level_stages(t); }, "local_pages");
+  // The fused launcher: its selection must be the one over these candidates.
+  t.local_pages = 1;
+  t.pages.blended = nullptr;
+  t.candidates = 16;
+  cuda::SelectParams over = s;
+  over.position_of = pos;
+  over.scores = floats;  // not t.pages.upper
+  names([&] { cuda::launch_select_two_level(t, over, nullptr); }, "select.scores/position_of/candidates");
+  over.scores = t.pages.upper;
+  over.page_indptr = ints + 1;  // not the scored pages' indptr
+  names([&] { cuda::launch_select_two_level(t, over, nullptr); }, "select.batch/kv_heads/page_indptr");
 }
 
 }  // namespace

@@ -29,7 +29,10 @@ struct SelectParams {
   const std::int32_t* exclude_end = nullptr;
   std::int32_t* selected = nullptr;      ///< positions, ascending, at the segment's offset
   std::int32_t* selected_count = nullptr;  ///< [batch * kv_heads]
-  void* workspace = nullptr;             ///< select_workspace_bytes() bytes, device
+  /// select_workspace_bytes() bytes, device, zeroed once when allocated (every launch that uses it
+  /// leaves it zeroed): arrival counts of the fused two-level selection (launch_select_two_level).
+  /// The other launches need none.
+  void* workspace = nullptr;
   /// Candidate segments (the fine pass of two-level scoring, ScoreParams::position_of): where set,
   /// segment s holds `candidates` entries of scores / log_mass at s * candidates whose page positions
   /// are position_of[s * candidates + j] (ascending, -1 = padding, never selected). Sinks, the local
@@ -48,7 +51,8 @@ struct SelectParams {
   bool inputs_ready = false;
 };
 
-/// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time).
+/// Workspace bytes for a batch of at most `total_pages` pages over `kv_heads` (plan time): one count
+/// per (request, KV head) segment, never per page or token.
 std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int batch);
 void launch_select_pages(const SelectParams& p, Stream stream);
 /// Every position of every segment (a budget that covers whole sequences): no scores are read, only

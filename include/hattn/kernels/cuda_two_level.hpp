@@ -60,4 +60,20 @@ TwoLevelStages two_level_stages(const TwoLevelScoreParams& p);
 /// candidates = p.candidates.
 void launch_score_two_level(const TwoLevelScoreParams& p, Stream stream);
 
+/// Bounds of the fused two-level selection (launch_select_two_level): groups of a request and
+/// candidates of a segment, each staged in one block's shared memory.
+inline constexpr int kFusedMaxGroups = 4096;
+inline constexpr int kFusedMaxCandidates = 8192;
+
+/// Two-level scoring and the selection among its candidates: what launch_score_two_level followed by
+/// launch_select_pages(select) computes, the same positions, scores and kept groups. `select` is that
+/// selection's description (scores = p.pages.upper, position_of = p.position_of, candidates =
+/// p.candidates, the same batch, heads and page_indptr). Where it is a top-k (mass_threshold 0) with
+/// a workspace (select_workspace_bytes, zeroed once) and p.max_groups <= kFusedMaxGroups,
+/// p.candidates <= kFusedMaxCandidates, it runs as two kernels after the optional rebuild: the coarse
+/// scores, then one kernel in which every block of a (request, KV head) segment keeps the groups, scores
+/// its share of their pages, and the last block of the segment to finish selects the pages. Otherwise
+/// it runs the staged launches.
+void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& select, Stream stream);
+
 }  // namespace hattn::cuda
