@@ -169,6 +169,10 @@ struct DecodeLayer {
   hc::MergeParams merge;
   std::size_t kv_bytes = 0;
   void* host_pages = nullptr;
+  /// The merge folded into the decode (SparseDecodeParams::out), as the engine runs a step with no
+  /// CPU partial; false: the decode, then launch_merge_partials.
+  bool fold_merge = true;
+  std::uint32_t* arrivals = nullptr;
 
   /// splits <= 0: hc::suggest_decode_splits. q_heads: kQHeads, or group * kKvHeads for other groups.
   DecodeLayer(int tokens, int batch, bool in_hbm, int page_size = 16, int splits = 0, int q_heads = kQHeads,
@@ -228,8 +232,19 @@ struct DecodeLayer {
     merge.head_dim = kDim;
     merge.out = arena.track(device_alloc<float>(static_cast<std::size_t>(rows) * kDim));
     merge.lse = arena.track(device_alloc<float>(rows));
+    const std::size_t ws = hc::decode_workspace_bytes(batch * kKvHeads);
+    arrivals = static_cast<std::uint32_t*>(static_cast<void*>(arena.track(device_alloc<std::byte>(ws))));
+    HATTN_CUDA_CHECK(cudaMemset(arrivals, 0, ws));  // zeroed once, as the contract asks
   }
   void run(cudaStream_t stream = nullptr) {
+    if (fold_merge) {
+      hc::SparseDecodeParams d = decode;
+      d.out = merge.out;
+      d.lse = merge.lse;
+      d.arrivals = arrivals;
+      hc::launch_sparse_decode(d, stream);
+      return;
+    }
     hc::launch_sparse_decode(decode, stream);
     hc::launch_merge_partials(merge, stream);
   }
@@ -550,6 +565,8 @@ void BM_Sparse5Step(benchmark::State& state) {
   s.score.estimate = estimate;
   state.counters["select_us"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
   state.counters["decode_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
+  s.layer.fold_merge = false;
+  state.counters["decode_then_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
 }
 
 /// The sparse 5% step with two-level scoring. Args: tokens, groups kept as a multiple of the page

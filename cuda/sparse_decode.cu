@@ -19,6 +19,7 @@
 #include "detail/decode_tensor_cores.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/merge_segment.cuh"
 #include "detail/pdl.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_decode.hpp"
@@ -288,6 +289,7 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
       dst[v] = make_float4(o[4 * v] * inv, o[4 * v + 1] * inv, o[4 * v + 2] * inv, o[4 * v + 3] * inv);
     if (tx == 0) p.partial_lse[out_row] = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
+  detail::merge_segment_if_last<D>(p, segment);
 }
 
 template <class T, int D, int kDimsPerThread>
@@ -394,6 +396,11 @@ int suggest_decode_splits(int segments, std::int64_t max_selected_pages, int pag
   return static_cast<int>(std::clamp<std::int64_t>(std::min(by_device, by_length), 1, 1024));
 }
 
+std::size_t decode_workspace_bytes(int segments) {
+  hattn::detail::require(segments >= 0, "decode_workspace_bytes", "segments", segments, ">= 0");
+  return static_cast<std::size_t>(segments) * sizeof(std::uint32_t);
+}
+
 void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
   constexpr const char* kWhere = "launch_sparse_decode";
   hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
@@ -412,6 +419,9 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
                          "host_pages", "null", "set unless every page is in HBM slots");
   hattn::detail::require(p.slot_of == nullptr || p.hbm_slots != nullptr, kWhere, "hbm_slots", "null",
                          "set when slot_of is");
+  hattn::detail::require(p.out == nullptr || p.arrivals != nullptr, kWhere, "arrivals", "null",
+                         "set when out is (decode_workspace_bytes, zeroed once)");
+  hattn::detail::require(p.out != nullptr || p.lse == nullptr, kWhere, "lse", "set", "null without out");
   const DecodeKernel kernel = decode_kernel_for(p);
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {

@@ -24,6 +24,7 @@
 
 #include "cp_async.cuh"
 #include "hattn/kernels/cuda_decode.hpp"
+#include "merge_segment.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
 
@@ -298,6 +299,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
     if (c4 == 0) p.partial_lse[out_row] = ll > 0.f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
+  merge_segment_if_last<D>(p, segment);
 }
 
 }  // namespace hattn::cuda::detail

@@ -119,6 +119,7 @@ struct GpuSide::Impl {
     // the selection and the CPU job's start.
     PinnedArray<std::int32_t> cpu_selected_host, cpu_count_host;
     DeviceArray<std::byte> select_workspace;
+    DeviceArray<std::uint32_t> decode_arrivals;  // the merge folded into the decode (no CPU partial)
     PinnedArray<float> q_host, cpu_out, cpu_lse;
     PinnedArray<std::int32_t> gpu_counts;  // [2][batch * kv_heads]: GPU blocks, then those cached in HBM
     std::vector<int> cpu_counts;
@@ -529,6 +530,9 @@ struct GpuSide::Impl {
         const std::size_t ws = cuda::select_workspace_bytes(static_cast<std::int64_t>(total), config.shape.kv_heads,
                                                             static_cast<int>(batch));
         if (slot.select_workspace.reserve(ws)) HATTN_CUDA_CHECK(cudaMemset(slot.select_workspace.get(), 0, ws));
+        const std::size_t arrivals = cuda::decode_workspace_bytes(static_cast<int>(batch) * config.shape.kv_heads);
+        if (slot.decode_arrivals.reserve(arrivals / sizeof(std::uint32_t)))
+          HATTN_CUDA_CHECK(cudaMemset(slot.decode_arrivals.get(), 0, arrivals));
       }
       planned_pages = total;
       planned_batch = static_cast<int>(batch);
@@ -870,20 +874,27 @@ struct GpuSide::Impl {
     dp.splits = splits;
     dp.partial_out = slot.partial_out.get();
     dp.partial_lse = slot.partial_lse.get();
+    if (!has_cpu) {
+      // Nothing else to merge: the decode's last split of each segment merges it (no merge launch).
+      dp.out = out;
+      dp.arrivals = slot.decode_arrivals.get();
+    }
     cuda::launch_sparse_decode(dp, s);
     mark_phase(slot, kDecoded, stream);
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
     mark_phase(slot, kGated, stream);
-    cuda::MergeParams mp;
-    mp.partial_out = slot.partial_out.get();
-    mp.partial_lse = slot.partial_lse.get();
-    mp.splits = splits;
-    mp.extra_out = has_cpu ? slot.cpu_out.host() : nullptr;
-    mp.extra_lse = has_cpu ? slot.cpu_lse.host() : nullptr;
-    mp.rows = static_cast<int>(qrows);
-    mp.head_dim = shape.head_dim;
-    mp.out = out;
-    cuda::launch_merge_partials(mp, s);
+    if (has_cpu) {  // the CPU's partials join the GPU's splits
+      cuda::MergeParams mp;
+      mp.partial_out = slot.partial_out.get();
+      mp.partial_lse = slot.partial_lse.get();
+      mp.splits = splits;
+      mp.extra_out = slot.cpu_out.host();
+      mp.extra_lse = slot.cpu_lse.host();
+      mp.rows = static_cast<int>(qrows);
+      mp.head_dim = shape.head_dim;
+      mp.out = out;
+      cuda::launch_merge_partials(mp, s);
+    }
     if (!has_cpu && !cache)  // the split, which writes the counts to the host, did not run
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
                                        static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),

@@ -90,9 +90,12 @@ struct Result {
   std::vector<float> out, lse;
 };
 
+/// Decode, then merge: by launch_merge_partials (with the extra partial where given), or, with
+/// `fold_merge`, inside the decode (SparseDecodeParams::out), launched twice so that the second
+/// launch finds the arrival counts the first left at zero.
 Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_slots, bool use_slots,
                const float* extra_out = nullptr, const float* extra_lse = nullptr,
-               cuda::DecodeKernel kernel = cuda::DecodeKernel::kAuto) {
+               cuda::DecodeKernel kernel = cuda::DecodeKernel::kAuto, bool fold_merge = false) {
   std::vector<float> q;
   for (const auto& qq : f.layer.queries) q.insert(q.end(), qq.begin(), qq.end());
   DeviceBuffer<float> dq(q);
@@ -126,6 +129,17 @@ Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_sl
   p.partial_out = po.get();
   p.partial_lse = pl.get();
   p.kernel = kernel;
+  if (fold_merge) {
+    DeviceBuffer<std::byte> arrivals(std::vector<std::byte>(cuda::decode_workspace_bytes(f.batch * f.kvh), std::byte{0}));
+    p.out = out.get();
+    p.lse = lse.get();
+    p.arrivals = reinterpret_cast<std::uint32_t*>(arrivals.get());
+    cuda::launch_sparse_decode(p, nullptr);
+    cuda::launch_sparse_decode(p, nullptr);
+    HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+    for (std::byte c : arrivals.download()) EXPECT_EQ(c, std::byte{0}) << "arrival counts left set";
+    return {out.download(), lse.download()};
+  }
   cuda::launch_sparse_decode(p, nullptr);
 
   cuda::MergeParams m;
@@ -240,12 +254,13 @@ TEST_P(CudaSparseDecode, MatchesReferenceMixedHbmAndHost) {
     f.select(sel);
     auto slots = f.place_in_hbm(variant);
     const auto ref = reference_all(f, sel, /*dense=*/variant == 0);
-    for (int splits : {1, 3, 16}) {
-      SCOPED_TRACE(::testing::Message() << "variant " << variant << " splits " << splits);
-      const Result gpu = run_gpu(f, splits, masks, slots.get(), true, nullptr, nullptr, kernel);
-      worst = std::max(worst, max_error(gpu, ref));
-      expect_close(gpu, ref, tol);
-    }
+    for (int splits : {1, 3, 16})
+      for (bool fold : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "variant " << variant << " splits " << splits << " merge folded " << fold);
+        const Result gpu = run_gpu(f, splits, masks, slots.get(), true, nullptr, nullptr, kernel, fold);
+        worst = std::max(worst, max_error(gpu, ref));
+        expect_close(gpu, ref, tol);
+      }
     // Host only: every page through the mapped pool.
     const Result host = run_gpu(f, 4, masks, slots.get(), false, nullptr, nullptr, kernel);
     worst = std::max(worst, max_error(host, ref));
@@ -348,9 +363,10 @@ TEST(CudaSparseDecodeMerge, EmptyPartialsGiveZeroAndMinusInfinity) {
   sel[0][0].pages = {0, 2};
   f.select(sel);
   auto slots = f.place_in_hbm(1);
-  for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores}) {
-    SCOPED_TRACE(cuda::to_string(kernel));
-    const auto gpu = run_gpu(f, 16, false, slots.get(), true, nullptr, nullptr, kernel);
+  for (auto kernel : {cuda::DecodeKernel::kCudaCores, cuda::DecodeKernel::kTensorCores})
+  for (bool fold : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << cuda::to_string(kernel) << ", merge folded " << fold);
+    const auto gpu = run_gpu(f, 16, false, slots.get(), true, nullptr, nullptr, kernel, fold);
     expect_close(gpu, reference_all(f, sel), tolerance(kernel, shape.kv_dtype));
     for (int r = 4; r < 8; ++r) {
       EXPECT_TRUE(std::isinf(gpu.lse[r]) && gpu.lse[r] < 0);
@@ -370,6 +386,20 @@ TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
   p.page_size = 16;
   p.splits = 0;
   EXPECT_THROW(cuda::launch_sparse_decode(p, nullptr), InvalidArgument);
+  // The folded merge needs its arrival counts.
+  float o[4] = {};
+  std::int32_t i32[2] = {};
+  p.splits = 1;
+  p.q = p.partial_out = p.partial_lse = o;
+  p.page_table = p.page_indptr = p.seq_len = p.selected = p.selected_offset = p.selected_count = i32;
+  p.host_pages = o;
+  p.out = o;
+  try {
+    cuda::launch_sparse_decode(p, nullptr);
+    ADD_FAILURE() << "accepted out without arrivals";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("arrivals"), std::string::npos) << e.what();
+  }
   cuda::MergeParams m;
   m.rows = 1;
   m.head_dim = 6;

@@ -2,6 +2,7 @@
 // GPU sparse paged decode (flash-decoding over the selected pages) and the LSE merge of partials
 // (DESIGN.md steps 5 and 6). Pages are read from HBM slots when cached, else straight from the
 // mapped pinned host pool (zero-copy).
+#include <cstddef>
 #include <cstdint>
 
 #include "hattn/core/dtype.hpp"
@@ -41,7 +42,18 @@ struct SparseDecodeParams {
   float* partial_out = nullptr;  ///< [splits][batch * q_heads][head_dim]
   float* partial_lse = nullptr;  ///< [splits][batch * q_heads], natural log, -inf for an empty chunk
   DecodeKernel kernel = DecodeKernel::kAuto;
+  /// The merge folded in (a step with no other partial to merge, such as the CPU's): where set, the
+  /// last split block of each segment to finish merges the segment's rows as launch_merge_partials
+  /// would into out [batch * q_heads][head_dim] (and lse, natural log, where set), so no merge
+  /// launch follows. `arrivals`: decode_workspace_bytes() bytes, zeroed once when allocated; every
+  /// launch leaves it zeroed.
+  float* out = nullptr;
+  float* lse = nullptr;
+  std::uint32_t* arrivals = nullptr;
 };
+
+/// Bytes of SparseDecodeParams::arrivals for `segments` (request, KV head) segments.
+std::size_t decode_workspace_bytes(int segments);
 
 void launch_sparse_decode(const SparseDecodeParams& p, Stream stream);
 
