@@ -499,6 +499,7 @@ struct GpuSide::Impl {
     const std::size_t candidates = (total + kPagesPerSummaryGroup * batch) * heads;
     const std::size_t splits = split_count(static_cast<int>(batch));
     if (total > planned_pages || static_cast<int>(batch) > planned_batch) {
+      bool zeroed = false;
       for (Slot& slot : slots) {
         finalize(slot);
         slot.meta_host.reserve(meta);
@@ -525,15 +526,22 @@ struct GpuSide::Impl {
         slot.q_host.reserve(qrows * dim);
         slot.cpu_out.reserve(qrows * dim);
         slot.cpu_lse.reserve(qrows);
-        // Zeroed when allocated: the fused two-level selection's arrival counts start at zero and every
-        // launch leaves them so.
+        // Zeroed when allocated: the arrival counts of the fused two-level selection and of the merge
+        // folded into the decode start at zero, and every launch leaves them so.
         const std::size_t ws = cuda::select_workspace_bytes(static_cast<std::int64_t>(total), config.shape.kv_heads,
                                                             static_cast<int>(batch));
-        if (slot.select_workspace.reserve(ws)) HATTN_CUDA_CHECK(cudaMemset(slot.select_workspace.get(), 0, ws));
+        if (slot.select_workspace.reserve(ws)) {
+          HATTN_CUDA_CHECK(cudaMemset(slot.select_workspace.get(), 0, ws));
+          zeroed = true;
+        }
         const std::size_t arrivals = cuda::decode_workspace_bytes(static_cast<int>(batch) * config.shape.kv_heads);
-        if (slot.decode_arrivals.reserve(arrivals / sizeof(std::uint32_t)))
+        if (slot.decode_arrivals.reserve(arrivals / sizeof(std::uint32_t))) {
           HATTN_CUDA_CHECK(cudaMemset(slot.decode_arrivals.get(), 0, arrivals));
+          zeroed = true;
+        }
       }
+      // The memsets run on the legacy stream, which the engine's non-blocking streams do not wait for.
+      if (zeroed) HATTN_CUDA_CHECK(cudaDeviceSynchronize());
       planned_pages = total;
       planned_batch = static_cast<int>(batch);
     }
