@@ -609,9 +609,10 @@ __global__ void __launch_bounds__(T) SelectTopKSmallKernel(const __grid_constant
 template <int T>
 void launch_top_k_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
   const std::size_t smem = 2 * sizeof(std::int32_t) * static_cast<std::size_t>(p.max_entries);
-  if (smem > 48 * 1024)  // above the default; a per-device attribute, so set on every launch (host-side)
-    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectTopKSmallKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  // Static and dynamic shared memory together may pass the 48 KB default below 48 KB of dynamic; a
+  // per-device attribute, so set on every launch (a host-side call).
+  HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectTopKSmallKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
   detail::launch_programmatic(SelectTopKSmallKernel<T>, dim3(segments), dim3(T), smem, stream, p);
 }
 

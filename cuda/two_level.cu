@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
 // the arrival counts, and segments small enough for one block's shared memory.
 bool fusable(const TwoLevelScoreParams& p, const SelectParams& sel) {
   return sel.mass_threshold == 0.0f && sel.workspace != nullptr && p.max_groups > 0 &&
-         p.max_groups <= kFusedMaxGroups && p.candidates <= kFusedMaxCandidates && p.pages.dtype != DType::kFloat32;
+         p.max_groups <= kFusedMaxGroups && p.candidates <= kFusedMaxCandidates && p.pages.dtype != DType::kFloat32 &&
+         static_cast<long long>(p.pages.batch) * p.pages.kv_heads <= 65535;  // segments along the grid's y
 }
 
 }  // namespace
@@ -261,6 +262,9 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   constexpr const char* kWhere = "launch_select_two_level";
   if (p.pages.batch == 0) return;
   const ScoreParams& sp = p.pages;
+  hattn::detail::require(sp.upper != nullptr, kWhere, "pages.upper", "null", "set (the selection ranks by it)");
+  hattn::detail::require(sp.blended == nullptr || sp.estimate != nullptr, kWhere, "pages.blended", "set",
+                         "pages.estimate set too (the blend needs it)");
   // The selection must be the one over these candidates, as a staged caller would set it.
   hattn::detail::require(select.scores == sp.upper && select.position_of == p.position_of &&
                              select.candidates == p.candidates,
@@ -284,7 +288,6 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   hattn::detail::require((select.exclude_begin == nullptr) == (select.exclude_end == nullptr), kWhere,
                          "select.exclude_begin/exclude_end", "one null", "both set or both null");
   const long long segments = static_cast<long long>(sp.batch) * sp.kv_heads;
-  hattn::detail::require(segments <= 65535, kWhere, "batch * kv_heads", segments, "<= 65535");
   if (p.rebuild_groups) launch_build_group_summaries(t.rebuild, stream);
   launch_score_pages(t.coarse, stream);  // checks the shapes and pointers the fine pass shares
 
@@ -304,8 +307,8 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   detail::dispatch_kv_dtype(sp.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(sp.head_dim, kWhere, [&]<int D>() {
       const auto kernel = KeepScoreSelectKernel<T, D>;
-      if (smem > 48 * 1024)
-        HATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      // Static and dynamic shared memory together may pass the 48 KB default below 48 KB of dynamic.
+      HATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       // One wave of resident blocks shared by the segments, none without a candidate to score.
       int per_sm = 0;
       HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
