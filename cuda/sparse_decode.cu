@@ -85,7 +85,8 @@ std::size_t decode_smem_bytes(const Shape& s) {
   return std::max(stages, reduce) + kMetaPages * sizeof(PageRef);
 }
 
-template <class T, int D, int kDimsPerThread>
+// kMerge: the merge folded in (SparseDecodeParams::out), as in the tensor-core kernel.
+template <class T, int D, int kDimsPerThread, bool kMerge>
 __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_constant__ SparseDecodeParams p) {
   detail::pdl_launch_dependents();
   detail::pdl_wait();  // the selection and the partial buffers belong to the kernels before until then
@@ -289,22 +290,22 @@ __global__ void __launch_bounds__(kMaxThreads) SparseDecodeKernel(const __grid_c
       dst[v] = make_float4(o[4 * v] * inv, o[4 * v + 1] * inv, o[4 * v + 2] * inv, o[4 * v + 3] * inv);
     if (tx == 0) p.partial_lse[out_row] = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
-  detail::merge_segment_if_last<D>(p, segment);
+  if constexpr (kMerge) detail::merge_segment_if_last<D>(p, segment);
 }
 
-template <class T, int D, int kDimsPerThread>
+template <class T, int D, int kDimsPerThread, bool kMerge>
 void launch(const SparseDecodeParams& p, Stream stream) {
   const Shape s = decode_shape(D, p.q_heads / p.kv_heads, kDimsPerThread);
   hattn::detail::require(s.threads <= kMaxThreads, "launch_sparse_decode", "group_size * head_dim / 16",
                          s.kTx * s.group, "<= 512");
   const std::size_t smem = decode_smem_bytes<T, D>(s);
   static const bool raised = [] {
-    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SparseDecodeKernel<T, D, kDimsPerThread>,
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(SparseDecodeKernel<T, D, kDimsPerThread, kMerge>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     return true;
   }();
   (void)raised;
-  detail::launch_programmatic(SparseDecodeKernel<T, D, kDimsPerThread>, dim3(p.splits, p.batch * p.kv_heads),
+  detail::launch_programmatic(SparseDecodeKernel<T, D, kDimsPerThread, kMerge>, dim3(p.splits, p.batch * p.kv_heads),
                               dim3(s.threads), smem, stream, p);
 }
 
@@ -325,19 +326,19 @@ int mma_stages() {
   return value;
 }
 
-template <class T, int D>
+template <class T, int D, bool kMerge>
 void launch_tensor_cores(const SparseDecodeParams& p, Stream stream) {
   const int stages = mma_stages();
   const std::size_t smem = detail::tensor_core_decode_smem_bytes<T, D>(stages);
   static const bool raised = [] {
-    HATTN_CUDA_CHECK(cudaFuncSetAttribute(detail::TensorCoreDecodeKernel<T, D>,
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(detail::TensorCoreDecodeKernel<T, D, kMerge>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(detail::tensor_core_decode_smem_bytes<T, D>(
                                               detail::kMmaMaxStages))));
     return true;
   }();
   (void)raised;
-  detail::launch_programmatic(detail::TensorCoreDecodeKernel<T, D>, dim3(p.splits, p.batch * p.kv_heads),
+  detail::launch_programmatic(detail::TensorCoreDecodeKernel<T, D, kMerge>, dim3(p.splits, p.batch * p.kv_heads),
                               dim3(detail::kMmaWarps * 32), smem, stream, p, stages);
 }
 
@@ -425,14 +426,21 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
   const DecodeKernel kernel = decode_kernel_for(p);
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
+      const bool merge = p.out != nullptr;
       if constexpr (D <= 128) {
         if (kernel == DecodeKernel::kTensorCores) {
-          launch_tensor_cores<T, D>(p, stream);
+          if (merge) launch_tensor_cores<T, D, true>(p, stream);
+          else launch_tensor_cores<T, D, false>(p, stream);
           return;
         }
       }
-      if (dims_per_thread() == 8) launch<T, D, 8>(p, stream);
-      else launch<T, D, 16>(p, stream);
+      if (dims_per_thread() == 8) {
+        if (merge) launch<T, D, 8, true>(p, stream);
+        else launch<T, D, 8, false>(p, stream);
+      } else {
+        if (merge) launch<T, D, 16, true>(p, stream);
+        else launch<T, D, 16, false>(p, stream);
+      }
     });
   });
 }

@@ -8,6 +8,16 @@ mkdir -p "$OUT"
 bash scripts/device_build.sh "$BUILD" > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 ctest --test-dir "$BUILD" --output-on-failure -j4 --timeout 900 > "$OUT/ctest.log" 2>&1
 ctest_rc=$?
+# The engine's fused launches (launch_select_two_level, the merge folded into the decode) run only
+# with HATTN_FUSED_STEP=1 until verified on a GPU: the engine's GPU tests again with them.
+for t in "$BUILD"/tests/test_*gpu*; do
+  [ -x "$t" ] || continue
+  if ! HATTN_FUSED_STEP=1 "$t" --gtest_brief=1 > "$OUT/fused_$(basename "$t").log" 2>&1; then
+    echo "HATTN_FUSED_STEP=1 $(basename "$t") FAILED"; tail -30 "$OUT/fused_$(basename "$t").log"; ctest_rc=1
+  else
+    echo "HATTN_FUSED_STEP=1 $(basename "$t"): $(tail -1 "$OUT/fused_$(basename "$t").log")"
+  fi
+done
 sanitizer_rc=0
 # The kernel test binary runs its scoring, selection, two-level, split and merge suites only: its 175
 # decode cases under both sanitizers take longer than one device call allows (run them with a filter

@@ -56,7 +56,9 @@ __device__ __forceinline__ void cp_async_wait_upto(int pending) {
   }
 }
 
-template <class T, int D>
+/// kMerge: the merge folded in (SparseDecodeParams::out); a template flag, so that the kernel without
+/// it is the one that was tuned (its epilogue changes the register allocation of the loop before it).
+template <class T, int D, bool kMerge = false>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     TensorCoreDecodeKernel(const __grid_constant__ SparseDecodeParams p, int stages) {
   constexpr int kSteps = D / 16;                         // k-steps of Q K^T; pairs of 8-dim blocks of P V
@@ -299,7 +301,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
     if (c4 == 0) p.partial_lse[out_row] = ll > 0.f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
-  merge_segment_if_last<D>(p, segment);
+  if constexpr (kMerge) merge_segment_if_last<D>(p, segment);
 }
 
 }  // namespace hattn::cuda::detail

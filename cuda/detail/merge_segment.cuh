@@ -17,9 +17,9 @@ namespace hattn::cuda::detail {
 /// weights exp(lse - max) over the splits, empty splits weigh 0, a row without any mass is (0, -inf).
 /// Register pressure: unrolled by 8 (or not inlined) it made ptxas spill in the tensor-core decode loop
 /// before it (233 registers without spills became 168 with 12-40 bytes of spills); by 4, 185 without.
+/// The decode kernels instantiate it only where the merge is folded (their kMerge flag).
 template <int D>
 __device__ __forceinline__ void merge_segment_if_last(const SparseDecodeParams& p, int segment) {
-  if (p.out == nullptr) return;
   __shared__ int is_last;
   // Each writer fences its partials before the block counts itself in, so the last block sees all.
   __threadfence();

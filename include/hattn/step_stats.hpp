@@ -44,9 +44,9 @@ struct StepStats {
   /// (page tables, budgets) before the first kernel, outside gpu_us; cache_wait_us the wait for the
   /// previous call's cache admission and, with Config::admit_before_decode and no CPU share, for
   /// this layer's own lookup, eviction and gather of its misses; cpu_wait_us the wait for the CPU
-  /// partials before the merge. With two-level scoring and top-k, one kernel scores and selects
-  /// (launch_select_two_level): score_us holds both, select_us the split of the selection. Without a CPU
-  /// share the decode merges its own splits (SparseDecodeParams::out): merge_us is then ~0.
+  /// partials before the merge. With HATTN_FUSED_STEP=1 (docs/api.md) two-level top-k scores and
+  /// selects in one launch sequence (launch_select_two_level): score_us holds both and select_us the
+  /// split; and without a CPU share the decode merges its own splits: merge_us is then ~0.
   struct GpuPhases {
     double upload_us = 0, score_us = 0, select_us = 0, cache_wait_us = 0, decode_us = 0, cpu_wait_us = 0, merge_us = 0;
   } gpu_phases;

@@ -47,6 +47,9 @@ say "-- hattn-bench 128K batch 1 without an HBM cache (the default Config; the s
 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 --hbm_share 0 --json '' \
   --orchestrator_json docs/results/orchestrator.json --trace docs/results/trace_128k_b1_no_cache.json \
   "${torch_flag[@]}" 2>&1 | tee -a "$log" || status=1
+say "-- hattn-bench 128K batch 1 with HATTN_FUSED_STEP=1 (the engine's fused launches; A/B, no JSON)"
+HATTN_FUSED_STEP=1 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion gpu_dense fluxion_2l \
+  --json '' --orchestrator_json '' "${torch_flag[@]}" 2>&1 | grep -E '^\| 131072|^\| system' | tee -a "$log" "$OUT/fused_ab.txt"
 if [[ "${E2E_PHASES:-1}" != 0 ]]; then
 say "-- hattn-bench 128K batch 1, GPU phase breakdown (CUDA events between phases; diagnosis, no JSON)"
 for share in 0.19 0; do

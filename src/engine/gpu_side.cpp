@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <array>
 #include <cmath>
 #include <condition_variable>
@@ -90,6 +91,19 @@ class PinnedArray {
 cudaStream_t native(cuda::Stream s) { return reinterpret_cast<cudaStream_t>(s); }
 
 // Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
+// The fused two-level selection (launch_select_two_level) and the merge folded into the decode
+// (SparseDecodeParams::out) were written in a session without a GPU (2026-12-07). Until a device run
+// has passed the GPU tests with them and measured them, the engine runs them only with
+// HATTN_FUSED_STEP=1 (scripts/device_tests.sh and the benchmarks set it for the A/B); otherwise the
+// staged launches and the merge kernel, as verified before.
+bool fused_step() {
+  static const bool on = [] {
+    const char* env = std::getenv("HATTN_FUSED_STEP");
+    return env != nullptr && env[0] == '1';
+  }();
+  return on;
+}
+
 constexpr int kRing = 8;
 
 // Slot::phase indices.
@@ -759,9 +773,15 @@ struct GpuSide::Impl {
     sp.blend = kRankBlend;
     sp.inputs_ready = true;  // the metadata copy above heads the chain
     const int candidates = two_level ? max_keep * kPagesPerSummaryGroup : 0;
-    if (!two_level && !whole) cuda::launch_score_pages(sp, s);
-    // Two-level scoring selects too (launch_select_two_level); its time counts as scoring.
-    if (!two_level) mark_phase(slot, kScored, stream);
+    // Fused, two-level scoring selects too (launch_select_two_level); its time counts as scoring.
+    const bool fused_two_level = two_level && fused_step();
+    const cuda::TwoLevelScoreParams tl =
+        two_level ? two_level_params(slot, sp, d_group_indptr, d_group_table, d_group_budget, d_first_group, candidates,
+                                     summary_groups(max_pages))
+                  : cuda::TwoLevelScoreParams{};
+    if (two_level && !fused_two_level) cuda::launch_score_two_level(tl, s);
+    else if (!two_level && !whole) cuda::launch_score_pages(sp, s);
+    if (!fused_two_level) mark_phase(slot, kScored, stream);
 
     cuda::SelectParams sel;
     sel.scores = slot.upper.get();  // the bound, or the blend where a rule ranks by it
@@ -783,11 +803,10 @@ struct GpuSide::Impl {
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;
     }
-    if (two_level) {
-      cuda::launch_select_two_level(two_level_params(slot, sp, d_group_indptr, d_group_table, d_group_budget,
-                                                     d_first_group, candidates, summary_groups(max_pages)),
-                                    sel, s);
+    if (two_level)
       for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
+    if (fused_two_level) {
+      cuda::launch_select_two_level(tl, sel, s);
       mark_phase(slot, kScored, stream);
     } else if (whole) {
       cuda::launch_select_all_pages(sel, s);
@@ -882,7 +901,8 @@ struct GpuSide::Impl {
     dp.splits = splits;
     dp.partial_out = slot.partial_out.get();
     dp.partial_lse = slot.partial_lse.get();
-    if (!has_cpu) {
+    const bool merge_in_decode = !has_cpu && fused_step();
+    if (merge_in_decode) {
       // Nothing else to merge: the decode's last split of each segment merges it (no merge launch).
       dp.out = out;
       dp.arrivals = slot.decode_arrivals.get();
@@ -891,13 +911,13 @@ struct GpuSide::Impl {
     mark_phase(slot, kDecoded, stream);
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
     mark_phase(slot, kGated, stream);
-    if (has_cpu) {  // the CPU's partials join the GPU's splits
+    if (!merge_in_decode) {  // the CPU's partials, where it has a share, join the GPU's splits
       cuda::MergeParams mp;
       mp.partial_out = slot.partial_out.get();
       mp.partial_lse = slot.partial_lse.get();
       mp.splits = splits;
-      mp.extra_out = slot.cpu_out.host();
-      mp.extra_lse = slot.cpu_lse.host();
+      mp.extra_out = has_cpu ? slot.cpu_out.host() : nullptr;
+      mp.extra_lse = has_cpu ? slot.cpu_lse.host() : nullptr;
       mp.rows = static_cast<int>(qrows);
       mp.head_dim = shape.head_dim;
       mp.out = out;
