@@ -169,9 +169,10 @@ struct DecodeLayer {
   hc::MergeParams merge;
   std::size_t kv_bytes = 0;
   void* host_pages = nullptr;
-  /// The merge folded into the decode (SparseDecodeParams::out), as the engine runs a step with no
-  /// CPU partial; false: the decode, then launch_merge_partials.
-  bool fold_merge = true;
+  /// The merge folded into the decode (SparseDecodeParams::out, the decode kernels' kMerge variant);
+  /// false (the default, as the engine runs without HATTN_FUSED_STEP): the decode, then
+  /// launch_merge_partials.
+  bool fold_merge = false;
   std::uint32_t* arrivals = nullptr;
 
   /// splits <= 0: hc::suggest_decode_splits. q_heads: kQHeads, or group * kKvHeads for other groups.
@@ -353,6 +354,7 @@ struct SparseStep {
     two_level.max_groups = hattn::summary_groups(select.max_entries);
     candidate_select.max_entries = two_level.candidates;
     fused = fuse;
+    layer.fold_merge = fuse;
   }
 
   void run_score(cudaStream_t stream = nullptr) { hc::launch_score_pages(score, stream); }
@@ -565,8 +567,8 @@ void BM_Sparse5Step(benchmark::State& state) {
   s.score.estimate = estimate;
   state.counters["select_us"] = graph_us_per_launch([&](cudaStream_t st) { s.run_select(st); }, 20, 30);
   state.counters["decode_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
-  s.layer.fold_merge = false;
-  state.counters["decode_then_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
+  s.layer.fold_merge = true;
+  state.counters["decode_folded_merge_us"] = graph_us_per_launch([&](cudaStream_t st) { s.layer.run(st); }, 20, 30);
 }
 
 /// The sparse 5% step with two-level scoring. Args: tokens, groups kept as a multiple of the page
@@ -702,9 +704,9 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
                    graph_us_per_launch([&](cudaStream_t st) { s.run(st); }, 20, 30)};
     };
     const Times t1 = time(one), t2 = time(two);
-    two.fused = false;  // the same kernels staged: group selection and page selection as launches of their own
+    two.bound_like_the_engine(false);  // staged: group and page selection, merge as launches of their own
     const Times t3 = time(two);
-    two.fused = true;
+    two.bound_like_the_engine(true);
     std::printf("sparse 5%% one-level: %.1f us synced, %.1f queued, %.1f in a graph; two-level (%d of 512 groups "
                 "kept): %.1f synced, %.1f queued, %.1f in a graph\n",
                 t1.synced, t1.queued, t1.graph, two.keep_groups, t2.synced, t2.queued, t2.graph);
@@ -712,14 +714,14 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
     how << "two-level scoring (coarse Quest bound of 512 groups of 16 pages from fp32 group summaries, top "
         << two.keep_groups << " groups per KV head incl. sink and local groups, fine bound of their pages) + top-k "
         << "selection (5% of 8192 pages per KV head, 1 sink, 4 local; both selections told their longest segment, "
-        << "as the engine does, so the compact top-k kernel runs; fused as the engine runs it: after the coarse "
-        << "scores one kernel keeps the groups, scores their pages and selects, launch_select_two_level) + sparse "
-        << "decode from HBM + merge, 128K tokens "
+        << "as the engine does, so the compact top-k kernel runs; fused: after the coarse scores one kernel keeps "
+        << "the groups, scores their pages and selects, launch_select_two_level, as the engine runs it with "
+        << "HATTN_FUSED_STEP=1) + sparse decode from HBM with the merge folded in, 128K tokens "
         << "batch 1, Llama-3-8B layer, bf16; median of 100 steps each captured in a CUDA graph of 20 steps (as "
         << "engines replay decode): " << t2.graph << " us; launched one by one with events around: " << t2.synced
         << " us synced, " << t2.queued << " us queued. One-level scoring (every page's summary): " << t1.graph
-        << " us in a graph, " << t1.synced << " us synced. The same two-level step staged (group and page "
-        << "selections as launches of their own): " << t3.graph << " us in a graph";
+        << " us in a graph, " << t1.synced << " us synced. The same two-level step staged (group selection, "
+        << "page selection and merge as launches of their own): " << t3.graph << " us in a graph";
     figs["gpu_sparse5_128k_b1_us"] = {t2.graph, "us", how.str()};
   }
   {
