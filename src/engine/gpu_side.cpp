@@ -3,9 +3,9 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -90,11 +90,10 @@ class PinnedArray {
 
 cudaStream_t native(cuda::Stream s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
 // The fused two-level selection (launch_select_two_level) and the merge folded into the decode
 // (SparseDecodeParams::out) were written in a session without a GPU (2026-12-07). Until a device run
 // has passed the GPU tests with them and measured them, the engine runs them only with
-// HATTN_FUSED_STEP=1 (scripts/device_tests.sh and the benchmarks set it for the A/B); otherwise the
+// HATTN_FUSED_STEP=1 (scripts/device_tests.sh and scripts/device/e2e.sh set it for the A/B); otherwise the
 // staged launches and the merge kernel, as verified before.
 bool fused_step() {
   static const bool on = [] {
@@ -104,6 +103,7 @@ bool fused_step() {
   return on;
 }
 
+// Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
 constexpr int kRing = 8;
 
 // Slot::phase indices.
@@ -803,8 +803,6 @@ struct GpuSide::Impl {
       sel.position_of = slot.position_of.get();
       sel.candidates = candidates;
     }
-    if (two_level)
-      for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
     if (fused_two_level) {
       cuda::launch_select_two_level(tl, sel, s);
       mark_phase(slot, kScored, stream);
@@ -813,6 +811,9 @@ struct GpuSide::Impl {
     } else {
       cuda::launch_select_pages(sel, s);
     }
+    // The group summaries are rebuilt (the first launch of two-level scoring) up to these lengths.
+    if (two_level)
+      for (int b = 0; b < batch; ++b) groups_of[work.rows[b]].built_tokens[static_cast<std::size_t>(work.layer)] = seq_len[b];
     // What the GPU computes: the whole selection, or what the CPU's share leaves it. The split also
     // counts the GPU's cached blocks for the stats.
     const std::int32_t* gpu_selected = slot.selected.get();
