@@ -176,15 +176,15 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   }
 }
 
+}  // namespace
+
 // Where the fused kernel applies: top-k over the candidates of the two-level scores, with room for
 // the arrival counts, and segments small enough for one block's shared memory.
-bool fusable(const TwoLevelScoreParams& p, const SelectParams& sel) {
+bool select_two_level_fuses(const TwoLevelScoreParams& p, const SelectParams& sel) {
   return sel.mass_threshold == 0.0f && sel.workspace != nullptr && p.max_groups > 0 &&
          p.max_groups <= kFusedMaxGroups && p.candidates <= kFusedMaxCandidates && p.pages.dtype != DType::kFloat32 &&
          static_cast<long long>(p.pages.batch) * p.pages.kv_heads <= 65535;  // segments along the grid's y
 }
-
-}  // namespace
 
 TwoLevelStages two_level_stages(const TwoLevelScoreParams& p) {
   constexpr const char* kWhere = "two_level_stages";
@@ -273,7 +273,7 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   hattn::detail::require(select.batch == sp.batch && select.kv_heads == sp.kv_heads &&
                              select.page_indptr == sp.page_indptr,
                          kWhere, "select.batch/kv_heads/page_indptr", "other values", "those of the scored pages");
-  if (!fusable(p, select)) {
+  if (!select_two_level_fuses(p, select)) {
     launch_score_two_level(p, stream);
     launch_select_pages(select, stream);
     return;

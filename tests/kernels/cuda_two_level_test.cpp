@@ -678,5 +678,38 @@ TEST(CudaTwoLevel, RejectsInconsistentCandidateArguments) {
   names([&] { cuda::launch_select_two_level(t, over, nullptr); }, "select.batch/kv_heads/page_indptr");
 }
 
+// Which launches launch_select_two_level runs: fused for a top-k within the bounds and with a
+// workspace, staged otherwise (host-side, no device needed).
+TEST(CudaTwoLevel, FusesTopKWithinItsBounds) {
+  std::uint32_t counts[1] = {};
+  cuda::TwoLevelScoreParams t;
+  t.pages.batch = 1;
+  t.pages.kv_heads = 8;
+  t.pages.dtype = DType::kBFloat16;
+  t.max_groups = 512;
+  t.candidates = 1696;
+  cuda::SelectParams s;
+  s.workspace = counts;
+  EXPECT_TRUE(cuda::select_two_level_fuses(t, s));
+  cuda::SelectParams mass = s;
+  mass.mass_threshold = 0.9f;  // the mass rule keeps the staged launches
+  EXPECT_FALSE(cuda::select_two_level_fuses(t, mass));
+  cuda::SelectParams no_workspace = s;
+  no_workspace.workspace = nullptr;
+  EXPECT_FALSE(cuda::select_two_level_fuses(t, no_workspace));
+  cuda::TwoLevelScoreParams long_rows = t;
+  long_rows.max_groups = cuda::kFusedMaxGroups + 1;
+  EXPECT_FALSE(cuda::select_two_level_fuses(long_rows, s));
+  long_rows = t;
+  long_rows.max_groups = 0;  // unknown
+  EXPECT_FALSE(cuda::select_two_level_fuses(long_rows, s));
+  cuda::TwoLevelScoreParams many = t;
+  many.candidates = cuda::kFusedMaxCandidates + kGroup;
+  EXPECT_FALSE(cuda::select_two_level_fuses(many, s));
+  many = t;
+  many.pages.batch = 65536 / 8 + 1;  // more segments than the grid's y
+  EXPECT_FALSE(cuda::select_two_level_fuses(many, s));
+}
+
 }  // namespace
 }  // namespace hattn::test

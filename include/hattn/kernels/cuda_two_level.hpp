@@ -76,4 +76,7 @@ inline constexpr int kFusedMaxCandidates = 8192;
 /// it runs the staged launches.
 void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& select, Stream stream);
 
+/// Whether launch_select_two_level(p, select) runs the fused kernel (true) or the staged launches.
+bool select_two_level_fuses(const TwoLevelScoreParams& p, const SelectParams& select);
+
 }  // namespace hattn::cuda
