@@ -8,6 +8,7 @@
 
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/launch_checks.hpp"
 #include "detail/pdl.cuh"
 #include "detail/score_item.cuh"
 #include "detail/vec.cuh"
@@ -136,40 +137,50 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
 
 }  // namespace
 
-void launch_score_pages(const ScoreParams& p, Stream stream) {
-  constexpr const char* kWhere = "launch_score_pages";
+namespace detail {
+
+bool check_score_params(const ScoreParams& p, const char* where) {
   const bool by_group = p.dtype == DType::kFloat32;  // the coarse pass over group summaries
-  hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
-  hattn::detail::require(p.kv_heads > 0 && p.q_heads > 0 && p.q_heads % p.kv_heads == 0, kWhere, "q_heads",
+  hattn::detail::require(p.batch >= 0, where, "batch", p.batch, ">= 0");
+  hattn::detail::require(p.kv_heads > 0 && p.q_heads > 0 && p.q_heads % p.kv_heads == 0, where, "q_heads",
                          p.q_heads, "a positive multiple of kv_heads");
   if (by_group)
-    hattn::detail::require(p.page_size > 0, kWhere, "page_size (tokens of a group)", p.page_size, "> 0");
+    hattn::detail::require(p.page_size > 0, where, "page_size (tokens of a group)", p.page_size, "> 0");
   else
-    hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
+    hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, where, "page_size",
                            p.page_size, "16, 32 or 64");
-  if (p.batch == 0) return;
-  hattn::detail::require(p.q && p.summaries && p.page_table && p.page_indptr && p.seq_len, kWhere, "pointers",
+  if (p.batch == 0) return false;
+  hattn::detail::require(p.q && p.summaries && p.page_table && p.page_indptr && p.seq_len, where, "pointers",
                          "null", "all set");
-  hattn::detail::require(p.upper != nullptr || p.estimate != nullptr, kWhere, "upper/estimate", "both null",
+  hattn::detail::require(p.upper != nullptr || p.estimate != nullptr, where, "upper/estimate", "both null",
                          "at least one set");
-  hattn::detail::require(p.batch <= 65535, kWhere, "batch", p.batch, "<= 65535");
-  hattn::detail::require(p.blended == nullptr || (p.upper != nullptr && p.estimate != nullptr), kWhere, "blended",
+  hattn::detail::require(p.batch <= 65535, where, "batch", p.batch, "<= 65535");
+  hattn::detail::require(p.blended == nullptr || (p.upper != nullptr && p.estimate != nullptr), where, "blended",
                          "set", "upper and estimate set too");
   if (p.kept_groups != nullptr) {
-    hattn::detail::require(p.kept_count && p.group_indptr && p.position_of, kWhere,
+    hattn::detail::require(p.kept_count && p.group_indptr && p.position_of, where,
                            "kept_count/group_indptr/position_of", "null", "all set with kept_groups");
-    hattn::detail::require(p.candidates > 0 && p.candidates % kPagesPerSummaryGroup == 0, kWhere, "candidates",
+    hattn::detail::require(p.candidates > 0 && p.candidates % kPagesPerSummaryGroup == 0, where, "candidates",
                            p.candidates, "a positive multiple of ", kPagesPerSummaryGroup);
-    hattn::detail::require(!by_group, kWhere, "dtype", p.dtype, "the KV dtype (the fine pass reads page summaries)");
+    hattn::detail::require(!by_group, where, "dtype", p.dtype, "the KV dtype (the fine pass reads page summaries)");
     const long long entries = static_cast<long long>(p.batch) * p.kv_heads * p.candidates;
-    hattn::detail::require(entries <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates", entries, "< 2^31");
+    hattn::detail::require(entries <= 0x7fffffffLL, where, "batch * kv_heads * candidates", entries, "< 2^31");
   } else {
-    hattn::detail::require(p.candidates == 0 && p.position_of == nullptr, kWhere, "candidates/position_of",
+    hattn::detail::require(p.candidates == 0 && p.position_of == nullptr, where, "candidates/position_of",
                            p.candidates, "0 and null without kept_groups");
   }
+  constexpr std::size_t kMaxQFloats = 96 * 1024 / sizeof(float);  // q of every head in shared memory
+  const std::size_t q_floats = static_cast<std::size_t>(p.q_heads) * p.head_dim;
+  hattn::detail::require(q_floats <= kMaxQFloats, where, "q_heads * head_dim", q_floats, "<= 24576");
+  return true;
+}
+
+}  // namespace detail
+
+void launch_score_pages(const ScoreParams& p, Stream stream) {
+  constexpr const char* kWhere = "launch_score_pages";
+  if (!detail::check_score_params(p, kWhere)) return;
   const std::size_t smem = static_cast<std::size_t>(p.q_heads) * p.head_dim * sizeof(float);
-  constexpr std::size_t kMaxSmem = 96 * 1024;
-  hattn::detail::require(smem <= kMaxSmem, kWhere, "q_heads * head_dim", smem / sizeof(float), "<= 24576");
   int device = 0, sms = 0;
   HATTN_CUDA_CHECK(cudaGetDevice(&device));
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -187,7 +198,7 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
       detail::launch_programmatic(kernel, dim3(blocks_per_request, p.batch), dim3(kThreads), smem, stream, p);
     });
   };
-  if (by_group) launch.template operator()<float>();
+  if (p.dtype == DType::kFloat32) launch.template operator()<float>();  // the coarse pass over group summaries
   else detail::dispatch_kv_dtype(p.dtype, kWhere, launch);
 }
 

@@ -20,6 +20,7 @@
 #include "detail/block_scan.cuh"
 #include "detail/block_top_k.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/launch_checks.hpp"
 #include "detail/pdl.cuh"
 #include "detail/vec.cuh"
 #include "hattn/kernels/cuda_select.hpp"
@@ -642,26 +643,35 @@ std::size_t select_workspace_bytes(std::int64_t total_pages, int kv_heads, int b
   return static_cast<std::size_t>(batch) * static_cast<std::size_t>(kv_heads) * sizeof(std::uint32_t);
 }
 
-void launch_select_pages(const SelectParams& p, Stream stream) {
-  constexpr const char* kWhere = "launch_select_pages";
-  hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
-  hattn::detail::require(p.kv_heads > 0, kWhere, "kv_heads", p.kv_heads, "> 0");
-  hattn::detail::require(p.mass_threshold >= 0.0f && p.mass_threshold <= 1.0f, kWhere, "mass_threshold",
+namespace detail {
+
+bool check_select_params(const SelectParams& p, const char* where) {
+  hattn::detail::require(p.batch >= 0, where, "batch", p.batch, ">= 0");
+  hattn::detail::require(p.kv_heads > 0, where, "kv_heads", p.kv_heads, "> 0");
+  hattn::detail::require(p.mass_threshold >= 0.0f && p.mass_threshold <= 1.0f, where, "mass_threshold",
                          p.mass_threshold, "0 (top-k) or in (0, 1]");
-  if (p.batch == 0) return;
-  hattn::detail::require(p.scores && p.page_indptr && p.budget_pages && p.selected && p.selected_count, kWhere,
+  if (p.batch == 0) return false;
+  hattn::detail::require(p.scores && p.page_indptr && p.budget_pages && p.selected && p.selected_count, where,
                          "pointers", "null", "all set");
-  hattn::detail::require(p.mass_threshold == 0.0f || p.log_mass != nullptr, kWhere, "log_mass", "null",
+  hattn::detail::require(p.mass_threshold == 0.0f || p.log_mass != nullptr, where, "log_mass", "null",
                          "set for the mass rule");
-  hattn::detail::require((p.exclude_begin == nullptr) == (p.exclude_end == nullptr), kWhere,
+  hattn::detail::require((p.exclude_begin == nullptr) == (p.exclude_end == nullptr), where,
                          "exclude_begin/exclude_end", "one null", "both set or both null");
-  hattn::detail::require(p.max_entries >= 0, kWhere, "max_entries", p.max_entries, ">= 0 (0 = unknown)");
-  hattn::detail::require(p.position_of != nullptr ? p.candidates > 0 : p.candidates == 0, kWhere, "candidates",
+  hattn::detail::require(p.max_entries >= 0, where, "max_entries", p.max_entries, ">= 0 (0 = unknown)");
+  hattn::detail::require(p.position_of != nullptr ? p.candidates > 0 : p.candidates == 0, where, "candidates",
                          p.candidates, p.position_of ? "> 0 with position_of" : "0 without position_of");
   const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
-  hattn::detail::require(segments <= 0x7fffffffLL, kWhere, "batch * kv_heads", segments, "< 2^31");
-  hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, kWhere, "batch * kv_heads * candidates",
+  hattn::detail::require(segments <= 0x7fffffffLL, where, "batch * kv_heads", segments, "< 2^31");
+  hattn::detail::require(segments * p.candidates <= 0x7fffffffLL, where, "batch * kv_heads * candidates",
                          segments * p.candidates, "< 2^31");
+  return true;
+}
+
+}  // namespace detail
+
+void launch_select_pages(const SelectParams& p, Stream stream) {
+  if (!detail::check_select_params(p, "launch_select_pages")) return;
+  const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
   // Top-k over segments the caller bounds as small: the compact kernel.
   if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= detail::kBlockTopKMaxEntries) {
     launch_select_top_k_small(p, static_cast<unsigned>(segments), stream);

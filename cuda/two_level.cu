@@ -10,6 +10,7 @@
 #include "detail/block_top_k.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
+#include "detail/launch_checks.hpp"
 #include "detail/pdl.cuh"
 #include "detail/score_item.cuh"
 #include "hattn/core/error.hpp"
@@ -263,8 +264,6 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   if (p.pages.batch == 0) return;
   const ScoreParams& sp = p.pages;
   hattn::detail::require(sp.upper != nullptr, kWhere, "pages.upper", "null", "set (the selection ranks by it)");
-  hattn::detail::require(sp.blended == nullptr || sp.estimate != nullptr, kWhere, "pages.blended", "set",
-                         "pages.estimate set too (the blend needs it)");
   // The selection must be the one over these candidates, as a staged caller would set it.
   hattn::detail::require(select.scores == sp.upper && select.position_of == p.position_of &&
                              select.candidates == p.candidates,
@@ -279,17 +278,14 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
     return;
   }
   const TwoLevelStages t = two_level_stages(p);
-  hattn::detail::require(sp.page_size == 16 || sp.page_size == 32 || sp.page_size == 64, kWhere, "pages.page_size",
-                         sp.page_size, "16, 32 or 64");
-  hattn::detail::require(p.candidates > 0 && p.candidates % kPagesPerSummaryGroup == 0, kWhere, "candidates",
-                         p.candidates, "a positive multiple of ", kPagesPerSummaryGroup);
-  hattn::detail::require(select.selected && select.selected_count && select.budget_pages, kWhere,
-                         "select.selected/selected_count/budget_pages", "null", "all set");
-  hattn::detail::require((select.exclude_begin == nullptr) == (select.exclude_end == nullptr), kWhere,
-                         "select.exclude_begin/exclude_end", "one null", "both set or both null");
+  // The fine pass and the selections run inside one kernel: their descriptions pass their launchers'
+  // checks all the same (the coarse pass's are its launcher's).
+  detail::check_score_params(t.fine, kWhere);
+  detail::check_select_params(t.keep, kWhere);
+  detail::check_select_params(select, kWhere);
   const long long segments = static_cast<long long>(sp.batch) * sp.kv_heads;
   if (p.rebuild_groups) launch_build_group_summaries(t.rebuild, stream);
-  launch_score_pages(t.coarse, stream);  // checks the shapes and pointers the fine pass shares
+  launch_score_pages(t.coarse, stream);
 
   KeepScoreSelectParams k;
   k.fine = t.fine;
