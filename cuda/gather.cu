@@ -2,7 +2,8 @@
 // step 7). A small persistent grid loops over groups of entries; each thread issues all its 16-byte
 // loads of a group before any store, so a block keeps 32 KB of PCIe reads in flight with 256
 // threads. Entries are grouped so a group is ~2048 vectors whatever the block size (one 8 KB block
-// of 16-token bf16 pages at dim 128 is 512), and the publication of a group follows its copy.
+// of 16-token bf16 pages at dim 128 is 512), and the publication of a group follows its copy. An
+// entry the decode staged (GatherParams::staging) is copied from that HBM copy instead of the host.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,11 +22,13 @@ constexpr int kMaxGroup = 16;      // smallest block: 16 tokens x 64 dims x 1 by
 
 __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_constant__ GatherParams p,
                                                              int head_vecs_log2, int group) {
-  __shared__ const uint4* src[kMaxGroup];
+  __shared__ const uint4* src[kMaxGroup];  // K; null: the entry is skipped
+  __shared__ const uint4* src_v[kMaxGroup];
   __shared__ uint4* dst[kMaxGroup];
   const int n = p.count ? min(*p.count, p.n) : p.n;
   const long long head_vecs = 1ll << head_vecs_log2;
   const int entry_log2 = head_vecs_log2 + 1;  // K then V
+  const int staged = p.staging.capacity > 0 ? min(*p.staging.count, p.staging.capacity) : 0;
   for (int e0 = static_cast<int>(blockIdx.x) * group; e0 < n; e0 += static_cast<int>(gridDim.x) * group) {
     const int ne = min(group, n - e0);
     if (static_cast<int>(threadIdx.x) < ne) {
@@ -33,9 +36,16 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
       const int slot = p.slots[e];
       src[threadIdx.x] = nullptr;
       if (slot >= 0) {
-        const auto* page = static_cast<const uint4*>(p.host_pages) +
-                           static_cast<long long>(p.page_ids[e]) * 2 * head_vecs * p.kv_heads;
-        src[threadIdx.x] = page + p.heads[e] * head_vecs;
+        const int entry = staged > 0 ? p.staging.index_of[p.keys[e]] : -1;
+        if (entry >= 0 && entry < staged && p.staging.key_of[entry] == p.keys[e]) {
+          src[threadIdx.x] = static_cast<const uint4*>(p.staging.blocks) + static_cast<long long>(entry) * 2 * head_vecs;
+          src_v[threadIdx.x] = src[threadIdx.x] + head_vecs;
+        } else {
+          const auto* page = static_cast<const uint4*>(p.host_pages) +
+                             static_cast<long long>(p.page_ids[e]) * 2 * head_vecs * p.kv_heads;
+          src[threadIdx.x] = page + p.heads[e] * head_vecs;
+          src_v[threadIdx.x] = src[threadIdx.x] + p.kv_heads * head_vecs;
+        }
         dst[threadIdx.x] = static_cast<uint4*>(p.hbm_slots) + static_cast<long long>(slot) * 2 * head_vecs;
       }
     }
@@ -48,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
         const long long c = base + j * kThreads + threadIdx.x;
         const int e = static_cast<int>(c >> entry_log2);
         const long long i = c & ((1ll << entry_log2) - 1);
-        if (c < work && src[e]) buf[j] = i < head_vecs ? src[e][i] : src[e][i - head_vecs + p.kv_heads * head_vecs];
+        if (c < work && src[e]) buf[j] = i < head_vecs ? src[e][i] : src_v[e][i - head_vecs];
       }
 #pragma unroll
       for (int j = 0; j < kLoadsInFlight; ++j) {
@@ -82,6 +92,10 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
   hattn::detail::require(p.max_blocks >= 0, kWhere, "max_blocks", p.max_blocks, ">= 0");
   hattn::detail::require((p.slot_of == nullptr) == (p.keys == nullptr), kWhere, "slot_of and keys",
                          "one set", "both set or both null");
+  hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");
+  if (p.staging.enabled())
+    hattn::detail::require(p.keys && p.staging.blocks && p.staging.key_of && p.staging.index_of && p.staging.count,
+                           kWhere, "staging", "without keys or a pointer", "keys and every staging pointer set");
   if (p.n == 0) return;
   hattn::detail::require(p.host_pages && p.hbm_slots && p.page_ids && p.heads && p.slots, kWhere, "pointers",
                          "null", "all set");

@@ -326,19 +326,19 @@ int mma_stages() {
   return value;
 }
 
-template <class T, int D, bool kMerge>
+template <class T, int D, bool kMerge, bool kStage>
 void launch_tensor_cores(const SparseDecodeParams& p, Stream stream) {
   const int stages = mma_stages();
   const std::size_t smem = detail::tensor_core_decode_smem_bytes<T, D>(stages);
   static const bool raised = [] {
-    HATTN_CUDA_CHECK(cudaFuncSetAttribute(detail::TensorCoreDecodeKernel<T, D, kMerge>,
+    HATTN_CUDA_CHECK(cudaFuncSetAttribute(detail::TensorCoreDecodeKernel<T, D, kMerge, kStage>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(detail::tensor_core_decode_smem_bytes<T, D>(
                                               detail::kMmaMaxStages))));
     return true;
   }();
   (void)raised;
-  detail::launch_programmatic(detail::TensorCoreDecodeKernel<T, D, kMerge>, dim3(p.splits, p.batch * p.kv_heads),
+  detail::launch_programmatic(detail::TensorCoreDecodeKernel<T, D, kMerge, kStage>, dim3(p.splits, p.batch * p.kv_heads),
                               dim3(detail::kMmaWarps * 32), smem, stream, p, stages);
 }
 
@@ -423,14 +423,21 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
   hattn::detail::require(p.out == nullptr || p.arrivals != nullptr, kWhere, "arrivals", "null",
                          "set when out is (decode_workspace_bytes, zeroed once)");
   hattn::detail::require(p.out != nullptr || p.lse == nullptr, kWhere, "lse", "set", "null without out");
+  hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");
+  if (p.staging.enabled())
+    hattn::detail::require(p.staging.blocks && p.staging.key_of && p.staging.index_of && p.staging.count, kWhere,
+                           "staging pointers", "null", "all set when staging.capacity > 0");
   const DecodeKernel kernel = decode_kernel_for(p);
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
       const bool merge = p.out != nullptr;
       if constexpr (D <= 128) {
         if (kernel == DecodeKernel::kTensorCores) {
-          if (merge) launch_tensor_cores<T, D, true>(p, stream);
-          else launch_tensor_cores<T, D, false>(p, stream);
+          const bool stage = p.staging.enabled();
+          if (merge && stage) launch_tensor_cores<T, D, true, true>(p, stream);
+          else if (merge) launch_tensor_cores<T, D, true, false>(p, stream);
+          else if (stage) launch_tensor_cores<T, D, false, true>(p, stream);
+          else launch_tensor_cores<T, D, false, false>(p, stream);
           return;
         }
       }

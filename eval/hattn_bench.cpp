@@ -57,7 +57,7 @@ struct Options {
   bool quick = false;
   bool cpu = false;
   bool phases = false;
-  bool admit_behind = false;  // Config::admit_before_decode = false
+  Admission admission = Admission::kStaged;
   std::string torch_json;
   std::string json = "docs/results/e2e.json";
   std::string orchestrator_json = "docs/results/orchestrator.json";
@@ -252,7 +252,7 @@ Config make_config(const Options& o, const ModelShape& model, std::int64_t conte
   c.backend = gpu ? Backend::kGpu : Backend::kCpu;
   c.max_batch = std::max(batch, 1);
   c.time_phases = o.phases;
-  c.admit_before_decode = !o.admit_behind;
+  c.admission = o.admission;
   return c;
 }
 
@@ -471,8 +471,10 @@ int main(int argc, char** argv) {
   app.add_option("--torch_json", o.torch_json, "baselines from benchmarks/torch_baselines.py (gpu_sdpa_us, full_offload_us)");
   app.add_flag("--quick", o.quick, "32K only, batch 1 and 4, fewer steps");
   app.add_flag("--phases", o.phases, "time the GPU phases of every run() with CUDA events and print their medians");
-  app.add_flag("--admit_behind", o.admit_behind,
-               "the decode reads its misses in place while the cache gathers them (Config::admit_before_decode = false)");
+  app.add_option("--admission", o.admission, "how the HBM cache admits misses (Config::admission)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, Admission>{{"staged", Admission::kStaged},
+                                                                           {"before_decode", Admission::kBeforeDecode},
+                                                                           {"beside_decode", Admission::kBesideDecode}}));
   app.add_flag("--cpu", o.cpu, "CPU backend (no GPU figures; a smoke run)");
   app.add_option("--json", o.json, "e2e results file (GPU runs; '' = none)");
   app.add_option("--orchestrator_json", o.orchestrator_json, "orchestrator results file (GPU runs; '' = none)");

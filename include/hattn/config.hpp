@@ -20,16 +20,34 @@ constexpr const char* to_string(Backend b) noexcept {
   return b == Backend::kGpu ? "gpu" : b == Backend::kCpu ? "cpu" : "auto";
 }
 
+/// How an HBM cache admits the blocks a layer selected that it did not hold (its misses). The
+/// cache's maintenance (lookup, eviction) runs beside the decode in every mode.
+enum class Admission : std::uint8_t {
+  /// The decode reads the misses from the host and keeps a copy of each full page in an HBM staging
+  /// area (1/8 of hbm_cache_bytes); the cache admits them from there after the decode. Each miss
+  /// crosses PCIe once and the decode waits for nothing. Needs the tensor-core decode kernel (head
+  /// dim 64 or 128, groups up to 8); with the other kernel the admission reads the misses again.
+  kStaged,
+  /// The decode waits until the cache has gathered the misses into HBM and reads them there: each
+  /// crosses PCIe once, but the maintenance and the gather come before the decode. With a CPU share
+  /// in the layer it does not wait (the CPU computes the misses first; the GPU keeps the hits).
+  kBeforeDecode,
+  /// The gather copies the misses into HBM while the decode reads them in place: each crosses PCIe
+  /// twice, at the same time.
+  kBesideDecode,
+};
+
+constexpr const char* to_string(Admission a) noexcept {
+  return a == Admission::kStaged ? "staged" : a == Admission::kBeforeDecode ? "before_decode" : "beside_decode";
+}
+
 struct Config {
   ModelShape shape;
   int page_size = 16;                  ///< tokens per page: 16, 32 or 64
   std::size_t host_pool_bytes = 0;     ///< pinned host pool for every layer's KV and summaries
   std::size_t hbm_cache_bytes = 0;     ///< HBM page cache (0: none; every GPU-side page read from host)
-  /// With an HBM cache and no CPU share in the layer: its decode waits until the cache has gathered
-  /// the layer's misses into HBM and reads them there, so each miss crosses PCIe once. false (and
-  /// always when the CPU has a share: it computes the misses first, and the GPU keeps the hits): the
-  /// decode reads the misses it has in place while the gather copies them beside it.
-  bool admit_before_decode = true;
+  /// How the HBM cache admits a layer's misses (Admission).
+  Admission admission = Admission::kStaged;
   /// Workers of the CPU side. 0: one per hardware thread for the CPU backend; half of them for the
   /// GPU backend, whose caller's thread keeps launching (or waiting on) GPU work while the CPU side
   /// computes, and whose CPU side shares DRAM with the GPU's zero-copy reads (on the device, 8

@@ -17,7 +17,7 @@ struct StepStats {
   std::int64_t gpu_blocks = 0;         ///< selected blocks computed on the GPU
   std::int64_t cpu_blocks = 0;         ///< selected blocks computed on the CPU
   /// GPU blocks the HBM cache held when the step's split looked: blocks gathered into HBM before the
-  /// decode (Config::admit_before_decode) count as misses here, though the decode reads them from HBM.
+  /// decode (Admission::kBeforeDecode) count as misses here, though the decode reads them from HBM.
   /// Without a CPU share the count runs beside the layer's own cache step (off the decode's path), so
   /// a block that step's gather published before the count reached it counts as a hit: an estimate
   /// for the stats and the bench's floor; the scheduler's hit rate comes from the cache's counters.
@@ -42,7 +42,7 @@ struct StepStats {
   /// Where the GPU side's time went, from CUDA events between its phases on the caller's stream
   /// (only with Config::time_phases; zeros otherwise). upload_us is the copy of the run's metadata
   /// (page tables, budgets) before the first kernel, outside gpu_us; cache_wait_us the wait for the
-  /// previous call's cache admission and, with Config::admit_before_decode and no CPU share, for
+  /// previous call's cache admission and, with Admission::kBeforeDecode and no CPU share, for
   /// this layer's own lookup, eviction and gather of its misses; cpu_wait_us the wait for the CPU
   /// partials before the merge. With HATTN_FUSED_STEP=1 (docs/api.md) two-level top-k scores and
   /// selects in one launch sequence (launch_select_two_level): score_us holds both and select_us the

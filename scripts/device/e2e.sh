@@ -4,7 +4,8 @@
 # JSON), TORCH_JSON (PyTorch baselines from benchmarks/torch_baselines.py; made here when missing),
 # E2E_BENCH_ARGS / E2E_SWEEP_ARGS / E2E_EVAL_ARGS (extra flags, e.g. "--quick"), E2E_EVAL=0 (skip the
 # accuracy harness: quality.json stays as it is), E2E_SWEEP=0 (skip the sweep over contexts and batches), E2E_PHASES=0 (skip
-# the phase breakdown). Every step has a timeout; the
+# the phase breakdown; E2E_PHASES=cache: only with the HBM cache), E2E_NOCACHE=0 (skip the run without a cache:
+# orchestrator.json and trace_128k_b1_no_cache.json stay as they are), E2E_AB=0 (skip the admission A/B). Every step has a timeout; the
 # whole script stays near 10 minutes (the torch baselines, when made here, add up to 400 s). Writes docs/results/e2e.json,
 # docs/results/orchestrator.json, orchestrator_hbm_cache.json, trace_128k_b1[_no_cache].json and
 # docs/results/quality.json (each program writes its own) and
@@ -43,16 +44,23 @@ say "-- hattn-bench 128K batch 1"
 timeout 150 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 "${torch_flag[@]}" \
   --orchestrator_json docs/results/orchestrator_hbm_cache.json --trace docs/results/trace_128k_b1.json \
   ${E2E_BENCH_ARGS:-} 2>&1 | tee -a "$log" "$OUT/bench_128k_b1.txt" || status=1
+if [[ "${E2E_NOCACHE:-1}" != 0 ]]; then
 say "-- hattn-bench 128K batch 1 without an HBM cache (the default Config; the scheduler splits: CPU/GPU overlap)"
 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fixed5 --hbm_share 0 --json '' \
   --orchestrator_json docs/results/orchestrator.json --trace docs/results/trace_128k_b1_no_cache.json \
   "${torch_flag[@]}" 2>&1 | tee -a "$log" || status=1
-say "-- hattn-bench 128K batch 1 with HATTN_FUSED_STEP=1 (the engine's fused launches; A/B, no JSON)"
-HATTN_FUSED_STEP=1 timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion gpu_dense fluxion_2l \
-  --json '' --orchestrator_json '' "${torch_flag[@]}" 2>&1 | grep -E '^\| 131072|^\| system' | tee -a "$log" "$OUT/fused_ab.txt"
+fi
+if [[ "${E2E_AB:-1}" != 0 ]]; then
+say "-- hattn-bench 128K batch 1 with --admission before_decode (the default before staging; A/B, no JSON)"
+timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion gpu_dense quest_gpu \
+  --admission before_decode --json '' --orchestrator_json '' "${torch_flag[@]}" 2>&1 |
+  grep -E '^\| 131072|^\| system' | tee -a "$log" "$OUT/admission_ab.txt"
+fi
 if [[ "${E2E_PHASES:-1}" != 0 ]]; then
 say "-- hattn-bench 128K batch 1, GPU phase breakdown (CUDA events between phases; diagnosis, no JSON)"
-for share in 0.19 0; do
+shares="0.19 0"
+[[ "${E2E_PHASES:-1}" == cache ]] && shares=0.19
+for share in $shares; do
   timeout 120 "$BUILD/eval/hattn-bench" --contexts 131072 --batches 1 --systems fluxion fluxion_2l fixed5 quest_gpu gpu_dense \
     --hbm_share $share --phases --json '' --orchestrator_json '' 2>&1 | grep -E '^phases|^\| 131072' | tee -a "$log" "$OUT/phases.txt"
 done

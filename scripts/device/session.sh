@@ -7,7 +7,8 @@
 #   HATTN_FUSED_STEP=1; then the end-to-end 128K batch 1 figures (scripts/device/e2e.sh without the
 #   sweep, the phases and the accuracy harness) while time is left.
 # Logs and every docs/results/*.json go into $OUT/logs.tgz (a device call returns only 8 files).
-# Env: OUT (required), HATTN_COMMIT, BUDGET, E2E=0 (skip the e2e part).
+# Env: OUT (required), HATTN_COMMIT, BUDGET, E2E=0 (skip the e2e part), CUDA=0 (skip the kernel figures of
+# cuda.sh: PyTorch's quick shapes are then timed alone, for the e2e part), E2E_* (passed to e2e.sh).
 set -uo pipefail
 : "${OUT:?OUT must name a folder}"
 export BUILD=${BUILD:-build-device} HATTN_COMMIT=${HATTN_COMMIT:-unknown}
@@ -36,16 +37,29 @@ tail -3 "$L/build.log"
 timeout "$(cap 150)" "$BUILD/tests/hattn_cuda_kernels_test" --gtest_brief=1 > "$L/kernels_test.log" 2>&1
 t "kernel tests rc=$?"
 tail -4 "$L/kernels_test.log"
-TORCH_QUICK=1 timeout "$(cap 300 60)" bash scripts/device/cuda.sh > "$L/cuda_sh.log" 2>&1
-t "cuda.sh rc=$?"
-tail -12 "$L/cuda_sh.log"
+# Registers and spills of the decode's instantiations (the staging and merge variants included).
+cuobjdump -res-usage "$BUILD/CMakeFiles/hattn.dir/cuda/sparse_decode.cu.o" 2>&1 | grep -A1 TensorCoreDecode |
+  grep -oE 'Lb[01]ELb[01]E|REG:[0-9]+ STACK:[0-9]+|LOCAL:[0-9]+' | paste -d' ' - - - > "$L/decode_registers.txt"
+if [ "${CUDA:-1}" = 1 ]; then
+  TORCH_QUICK=1 timeout "$(cap 300 60)" bash scripts/device/cuda.sh > "$L/cuda_sh.log" 2>&1
+  t "cuda.sh rc=$?"
+  tail -12 "$L/cuda_sh.log"
+else
+  timeout "$(cap 120 60)" python3 benchmarks/torch_baselines.py --out "$OUT/torch_baselines.json" --kernel-shapes-only \
+    > "$L/torch_quick.log" 2>&1
+  t "torch quick rc=$?"
+fi
 [ -s "$OUT/torch_baselines.json" ] && cp "$OUT/torch_baselines.json" /tmp/hattn-torch.json
 for tool in memcheck racecheck; do
   GTEST_BRIEF=1 timeout "$(cap 90 60)" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-    "$BUILD/tests/hattn_cuda_kernels_test" --gtest_filter='CudaSelect*:*TwoLevel*:CudaSparseDecodeMerge*' \
+    "$BUILD/tests/hattn_cuda_kernels_test" \
+    --gtest_filter='CudaSelect*:*TwoLevel*:CudaSparseDecodeMerge*:CudaSparseDecodeStaging*:CudaGather*' \
     > "$L/sanitize_$tool.log" 2>&1
   t "$tool rc=$? $(grep 'ERROR SUMMARY' "$L/sanitize_$tool.log" | tail -1)"
 done
+GTEST_BRIEF=1 timeout "$(cap 90 60)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD/tests/test_kv_cache_gpu" \
+  --gtest_filter='*Staged*' > "$L/sanitize_memcheck_cache.log" 2>&1
+t "memcheck cache rc=$? $(grep 'ERROR SUMMARY' "$L/sanitize_memcheck_cache.log" | tail -1)"
 for b in test_hybrid_attention_gpu test_kv_cache_gpu; do
   for fused in 0 1; do
     HATTN_FUSED_STEP=$fused timeout "$(cap 60 30)" "$BUILD/tests/$b" --gtest_brief=1 > "$L/${b}_fused$fused.log" 2>&1
@@ -54,7 +68,7 @@ for b in test_hybrid_attention_gpu test_kv_cache_gpu; do
 done
 if [ "$(left)" -gt 200 ] && [ "${E2E:-1}" = 1 ]; then
   [ -s /tmp/hattn-torch.json ] && export TORCH_JSON=/tmp/hattn-torch.json
-  E2E_SWEEP=0 E2E_EVAL=0 E2E_PHASES=0 OUT="$L" timeout "$(cap 420 15)" bash scripts/device/e2e.sh > "$L/e2e_sh.log" 2>&1
+  E2E_SWEEP=${E2E_SWEEP:-0} E2E_EVAL=${E2E_EVAL:-0} E2E_PHASES=${E2E_PHASES:-0} OUT="$L" timeout "$(cap 420 15)" bash scripts/device/e2e.sh > "$L/e2e_sh.log" 2>&1
   t "e2e.sh rc=$?"
   grep -E '^\| 131072' "$L/e2e_sh.log" | head -20
 fi

@@ -24,7 +24,7 @@ void Config::validate() const {
 
 std::ostream& operator<<(std::ostream& os, const Config& c) {
   return os << "{shape=" << c.shape << ", page_size=" << c.page_size << ", host_pool_bytes=" << c.host_pool_bytes
-            << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", admit_before_decode=" << c.admit_before_decode
+            << ", hbm_cache_bytes=" << c.hbm_cache_bytes << ", admission=" << to_string(c.admission)
             << ", cpu_threads=" << c.cpu_threads
             << ", avg_budget=" << c.avg_budget << ", coarse_keep=" << c.coarse_keep << ", sink_pages=" << c.sink_pages << ", local_pages=" << c.local_pages
             << ", backend=" << to_string(c.backend) << "}";

@@ -230,10 +230,15 @@ struct GpuSide::Impl {
   void open_cache() {
     const PageLayout& l = store.layout();
     const std::size_t block = 2 * l.head_block_elems() * dtype_bytes(l.dtype);
-    const std::size_t slots = config.hbm_cache_bytes / block;
+    const std::size_t blocks = config.hbm_cache_bytes / block;
+    // Staged admission takes 1/8 of the cache's HBM for the staging area: at 128K tokens, batch 1
+    // and a cache of 19% of the KV, ~1500 blocks against ~650 misses per layer.
+    const std::size_t staging = config.admission == Admission::kStaged ? blocks / 8 : 0;
+    const std::size_t slots = blocks - staging;
     if (slots == 0) return;
     DeviceKVCacheConfig cc;
     cc.slots = static_cast<std::int32_t>(std::min<std::size_t>(slots, INT32_MAX));
+    cc.staging_blocks = static_cast<std::int32_t>(std::min<std::size_t>(staging, INT32_MAX));
     cc.max_requests = config.max_batch;
     cc.max_batch = std::min(config.max_batch, 128);
     const std::int64_t keys = store.pool().capacity_pages() * config.shape.kv_heads;
@@ -857,6 +862,7 @@ struct GpuSide::Impl {
     mark_phase(slot, kSelected, stream);
     if (has_cpu) enqueue_cpu_job(slot, work, sel_offset, stream);
 
+    const bool staged = cache && cache->staging().enabled();
     if (cache) {
       CacheStepParams cp;
       cp.page_table = d_table;
@@ -871,10 +877,11 @@ struct GpuSide::Impl {
       cp.layer = work.layer;
       cp.step = step;
       cp.selected_capacity = total * heads;
+      cp.staged = staged;
       cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
       // With a CPU share the CPU computes the misses first (the split's order) and the GPU's part is
       // mostly hits: the decode does not wait for the gather, which admits the CPU's misses behind it.
-      if (config.admit_before_decode && !has_cpu) cache->wait_admission(s);
+      if (config.admission == Admission::kBeforeDecode && !has_cpu) cache->wait_admission(s);
     }
 
     mark_phase(slot, kCacheWaited, stream);
@@ -892,6 +899,7 @@ struct GpuSide::Impl {
       dp.slot_of = cache->slot_of();
       dp.hbm_slots = cache->hbm_slots();
     }
+    if (staged) dp.staging = cache->staging();
     dp.batch = batch;
     dp.q_heads = shape.q_heads;
     dp.kv_heads = heads;
@@ -909,6 +917,7 @@ struct GpuSide::Impl {
       dp.arrivals = slot.decode_arrivals.get();
     }
     cuda::launch_sparse_decode(dp, s);
+    if (staged) cache->admit_staged(s);
     mark_phase(slot, kDecoded, stream);
     if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
     mark_phase(slot, kGated, stream);

@@ -41,6 +41,7 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
   detail::require(config.max_batch > 0 && config.max_batch <= 128, where, "max_batch", config.max_batch, "in [1, 128]");
   detail::require(config.max_selected > 0, where, "max_selected", config.max_selected, "> 0");
   detail::require(config.layers > 0, where, "layers", config.layers, "> 0");
+  detail::require(config.staging_blocks >= 0, where, "staging_blocks", config.staging_blocks, ">= 0");
   // The step kernels keep a byte per request in shared memory (its row in the call).
   detail::require(config.max_requests > 0 && config.max_requests <= 32768, where, "max_requests", config.max_requests,
                   "in [1, 32768]");
@@ -77,6 +78,17 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
     alloc(v.row_plan, B), alloc(v.row_ticket, B);
     alloc(v.gather_page, N), alloc(v.gather_head, N), alloc(v.gather_slot, N), alloc(v.gather_key, N);
     alloc(phase_ns_, detail::kCachePhases);
+    if (config.staging_blocks > 0) {
+      auto& a = staging_;
+      HATTN_CUDA_CHECK(cudaMalloc(&a.blocks, static_cast<std::size_t>(config.staging_blocks) *
+                                                 static_cast<std::size_t>(shape_.block_bytes)));
+      allocations_.push_back(a.blocks);
+      alloc(a.key_of, static_cast<std::size_t>(config.staging_blocks));
+      alloc(a.index_of, static_cast<std::size_t>(shape_.keys()));
+      alloc(a.count, 1);
+      HATTN_CUDA_CHECK(cudaMemset(a.count, 0, sizeof(std::int32_t)));
+      a.capacity = config.staging_blocks;
+    }
     v.slots = shape_.slots, v.max_requests = shape_.max_requests, v.max_batch = config.max_batch;
     v.kv_heads = shape_.kv_heads, v.max_selected = config.max_selected, v.max_parts = kMaxLookupParts;
     v.block_bytes = shape_.block_bytes;
@@ -104,6 +116,8 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
     selected_ready_ = e;
     HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     side_done_ = e;
+    HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    staged_ready_ = e;
     for (auto& t : timing_events_) {
       HATTN_CUDA_CHECK(cudaEventCreate(&e));
       t = e;
@@ -117,19 +131,21 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
 DeviceKVCache::~DeviceKVCache() { destroy(); }
 
 void DeviceKVCache::destroy() noexcept {
-  // Must not throw; outstanding work is waited for so nothing writes freed memory.
+  // Must not throw; outstanding work is waited for so nothing writes freed memory (a deferred gather
+  // is dropped; cudaFree waits for the decode that may still write the staging area).
   if (side_done_ && side_pending_) cudaEventSynchronize(side_done_);
   for (auto* t : timing_events_)
     if (t) cudaEventDestroy(t);
   if (selected_ready_) cudaEventDestroy(selected_ready_);
   if (side_done_) cudaEventDestroy(side_done_);
+  if (staged_ready_) cudaEventDestroy(staged_ready_);
   if (own_stream_) cudaStreamDestroy(own_stream_);
   for (void* p : allocations_) cudaFree(p);
   if (hbm_slots_) cudaFree(hbm_slots_);
   allocations_.clear();
   hbm_slots_ = nullptr;
   own_stream_ = nullptr;
-  selected_ready_ = side_done_ = nullptr;
+  selected_ready_ = side_done_ = staged_ready_ = nullptr;
   for (auto& t : timing_events_) t = nullptr;
 }
 
@@ -202,6 +218,7 @@ void DeviceKVCache::check_error() {
 }
 
 void DeviceKVCache::synchronize() {
+  admit_staged(deferred_compute_);
   if (side_pending_) {
     HATTN_CUDA_CHECK(cudaEventSynchronize(side_done_));
     side_pending_ = false;
@@ -399,8 +416,10 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   if (p.batch > 0)
     detail::require(p.page_table && p.page_indptr && p.selected && p.selected_offset && p.selected_count && p.request_of_row,
                     where, "device arrays", "a null pointer", "all set");
+  detail::require(!p.staged || staging_.enabled(), where, "staged", "true", "only with staging_blocks > 0");
   if (side == compute) side = own_stream_;  // the overlap needs two streams
   last_clock_ = now;
+  admit_staged(deferred_compute_);  // a staged call before this one whose caller did not
   if (p.batch == 0) return;
 
   // The previous call's evictions and gathers must be finished before this layer's decode reads slot_of.
@@ -434,19 +453,48 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   if (timing_ && per_stage_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[3], side));
   detail::launch_cache_evict_admit(view_, a, side);
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[1], side));
-  const auto& layout = pool_.layout();
-  const cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
-                             .heads = view_.gather_head, .slots = view_.gather_slot, .count = &view_.scalars->gather_count,
-                             .n = p.selected_capacity, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
-                             .head_dim = layout.head_dim, .dtype = layout.dtype, .slot_of = view_.slot_of,
-                             .keys = view_.gather_key};
-  cuda::launch_gather_pages(g, side);
-  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
-  HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
-  side_pending_ = true;
   timed_ = timing_;
   timed_per_stage_ = timing_ && per_stage_;
   timed_phases_ = timing_ && phases_;
+  if (p.staged) {
+    deferred_ = true;
+    deferred_compute_ = compute;
+    deferred_side_ = side;
+    deferred_capacity_ = p.selected_capacity;
+    // Until admit_staged(), side_done_ (which the next step() and wait_admission() wait for) marks
+    // the maintenance; the decode this call's caller enqueues next reads slot_of beside it, which
+    // is safe: the maintenance changes no slot's bytes and evicts no block this call selected.
+    HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
+    side_pending_ = true;
+  } else {
+    launch_gather(side, p.selected_capacity, false);
+  }
+}
+
+void DeviceKVCache::launch_gather(cuda::Stream side, std::int32_t capacity, bool staged) {
+  const auto& layout = pool_.layout();
+  cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
+                       .heads = view_.gather_head, .slots = view_.gather_slot, .count = &view_.scalars->gather_count,
+                       .n = capacity, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
+                       .head_dim = layout.head_dim, .dtype = layout.dtype, .slot_of = view_.slot_of,
+                       .keys = view_.gather_key};
+  if (staged) g.staging = staging_;
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[4], side));
+  cuda::launch_gather_pages(g, side);
+  // Emptied after every staged gather, so the next staging decode (which waits for side_done_
+  // through the next step()) starts from entry 0.
+  if (staged) HATTN_CUDA_CHECK(cudaMemsetAsync(staging_.count, 0, sizeof(std::int32_t), side));
+  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
+  HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
+  side_pending_ = true;
+}
+
+void DeviceKVCache::admit_staged(cuda::Stream compute_stream) {
+  if (!deferred_) return;
+  deferred_ = false;
+  HATTN_CUDA_CHECK(cudaEventRecord(staged_ready_, compute_stream));
+  HATTN_CUDA_CHECK(cudaStreamWaitEvent(deferred_side_, staged_ready_, 0));
+  launch_gather(deferred_side_, deferred_capacity_, true);
 }
 
 void DeviceKVCache::wait_admission(cuda::Stream compute_stream) {
@@ -459,7 +507,7 @@ CacheStepTiming DeviceKVCache::last_timing() {
   if (!timed_) return {};
   float a = 0, b = 0, c = 0;
   HATTN_CUDA_CHECK(cudaEventElapsedTime(&a, timing_events_[0], timing_events_[1]));
-  HATTN_CUDA_CHECK(cudaEventElapsedTime(&b, timing_events_[1], timing_events_[2]));
+  HATTN_CUDA_CHECK(cudaEventElapsedTime(&b, timing_events_[4], timing_events_[2]));
   if (timed_per_stage_) HATTN_CUDA_CHECK(cudaEventElapsedTime(&c, timing_events_[0], timing_events_[3]));
   CacheStepTiming t{.maintenance_us = 1000.0f * a, .gather_us = 1000.0f * b, .lookup_plan_us = 1000.0f * c,
                     .evict_admit_us = timed_per_stage_ ? 1000.0f * (a - c) : 0.0f};

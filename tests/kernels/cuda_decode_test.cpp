@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -95,7 +96,8 @@ struct Result {
 /// launch finds the arrival counts the first left at zero.
 Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_slots, bool use_slots,
                const float* extra_out = nullptr, const float* extra_lse = nullptr,
-               cuda::DecodeKernel kernel = cuda::DecodeKernel::kAuto, bool fold_merge = false) {
+               cuda::DecodeKernel kernel = cuda::DecodeKernel::kAuto, bool fold_merge = false,
+               const cuda::StagingArea& staging = {}) {
   std::vector<float> q;
   for (const auto& qq : f.layer.queries) q.insert(q.end(), qq.begin(), qq.end());
   DeviceBuffer<float> dq(q);
@@ -129,6 +131,7 @@ Result run_gpu(DecodeFixture& f, int splits, bool masks, const std::byte* hbm_sl
   p.partial_out = po.get();
   p.partial_lse = pl.get();
   p.kernel = kernel;
+  p.staging = staging;
   if (fold_merge) {
     DeviceBuffer<std::byte> arrivals(std::vector<std::byte>(cuda::decode_workspace_bytes(f.batch * f.kvh), std::byte{0}));
     p.out = out.get();
@@ -271,6 +274,90 @@ TEST_P(CudaSparseDecode, MatchesReferenceMixedHbmAndHost) {
   std::printf("[ margin   ] %s: max error %.2e of %.0e\n",
               ::testing::UnitTest::GetInstance()->current_test_info()->name(), worst, tol);
 }
+
+/// A staging area as DeviceKVCache allocates it, for blocks of `layer`'s layout.
+struct Staging {
+  DeviceBuffer<std::byte> blocks;
+  DeviceBuffer<std::int32_t> key_of, index_of, count;
+  cuda::StagingArea area;
+  std::size_t block_bytes;
+
+  Staging(const StructuredLayer& layer, int capacity)
+      : blocks(static_cast<std::size_t>(capacity) * block_bytes_of(layer)), key_of(capacity),
+        index_of(static_cast<std::size_t>(layer.store.pool().capacity_pages()) * layer.shape.kv_heads),
+        count(std::vector<std::int32_t>{0}),
+        area{.blocks = blocks.get(), .key_of = key_of.get(), .index_of = index_of.get(), .count = count.get(),
+             .capacity = capacity},
+        block_bytes(block_bytes_of(layer)) {}
+  static std::size_t block_bytes_of(const StructuredLayer& l) {
+    return 2 * l.store.layout().head_block_elems() * dtype_bytes(l.store.layout().dtype);
+  }
+};
+
+// With a staging area the tensor-core kernel computes what it computes without one, and leaves an
+// exact copy of every full page it read from the host (K then V of the head, as an HBM slot holds
+// it), indexed by key; partial pages and HBM pages are not staged, and entries past the capacity
+// are counted but not written.
+class CudaSparseDecodeStaging : public ::testing::TestWithParam<std::tuple<DType, int, int>> {};
+
+TEST_P(CudaSparseDecodeStaging, CopiesEveryFullHostPageItReads) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  const auto [dtype, dim, ps] = GetParam();
+  const ModelShape shape{1, 8, 2, dim, dtype};
+  const std::vector<std::int64_t> lengths{ps * 7 + 5, ps * 12, 1, ps * 30 + ps - 1};
+  StructuredLayer layer(shape, ps, lengths, 77u + dim + ps);
+  DecodeFixture f(layer);
+  const PageLayout& lay = layer.store.layout();
+  const std::size_t e = dtype_bytes(lay.dtype), half = lay.head_block_elems() * e;
+  for (int variant = 0; variant < 2; ++variant) {
+    const bool masks = variant == 1;
+    const auto sel = random_selection(f, 0.5, masks, 5u + variant);
+    f.select(sel);
+    auto slots = f.place_in_hbm(variant);
+    const auto ref = reference_all(f, sel);
+    // The blocks the decode must stage: selected, full, and not in an HBM slot.
+    std::vector<std::int32_t> want_keys;
+    for (int b = 0; b < f.batch; ++b)
+      for (int h = 0; h < f.kvh; ++h)
+        for (std::int32_t pos : sel[b][h].pages) {
+          const std::int32_t page = f.page_table[f.page_indptr[b] + pos];
+          const std::int32_t key = page * f.kvh + h;
+          if (static_cast<std::int64_t>(pos + 1) * ps <= f.seq_len[b] && f.slot_of[key] < 0) want_keys.push_back(key);
+        }
+    ASSERT_GT(want_keys.size(), 8u);
+    for (int capacity : {static_cast<int>(want_keys.size()) + 3, 5}) {
+      SCOPED_TRACE(::testing::Message() << "variant " << variant << " capacity " << capacity);
+      Staging st(layer, capacity);
+      const Result gpu =
+          run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, cuda::DecodeKernel::kTensorCores, false, st.area);
+      expect_close(gpu, ref, tolerance(cuda::DecodeKernel::kTensorCores, dtype));
+      ASSERT_EQ(st.count.download()[0], static_cast<std::int32_t>(want_keys.size())) << "entries taken";
+      const auto key_of = st.key_of.download();
+      const auto index_of = st.index_of.download();
+      const auto blocks = st.blocks.download();
+      int written = 0;
+      for (std::int32_t key : want_keys) {
+        const std::int32_t i = index_of[key];
+        if (i < 0 || i >= capacity || key_of[i] != key) continue;  // past the capacity: not staged
+        ++written;
+        const std::byte* pg = layer.store.pool().page(key / f.kvh);
+        const std::byte* got = blocks.data() + static_cast<std::size_t>(i) * st.block_bytes;
+        ASSERT_EQ(std::memcmp(got, pg + lay.key_offset(key % f.kvh, 0) * e, half), 0) << "K of key " << key;
+        ASSERT_EQ(std::memcmp(got + half, pg + lay.value_offset(key % f.kvh, 0) * e, half), 0) << "V of key " << key;
+      }
+      EXPECT_EQ(written, std::min<int>(capacity, static_cast<int>(want_keys.size())));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypeDimPage, CudaSparseDecodeStaging,
+                         ::testing::Combine(::testing::Values(DType::kBFloat16, DType::kFloat16),
+                                            ::testing::Values(64, 128), ::testing::Values(16, 32, 64)),
+                         [](const auto& info) {
+                           return std::string(to_string(std::get<0>(info.param))) + "_d" +
+                                  std::to_string(std::get<1>(info.param)) + "_p" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
 
 std::vector<DecodeCase> decode_cases() {
   std::vector<DecodeCase> cases;

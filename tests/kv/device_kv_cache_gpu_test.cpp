@@ -10,6 +10,7 @@
 #include <random>
 
 #include "hattn/core/cuda_check.hpp"
+#include "hattn/kernels/cuda_decode.hpp"
 #include "hattn/kernels/cuda_gather.hpp"
 #include "hattn/kv/device_kv_cache.hpp"
 
@@ -44,9 +45,15 @@ struct DeviceCall {
 class CacheHarness {
  public:
   static constexpr int kLayers = 2;
+  static constexpr int kQueryHeads = 4;  // GQA group 2: the tensor-core kernel, which stages
+  /// Staged admission: each call is followed by a decode of its selection that stages what it
+  /// reads from the host (a small area, so some calls overflow it), then admit_staged() (or, on
+  /// some calls, the next step() or synchronize() in its place).
+  const bool staged;
   PageLayout layout{.page_size = 16, .kv_heads = 2, .head_dim = 64, .dtype = DType::kBFloat16};
   HostKVPool pool{layout, 6000 * (layout.page_bytes() + layout.summary_bytes())};
-  DeviceKVCacheConfig config{.slots = 600, .max_requests = 16, .max_batch = 16, .max_selected = 8192, .layers = kLayers};
+  DeviceKVCacheConfig config{.slots = 600, .max_requests = 16, .max_batch = 16, .max_selected = 8192, .layers = kLayers,
+                             .staging_blocks = staged ? 48 : 0};
   DeviceKVCache cache{pool, config};
   CacheModel model{cache.shape(), CacheReplacement::kBucketedLru};
   std::mt19937_64 rng;
@@ -64,8 +71,10 @@ class CacheHarness {
     std::vector<PageId> pages[kLayers];
   };
   std::vector<Seq> seqs;
+  std::int64_t staged_blocks = 0;  ///< entries the decodes took in the staging area (staged mode)
 
-  explicit CacheHarness(std::uint64_t seed) : rng(seed), seqs(static_cast<std::size_t>(config.max_requests)) {
+  explicit CacheHarness(std::uint64_t seed, bool staged_admission = false)
+      : staged(staged_admission), rng(seed), seqs(static_cast<std::size_t>(config.max_requests)) {
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking));
     HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   }
@@ -169,8 +178,14 @@ class CacheHarness {
                       .request_of_row = d.put(request_of_row), .batch = static_cast<int>(order.size()),
                       .kv_heads = layout.kv_heads, .layer = layer, .step = t,
                       .selected_capacity = full_capacity ? config.max_selected
-                                                         : static_cast<std::int32_t>(selected.size())};
+                                                         : static_cast<std::int32_t>(selected.size()),
+                      .staged = staged && closed < 0};
     cache.step(p, compute, side);
+    if (p.staged && p.batch > 0) {
+      std::vector<std::int32_t> seq_len;
+      for (int r : order) seq_len.push_back(static_cast<std::int32_t>(seqs[r].tokens));
+      decode_staging(p, d.put(seq_len));
+    }
     model.step(t, layer, rows);
     if (closed >= 0) {
       EXPECT_THROW(cache.synchronize(), InvalidArgument);
@@ -178,6 +193,46 @@ class CacheHarness {
       cache.synchronize();
     }
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
+  }
+
+  /// The decode of a staged call's selection on `compute`, beside the call's maintenance; its output
+  /// is not looked at (the decode tests check it), what it staged is, through the slots check().
+  void decode_staging(const CacheStepParams& c, const std::int32_t* seq_len) {
+    const int rows = c.batch * kQueryHeads, splits = 2;
+    float* buf = nullptr;
+    const std::size_t q_floats = static_cast<std::size_t>(rows) * layout.head_dim;
+    HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&buf), (q_floats * (1 + splits) + rows * splits) * sizeof(float)));
+    HATTN_CUDA_CHECK(cudaMemsetAsync(buf, 0, q_floats * sizeof(float), compute));
+    cuda::SparseDecodeParams dp;
+    dp.q = buf;
+    dp.page_table = c.page_table;
+    dp.page_indptr = c.page_indptr;
+    dp.seq_len = seq_len;
+    dp.selected = c.selected;
+    dp.selected_offset = c.selected_offset;
+    dp.selected_count = c.selected_count;
+    dp.slot_of = cache.slot_of();
+    dp.hbm_slots = cache.hbm_slots();
+    dp.host_pages = pool.pages_base();
+    dp.batch = c.batch;
+    dp.q_heads = kQueryHeads;
+    dp.kv_heads = layout.kv_heads;
+    dp.head_dim = layout.head_dim;
+    dp.page_size = layout.page_size;
+    dp.dtype = layout.dtype;
+    dp.scale = 0.125f;
+    dp.splits = splits;
+    dp.partial_out = buf + q_floats;
+    dp.partial_lse = buf + q_floats * (1 + splits);
+    dp.kernel = cuda::DecodeKernel::kTensorCores;
+    dp.staging = cache.staging();
+    cuda::launch_sparse_decode(dp, compute);
+    HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
+    std::int32_t taken = 0;
+    HATTN_CUDA_CHECK(cudaMemcpy(&taken, cache.staging().count, sizeof(taken), cudaMemcpyDeviceToHost));
+    staged_blocks += taken;
+    HATTN_CUDA_CHECK(cudaFree(buf));
+    if (uni(3) != 0) cache.admit_staged(compute);
   }
 
   /// The GPU state equals the model's (owners, stamps, budgets; slot numbers may differ) and every
@@ -282,6 +337,18 @@ TEST(DeviceKVCache, StressMatchesModelAndHostBytes) {
   REQUIRE_DEVICE();
   CacheHarness hx(20261123);
   run_stress(hx, 1500, 10);
+}
+
+// Staged admission: the misses come from the decode's copies (or, past the area's capacity and for
+// partial pages, from the host), and every cached slot still byte-equals its host block; calls
+// run back to back, so the deferred gathers and the next call's maintenance interleave.
+TEST(DeviceKVCache, StressWithStagedAdmission) {
+  REQUIRE_DEVICE();
+  CacheHarness hx(909, /*staged_admission=*/true);
+  hx.sync_each_call = false;
+  run_stress(hx, 600, 3, 2);
+  EXPECT_GT(hx.staged_blocks, 600) << "the decodes staged";
+  EXPECT_EQ(hx.cache.eviction_shortfall(), 0);
 }
 
 // Calls back to back between checks: most calls' evictions are committed by the next call's plan

@@ -153,21 +153,22 @@ TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
   EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
 }
 
-// Whether the decode waits for the admission of its misses or reads them in place beside it, the
-// result is the uncached one and the repeated selection is all hits by the third step.
+// Whether the decode stages its misses for the admission, waits for the admission or reads them in
+// place beside it, the result is the uncached one and the repeated selection is all hits by the
+// third step (the staged admission of the first step's misses came from the decode's copies).
 TEST(HybridAttentionGpu, AdmissionBeforeTheDecodeGivesTheSameResult) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 16384, 17);
   QuestGpuAttention plain(gpu_config(0.05), {}, FixedBudget(0.05));
   const auto want = decode_on_gpu(plain, plain.add_sequence(), layer);
-  for (bool before : {true, false}) {
+  for (Admission admission : {Admission::kStaged, Admission::kBeforeDecode, Admission::kBesideDecode}) {
     Config c = gpu_config(0.05);
     c.hbm_cache_bytes = 16ull << 20;
-    c.admit_before_decode = before;
+    c.admission = admission;
     QuestGpuAttention cached(c, {}, FixedBudget(0.05));
     const auto got = decode_on_gpu(cached, cached.add_sequence(), layer, 3);
     EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3)
-        << "admit_before_decode " << before;
+        << to_string(admission);
     const CacheStepStats cs = cached.cache_stats();
     EXPECT_EQ(cs.counters.misses, 0) << "the third step repeats the first selection, admitted by then";
   }

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/kernels/cuda_staging.hpp"
 #include "hattn/kernels/cuda_stream.hpp"
 
 namespace hattn::cuda {
@@ -50,6 +51,11 @@ struct SparseDecodeParams {
   float* out = nullptr;
   float* lse = nullptr;
   std::uint32_t* arrivals = nullptr;
+  /// Where enabled (DeviceKVCache::staging()), the tensor-core kernel copies every full page it
+  /// reads from the host pool into the area (all its rows, whatever token_masks says) and indexes
+  /// it there, for the cache's admission after this decode. The CUDA-core kernel ignores it (the
+  /// admission then reads those blocks from the host). Nothing else may use the area meanwhile.
+  StagingArea staging;
 };
 
 /// Bytes of SparseDecodeParams::arrivals for `segments` (request, KV head) segments.

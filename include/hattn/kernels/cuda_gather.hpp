@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/kernels/cuda_staging.hpp"
 #include "hattn/kernels/cuda_stream.hpp"
 
 namespace hattn::cuda {
@@ -29,6 +30,9 @@ struct GatherParams {
   std::int32_t* slot_of = nullptr;
   const std::int32_t* keys = nullptr;  ///< [n]
   int max_blocks = 0;                  ///< grid size bound; 0: kGatherDefaultBlocks
+  /// Where enabled (needs `keys`): an entry whose key the decode staged is copied from the staging
+  /// area (HBM) instead of the host pool.
+  StagingArea staging;
 };
 
 void launch_gather_pages(const GatherParams& p, Stream stream);

@@ -8,6 +8,7 @@
 #include <span>
 #include <vector>
 
+#include "hattn/kernels/cuda_staging.hpp"
 #include "hattn/kernels/cuda_stream.hpp"
 #include "hattn/kv/cache_model.hpp"
 #include "hattn/kv/cache_policy.hpp"
@@ -27,6 +28,9 @@ struct DeviceKVCacheConfig {
   int max_batch = 64;                ///< rows per step call, at most 128
   std::int32_t max_selected = 1 << 16;  ///< entries of `selected` per call (workspace)
   int layers = 1;                    ///< layers sharing the cache; step() checks its layer argument
+  /// Blocks of the staging area (staging(), staged admission): up to this many misses per step()
+  /// call are admitted from the decode's copy in HBM instead of across PCIe. 0: no staging.
+  std::int32_t staging_blocks = 0;
 };
 
 /// One call of DeviceKVCache::step: the selection of one layer for a batch, device arrays in the
@@ -46,6 +50,10 @@ struct CacheStepParams {
   /// Decode step number, the same for every layer of a step; calls come in (step, layer) order.
   std::uint32_t step = 0;
   std::int32_t selected_capacity = 0;  ///< entries of `selected` (host value), <= max_selected
+  /// Staged admission: the caller's decode of this selection stages what it reads from the host
+  /// (SparseDecodeParams::staging = staging()) and need not wait for this call; the gather of the
+  /// misses waits for admit_staged(), after the decode, and copies the staged ones from HBM.
+  bool staged = false;
 };
 
 /// Device times of the last step() call when timing is on (events on the side stream).
@@ -96,6 +104,13 @@ class DeviceKVCache {
   /// that is not open is skipped on the device and reported by the next host-side call.
   void step(const CacheStepParams& params, cuda::Stream compute_stream, cuda::Stream side_stream);
 
+  /// Staged admission (CacheStepParams::staged): the gather of the latest step()'s misses, on its
+  /// side stream after the work enqueued on `compute_stream` so far (the decode that staged them),
+  /// from the staging area where the decode left a copy and from the host otherwise; then the area
+  /// is emptied. The next step(), synchronize() or host-side operation runs it, after the work on
+  /// that step's compute stream, if the caller has not. No-op when nothing is deferred.
+  void admit_staged(cuda::Stream compute_stream);
+
   /// Makes `compute_stream` wait for the latest step()'s side work, so a decode enqueued after this
   /// reads that call's admitted misses from HBM instead of across PCIe beside their gather (each miss
   /// then crosses PCIe once; the decode starts after the gather). No-op before the first step().
@@ -131,6 +146,9 @@ class DeviceKVCache {
   const std::int32_t* slot_of() const noexcept { return view_.slot_of; }
   /// [slots][2][page_size][head_dim], for SparseDecodeParams::hbm_slots.
   const void* hbm_slots() const noexcept { return hbm_slots_; }
+  /// The staging area for SparseDecodeParams::staging (capacity 0 without staging_blocks). Only the
+  /// decode of a step() call with `staged` set may write it, before that call's admit_staged().
+  const cuda::StagingArea& staging() const noexcept { return staging_; }
   const CacheShape& shape() const noexcept { return shape_; }
   const DeviceKVCacheConfig& config() const noexcept { return config_; }
 
@@ -139,6 +157,7 @@ class DeviceKVCache {
   void control(std::int32_t request, Op&& op);
   void upload_state(const CacheState& state);
   void check_error();
+  void launch_gather(cuda::Stream side, std::int32_t capacity, bool staged);
   void destroy() noexcept;
 
   const HostKVPool& pool_;
@@ -150,7 +169,14 @@ class DeviceKVCache {
   cuda::Stream own_stream_ = nullptr;
   CUevent_st* selected_ready_ = nullptr;
   CUevent_st* side_done_ = nullptr;
-  CUevent_st* timing_events_[4] = {};
+  CUevent_st* staged_ready_ = nullptr;  // the staging decode is done (admit_staged)
+  CUevent_st* timing_events_[5] = {};   // maintenance start, end, gather end, stage split, gather start
+  cuda::StagingArea staging_;
+  // A staged step() whose gather admit_staged() has not enqueued yet, and where that gather goes.
+  bool deferred_ = false;
+  cuda::Stream deferred_compute_ = nullptr;
+  cuda::Stream deferred_side_ = nullptr;
+  std::int32_t deferred_capacity_ = 0;
   bool side_pending_ = false;
   bool commit_pending_ = false;  // a step ran since the last commit (detail::CacheScalars::uncommitted_rows)
   bool timing_ = false;

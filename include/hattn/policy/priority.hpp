@@ -37,7 +37,7 @@ class Priority {
     double min_cpu_share = 0.05;
     double max_cpu_share = 0.95;
     /// At this HBM hit rate and above the GPU computes everything: its few misses are gathered into
-    /// HBM before its decode (Config::admit_before_decode) at PCIe speed, and a CPU share did not beat
+    /// HBM before its decode (Admission::kBeforeDecode, then the default) at PCIe speed, and a CPU share did not beat
     /// that on the device (128K x 1, cache 19% of the KV, ~85% hits, 2026-11-23: GPU-only 210-224 us
     /// per layer, with the CPU's share 283 us; without a cache the split won, 452-473 against 611 us).
     double gpu_only_hit_rate = 0.5;
