@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
     const int ne = min(group, n - e0);
     if (static_cast<int>(threadIdx.x) < ne) {
       const int e = e0 + static_cast<int>(threadIdx.x);
-      const int slot = p.slots[e];
+      const int slot = p.slots ? p.slots[e] : e;
       src[threadIdx.x] = nullptr;
       if (slot >= 0) {
         const int entry = staged > 0 ? p.staging.index_of[p.keys[e]] : -1;
@@ -41,9 +41,11 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
           src[threadIdx.x] = static_cast<const uint4*>(p.staging.blocks) + static_cast<long long>(entry) * 2 * head_vecs;
           src_v[threadIdx.x] = src[threadIdx.x] + head_vecs;
         } else {
+          const int page_id = p.page_ids ? p.page_ids[e] : p.keys[e] / p.kv_heads;
+          const int head = p.heads ? p.heads[e] : p.keys[e] % p.kv_heads;
           const auto* page = static_cast<const uint4*>(p.host_pages) +
-                             static_cast<long long>(p.page_ids[e]) * 2 * head_vecs * p.kv_heads;
-          src[threadIdx.x] = page + p.heads[e] * head_vecs;
+                             static_cast<long long>(page_id) * 2 * head_vecs * p.kv_heads;
+          src[threadIdx.x] = page + head * head_vecs;
           src_v[threadIdx.x] = src[threadIdx.x] + p.kv_heads * head_vecs;
         }
         dst[threadIdx.x] = static_cast<uint4*>(p.hbm_slots) + static_cast<long long>(slot) * 2 * head_vecs;
@@ -67,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
         if (c < work && src[e]) dst[e][c & ((1ll << entry_log2) - 1)] = buf[j];
       }
     }
-    if (p.slot_of) {
+    if (p.slot_of != nullptr) {
       __threadfence();  // this thread's stores before the publication below, device-wide
       __syncthreads();
       if (static_cast<int>(threadIdx.x) < ne && src[threadIdx.x]) {
@@ -79,7 +81,65 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
   }
 }
 
+// One block per (segment, chunk of its selected list): each lane checks one entry, and the warp takes
+// staging entries for its blocks with one atomic.
+constexpr int kStageListThreads = 256;
+
+__global__ void __launch_bounds__(kStageListThreads) StageListKernel(const __grid_constant__ StageParams p) {
+  const int segment = blockIdx.y;
+  const int b = segment / p.kv_heads;
+  const int h = segment % p.kv_heads;
+  const int i = static_cast<int>(blockIdx.x) * kStageListThreads + static_cast<int>(threadIdx.x);
+  const int n = p.selected_count[segment];
+  if (static_cast<int>(blockIdx.x) * kStageListThreads >= n) return;  // block-uniform
+  bool stage = false;
+  int key = 0;
+  if (i < n) {
+    const int pos = p.selected[p.selected_offset[segment] + i];
+    const int page = p.page_table[p.page_indptr[b] + pos];
+    key = page * p.kv_heads + h;
+    const bool full = static_cast<long long>(pos + 1) * p.page_size <= p.seq_len[b];
+    stage = full && (p.slot_of == nullptr || p.slot_of[key] < 0);
+  }
+  const unsigned want = __ballot_sync(0xffffffffu, stage);
+  if (want == 0) return;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int leader = __ffs(want) - 1;
+  int first = 0;
+  if (lane == leader) first = atomicAdd(p.staging.count, __popc(want));
+  first = __shfl_sync(0xffffffffu, first, leader);
+  const int entry = first + __popc(want & ((1u << lane) - 1u));
+  if (stage && entry < p.staging.capacity) {
+    p.staging.key_of[entry] = key;
+    p.staging.index_of[key] = entry;
+  }
+}
+
 }  // namespace
+
+void launch_stage_blocks(const StageParams& p, Stream stream) {
+  constexpr const char* kWhere = "launch_stage_blocks";
+  hattn::detail::require(p.batch >= 0, kWhere, "batch", p.batch, ">= 0");
+  hattn::detail::require(p.kv_heads > 0, kWhere, "kv_heads", p.kv_heads, "> 0");
+  hattn::detail::require(p.max_count >= 0, kWhere, "max_count", p.max_count, ">= 0");
+  hattn::detail::require(p.staging.capacity > 0, kWhere, "staging.capacity", p.staging.capacity, "> 0");
+  hattn::detail::require(p.batch * p.kv_heads <= 65535, kWhere, "batch * kv_heads", p.batch * p.kv_heads, "<= 65535");
+  if (p.batch == 0 || p.max_count == 0) return;
+  hattn::detail::require(p.page_table && p.page_indptr && p.seq_len && p.selected && p.selected_offset &&
+                             p.selected_count && p.host_pages && p.staging.blocks && p.staging.key_of &&
+                             p.staging.index_of && p.staging.count,
+                         kWhere, "pointers", "null", "all set (slot_of may be null)");
+  const dim3 grid((p.max_count + kStageListThreads - 1) / kStageListThreads, p.batch * p.kv_heads);
+  StageListKernel<<<grid, kStageListThreads, 0, stream>>>(p);
+  HATTN_CUDA_CHECK_LAUNCH();
+  // The listed entries, copied in: destination entry e, source named by key_of[e].
+  GatherParams g{.host_pages = p.host_pages, .hbm_slots = p.staging.blocks, .count = p.staging.count,
+                 .n = p.staging.capacity, .kv_heads = p.kv_heads, .page_size = p.page_size, .head_dim = p.head_dim,
+                 .dtype = p.dtype, .keys = p.staging.key_of};
+  // All SMs: this copy is on the decode's path, not beside it.
+  g.max_blocks = 4 * kGatherDefaultBlocks;
+  launch_gather_pages(g, stream);
+}
 
 void launch_gather_pages(const GatherParams& p, Stream stream) {
   constexpr const char* kWhere = "launch_gather_pages";
@@ -90,15 +150,16 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
   hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
                          p.head_dim, "64, 128 or 256");
   hattn::detail::require(p.max_blocks >= 0, kWhere, "max_blocks", p.max_blocks, ">= 0");
-  hattn::detail::require((p.slot_of == nullptr) == (p.keys == nullptr), kWhere, "slot_of and keys",
-                         "one set", "both set or both null");
+  hattn::detail::require(p.slot_of == nullptr || p.keys != nullptr, kWhere, "keys", "null", "set when slot_of is");
+  hattn::detail::require((p.page_ids == nullptr) == (p.heads == nullptr), kWhere, "page_ids and heads", "one set",
+                         "both set, or both null and keys set");
   hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");
   if (p.staging.enabled())
     hattn::detail::require(p.keys && p.staging.blocks && p.staging.key_of && p.staging.index_of && p.staging.count,
                            kWhere, "staging", "without keys or a pointer", "keys and every staging pointer set");
   if (p.n == 0) return;
-  hattn::detail::require(p.host_pages && p.hbm_slots && p.page_ids && p.heads && p.slots, kWhere, "pointers",
-                         "null", "all set");
+  hattn::detail::require(p.host_pages && p.hbm_slots && (p.page_ids || p.keys), kWhere, "pointers", "null",
+                         "host_pages, hbm_slots and page_ids (or keys) set");
   const long long head_bytes = static_cast<long long>(p.page_size) * p.head_dim * dtype_bytes(p.dtype);
   hattn::detail::require(head_bytes % 16 == 0 && (head_bytes & (head_bytes - 1)) == 0, kWhere, "head block bytes",
                          head_bytes, "a power of two multiple of 16");

@@ -18,10 +18,8 @@
 // needs no block barrier: a warp waits only for its own copies. Page addresses are resolved 32 pages
 // at a time, one per lane, and passed on by shuffles. The warps' softmax states merge at the end.
 //
-// Staging (kStage, SparseDecodeParams::staging): a full page read from the host pool is read whole
-// and, once a tile of it is in shared memory, the lanes copy their own chunks of it on to the
-// staging area. That costs an HBM write of what already crossed PCIe, against a second PCIe read
-// when the cache admits the page afterwards.
+// Staging (kStage, SparseDecodeParams::staging): a block the HBM cache lacks but launch_stage_blocks
+// copied into the staging area is read there (HBM) instead of from the host pool.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -63,8 +61,7 @@ __device__ __forceinline__ void cp_async_wait_upto(int pending) {
 
 /// kMerge: the merge folded in (SparseDecodeParams::out); a template flag, so that the kernel without
 /// it is the one that was tuned (its epilogue changes the register allocation of the loop before it).
-/// kStage: host pages are copied to SparseDecodeParams::staging (file comment); a flag for the same
-/// reason.
+/// kStage: blocks staged in SparseDecodeParams::staging are read there; a flag for the same reason.
 template <class T, int D, bool kMerge = false, bool kStage = false>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     TensorCoreDecodeKernel(const __grid_constant__ SparseDecodeParams p, int stages) {
@@ -97,6 +94,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int tpp_shift = P == 16 ? 0 : P == 32 ? 1 : 2;  // tiles per page: 1, 2 or 4
   const long long head_elems = static_cast<long long>(P) * D;
   const long long page_elems = 2 * static_cast<long long>(p.kv_heads) * head_elems;
+  [[maybe_unused]] int staged = 0;  // valid entries of the staging area
+  if constexpr (kStage) staged = min(*p.staging.count, p.staging.capacity);
 
   extern __shared__ uint4 smem[];
   T* ring = reinterpret_cast<T*>(smem) + static_cast<std::size_t>(warp) * stages * 2 * kTileElems;
@@ -125,19 +124,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int my_tiles = my_pages << tpp_shift;
   unsigned long long ref_k = 0, ref_mask = 0;
   int window = -1;
-  // Staging entry of lane j's page in the current window and in the one before (-1: not staged):
-  // the ring runs at most stages - 1 < 32 tiles ahead, so a tile being consumed lies in one of them.
-  int ref_staged = -1, prev_staged = -1;
   auto resolve = [&](int w) {
     window = w;
     ref_k = 0;
     ref_mask = 0;
-    if constexpr (kStage) {
-      prev_staged = ref_staged;
-      ref_staged = -1;
-    }
-    [[maybe_unused]] bool stage_it = false;
-    [[maybe_unused]] int key = 0;
     const int lp = w * 32 + lane;
     if (lp < my_pages) {
       const int sel = begin + warp + lp * kMmaWarps;
@@ -151,30 +141,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         ref_k = reinterpret_cast<unsigned long long>(static_cast<const T*>(p.hbm_slots) +
                                                      static_cast<long long>(slot) * 2 * head_elems);
       } else {
-        ref_k = reinterpret_cast<unsigned long long>(static_cast<const T*>(p.host_pages) +
-                                                     static_cast<long long>(page) * page_elems + h * head_elems) |
-                1ull;
-        // Only full pages: the rows of a partial one past its last token are not the sequence's.
-        stage_it = kStage && valid == P;
-        key = page * p.kv_heads + h;
-      }
-      ref_mask = mask;
-    }
-    if constexpr (kStage) {
-      // One atomic per window: the lanes that stage take consecutive entries.
-      const unsigned want = __ballot_sync(0xffffffffu, stage_it);
-      if (want) {
-        const int leader = __ffs(want) - 1;
-        int first = 0;
-        if (lane == leader) first = atomicAdd(p.staging.count, __popc(want));
-        first = __shfl_sync(0xffffffffu, first, leader);
-        const int entry = first + __popc(want & ((1u << lane) - 1u));
-        if (stage_it && entry < p.staging.capacity) {
-          ref_staged = entry;
-          p.staging.key_of[entry] = key;
-          p.staging.index_of[key] = entry;
+        int entry = -1;
+        if constexpr (kStage) {
+          const int key = page * p.kv_heads + h;
+          entry = p.staging.index_of[key];
+          if (entry >= staged || entry < 0 || p.staging.key_of[entry] != key) entry = -1;
+        }
+        if (entry >= 0) {  // laid out as an HBM slot
+          ref_k = reinterpret_cast<unsigned long long>(static_cast<const T*>(p.staging.blocks) +
+                                                       static_cast<long long>(entry) * 2 * head_elems);
+        } else {
+          ref_k = reinterpret_cast<unsigned long long>(static_cast<const T*>(p.host_pages) +
+                                                       static_cast<long long>(page) * page_elems + h * head_elems) |
+                  1ull;
         }
       }
+      ref_mask = mask;
     }
   };
 
@@ -187,10 +169,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const unsigned long long pmask = __shfl_sync(0xffffffffu, ref_mask, lp & 31);
       const int sub = i & ((1 << tpp_shift) - 1);
       const unsigned tile_mask = static_cast<unsigned>(pmask >> (sub * kMmaTileTokens)) & 0xffffu;
-      // Rows past the last attended token are zero-filled, not read, unless the page is staged.
-      bool whole = false;
-      if constexpr (kStage) whole = __shfl_sync(0xffffffffu, ref_staged, lp & 31) >= 0;
-      const int rows = whole ? kMmaTileTokens : 32 - __clz(tile_mask);
+      const int rows = 32 - __clz(tile_mask);  // rows past the last attended token are zero-filled, not read
       const T* k = reinterpret_cast<const T*>(kaddr & ~1ull);
       const T* v = k + ((kaddr & 1ull) ? p.kv_heads * head_elems : head_elems);
       k += sub * kTileElems;
@@ -235,24 +214,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     const T* vs = ks + kTileElems;
     const unsigned tmask = static_cast<unsigned>(stage_masks >> (16 * st)) & 0xffffu;
     st = st + 1 == stages ? 0 : st + 1;
-    if constexpr (kStage) {
-      const int lp = i >> tpp_shift;
-      const int entry = __shfl_sync(0xffffffffu, (lp >> 5) == window ? ref_staged : prev_staged, lp & 31);
-      if (entry >= 0) {  // each lane stores the chunks it copied in, unswizzled
-        T* dst = static_cast<T*>(p.staging.blocks) + static_cast<long long>(entry) * 2 * head_elems +
-                 (i & ((1 << tpp_shift) - 1)) * kTileElems;
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int j = 0; j < kCopiesPerHalf; ++j) {
-            const int c = lane + 32 * j;
-            const int r = c / kRowChunks;
-            const int ch = c % kRowChunks;
-            *reinterpret_cast<uint4*>(dst + half * head_elems + r * D + ch * 8) =
-                *reinterpret_cast<const uint4*>(ks + half * kTileElems + r * D + ((ch ^ (r & 7)) * 8));
-          }
-      }
-    }
 
     // S = Q K^T: one ldmatrix.x4 per 16 dims yields the B fragments of tokens 0..7 and 8..15.
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};

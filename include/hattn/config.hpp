@@ -23,10 +23,12 @@ constexpr const char* to_string(Backend b) noexcept {
 /// How an HBM cache admits the blocks a layer selected that it did not hold (its misses). The
 /// cache's maintenance (lookup, eviction) runs beside the decode in every mode.
 enum class Admission : std::uint8_t {
-  /// The decode reads the misses from the host and keeps a copy of each full page in an HBM staging
-  /// area (1/8 of hbm_cache_bytes); the cache admits them from there after the decode. Each miss
-  /// crosses PCIe once and the decode waits for nothing. Needs the tensor-core decode kernel (head
-  /// dim 64 or 128, groups up to 8); with the other kernel the admission reads the misses again.
+  /// The misses (full pages) are copied into an HBM staging area right after the selection, beside
+  /// the cache's maintenance (lookup, eviction); the decode reads them there, and the cache admits
+  /// them from there after the decode. Each miss crosses PCIe once, by the gather kernel, and the
+  /// decode waits for nothing but that copy. The staging area takes 1/10 of hbm_cache_bytes (a cache
+  /// meant to hold a whole working set needs that much more). The tensor-core decode kernel (head dim
+  /// 64 or 128, groups up to 8) reads the area; the other reads the misses from the host.
   kStaged,
   /// The decode waits until the cache has gathered the misses into HBM and reads them there: each
   /// crosses PCIe once, but the maintenance and the gather come before the decode. With a CPU share

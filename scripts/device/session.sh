@@ -8,7 +8,8 @@
 #   sweep, the phases and the accuracy harness) while time is left.
 # Logs and every docs/results/*.json go into $OUT/logs.tgz (a device call returns only 8 files).
 # Env: OUT (required), HATTN_COMMIT, BUDGET, E2E=0 (skip the e2e part), CUDA=0 (skip the kernel figures of
-# cuda.sh: PyTorch's quick shapes are then timed alone, for the e2e part), E2E_* (passed to e2e.sh).
+# cuda.sh: PyTorch's quick shapes are then timed alone, for the e2e part), SANITIZERS (default
+# "memcheck racecheck"), E2E_* (passed to e2e.sh).
 set -uo pipefail
 : "${OUT:?OUT must name a folder}"
 export BUILD=${BUILD:-build-device} HATTN_COMMIT=${HATTN_COMMIT:-unknown}
@@ -50,7 +51,7 @@ else
   t "torch quick rc=$?"
 fi
 [ -s "$OUT/torch_baselines.json" ] && cp "$OUT/torch_baselines.json" /tmp/hattn-torch.json
-for tool in memcheck racecheck; do
+for tool in ${SANITIZERS:-memcheck racecheck}; do
   GTEST_BRIEF=1 timeout "$(cap 90 60)" compute-sanitizer --tool "$tool" --error-exitcode 9 \
     "$BUILD/tests/hattn_cuda_kernels_test" \
     --gtest_filter='CudaSelect*:*TwoLevel*:CudaSparseDecodeMerge*:CudaSparseDecodeStaging*:CudaGather*' \

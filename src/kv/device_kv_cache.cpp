@@ -462,8 +462,9 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
     deferred_side_ = side;
     deferred_capacity_ = p.selected_capacity;
     // Until admit_staged(), side_done_ (which the next step() and wait_admission() wait for) marks
-    // the maintenance; the decode this call's caller enqueues next reads slot_of beside it, which
-    // is safe: the maintenance changes no slot's bytes and evicts no block this call selected.
+    // the maintenance. The staging and the decode the caller enqueues next read slot_of beside it:
+    // until the gather no slot's bytes change, so a slot either of them finds still holds its
+    // block, and one an eviction unmapped first is read from the staging area or the host.
     HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
     side_pending_ = true;
   } else {
@@ -481,8 +482,8 @@ void DeviceKVCache::launch_gather(cuda::Stream side, std::int32_t capacity, bool
   if (staged) g.staging = staging_;
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[4], side));
   cuda::launch_gather_pages(g, side);
-  // Emptied after every staged gather, so the next staging decode (which waits for side_done_
-  // through the next step()) starts from entry 0.
+  // Emptied after every staged gather, so the next staging (which waits for side_done_ through the
+  // next step()) starts from entry 0.
   if (staged) HATTN_CUDA_CHECK(cudaMemsetAsync(staging_.count, 0, sizeof(std::int32_t), side));
   if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
   HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));

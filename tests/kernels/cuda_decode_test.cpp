@@ -14,6 +14,7 @@
 #include "cuda_test_support.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
 #include "hattn/kernels/cuda_gather.hpp"
+#include "hattn/kernels/cuda_staging.hpp"
 #include "hattn/reference/exact_attention.hpp"
 
 namespace hattn::test {
@@ -294,13 +295,13 @@ struct Staging {
   }
 };
 
-// With a staging area the tensor-core kernel computes what it computes without one, and leaves an
-// exact copy of every full page it read from the host (K then V of the head, as an HBM slot holds
-// it), indexed by key; partial pages and HBM pages are not staged, and entries past the capacity
-// are counted but not written.
+// launch_stage_blocks copies every selected full page's block without an HBM slot into the staging
+// area (an exact copy of K then V, as a slot holds it), indexed by key, and nothing else; entries past
+// the capacity are counted but not written. The tensor-core kernel then reads those blocks there:
+// with the copies it matches the reference, with the copies overwritten it does not.
 class CudaSparseDecodeStaging : public ::testing::TestWithParam<std::tuple<DType, int, int>> {};
 
-TEST_P(CudaSparseDecodeStaging, CopiesEveryFullHostPageItReads) {
+TEST_P(CudaSparseDecodeStaging, StagesFullHostPagesAndTheDecodeReadsThem) {
   HATTN_REQUIRE_CUDA_DEVICE();
   const auto [dtype, dim, ps] = GetParam();
   const ModelShape shape{1, 8, 2, dim, dtype};
@@ -309,28 +310,34 @@ TEST_P(CudaSparseDecodeStaging, CopiesEveryFullHostPageItReads) {
   DecodeFixture f(layer);
   const PageLayout& lay = layer.store.layout();
   const std::size_t e = dtype_bytes(lay.dtype), half = lay.head_block_elems() * e;
+  const auto kTc = cuda::DecodeKernel::kTensorCores;
   for (int variant = 0; variant < 2; ++variant) {
     const bool masks = variant == 1;
     const auto sel = random_selection(f, 0.5, masks, 5u + variant);
     f.select(sel);
     auto slots = f.place_in_hbm(variant);
     const auto ref = reference_all(f, sel);
-    // The blocks the decode must stage: selected, full, and not in an HBM slot.
-    std::vector<std::int32_t> want_keys;
+    std::vector<std::int32_t> want_keys;  // selected, full, without a slot
     for (int b = 0; b < f.batch; ++b)
       for (int h = 0; h < f.kvh; ++h)
         for (std::int32_t pos : sel[b][h].pages) {
-          const std::int32_t page = f.page_table[f.page_indptr[b] + pos];
-          const std::int32_t key = page * f.kvh + h;
+          const std::int32_t key = f.page_table[f.page_indptr[b] + pos] * f.kvh + h;
           if (static_cast<std::int64_t>(pos + 1) * ps <= f.seq_len[b] && f.slot_of[key] < 0) want_keys.push_back(key);
         }
     ASSERT_GT(want_keys.size(), 8u);
+    DeviceBuffer<std::int32_t> pt(f.page_table), pi(f.page_indptr), sl(f.seq_len), dsel(f.selected),
+        so(f.selected_offset), sc(f.selected_count), slot(f.slot_of);
     for (int capacity : {static_cast<int>(want_keys.size()) + 3, 5}) {
       SCOPED_TRACE(::testing::Message() << "variant " << variant << " capacity " << capacity);
       Staging st(layer, capacity);
-      const Result gpu =
-          run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, cuda::DecodeKernel::kTensorCores, false, st.area);
-      expect_close(gpu, ref, tolerance(cuda::DecodeKernel::kTensorCores, dtype));
+      cuda::StageParams sp{.page_table = pt.get(), .page_indptr = pi.get(), .seq_len = sl.get(),
+                           .selected = dsel.get(), .selected_offset = so.get(), .selected_count = sc.get(),
+                           .slot_of = slot.get(), .host_pages = layer.store.pool().pages_base(), .batch = f.batch,
+                           .kv_heads = f.kvh, .head_dim = f.dim, .page_size = ps, .dtype = dtype,
+                           .max_count = *std::max_element(f.selected_count.begin(), f.selected_count.end()),
+                           .staging = st.area};
+      cuda::launch_stage_blocks(sp, nullptr);
+      HATTN_CUDA_CHECK(cudaDeviceSynchronize());
       ASSERT_EQ(st.count.download()[0], static_cast<std::int32_t>(want_keys.size())) << "entries taken";
       const auto key_of = st.key_of.download();
       const auto index_of = st.index_of.download();
@@ -346,6 +353,12 @@ TEST_P(CudaSparseDecodeStaging, CopiesEveryFullHostPageItReads) {
         ASSERT_EQ(std::memcmp(got + half, pg + lay.value_offset(key % f.kvh, 0) * e, half), 0) << "V of key " << key;
       }
       EXPECT_EQ(written, std::min<int>(capacity, static_cast<int>(want_keys.size())));
+      const Result gpu = run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, kTc, false, st.area);
+      expect_close(gpu, ref, tolerance(kTc, dtype));
+      // Copies overwritten with other values: the decode, which reads them, now differs.
+      HATTN_CUDA_CHECK(cudaMemset(st.blocks.get(), 0x3c, blocks.size()));
+      const Result spoiled = run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, kTc, false, st.area);
+      EXPECT_GT(max_error(spoiled, ref), 0.05) << "the decode did not read the staging area";
     }
   }
 }

@@ -46,9 +46,9 @@ class CacheHarness {
  public:
   static constexpr int kLayers = 2;
   static constexpr int kQueryHeads = 4;  // GQA group 2: the tensor-core kernel, which stages
-  /// Staged admission: each call is followed by a decode of its selection that stages what it
-  /// reads from the host (a small area, so some calls overflow it), then admit_staged() (or, on
-  /// some calls, the next step() or synchronize() in its place).
+  /// Staged admission: each call is followed by the staging of its misses (a small area, so some
+  /// calls overflow it) and a decode that reads them there, then admit_staged() (or, on some
+  /// calls, the next step() or synchronize() in its place).
   const bool staged;
   PageLayout layout{.page_size = 16, .kv_heads = 2, .head_dim = 64, .dtype = DType::kBFloat16};
   HostKVPool pool{layout, 6000 * (layout.page_bytes() + layout.summary_bytes())};
@@ -71,7 +71,7 @@ class CacheHarness {
     std::vector<PageId> pages[kLayers];
   };
   std::vector<Seq> seqs;
-  std::int64_t staged_blocks = 0;  ///< entries the decodes took in the staging area (staged mode)
+  std::int64_t staged_blocks = 0;  ///< entries taken in the staging area (staged mode)
 
   explicit CacheHarness(std::uint64_t seed, bool staged_admission = false)
       : staged(staged_admission), rng(seed), seqs(static_cast<std::size_t>(config.max_requests)) {
@@ -184,7 +184,7 @@ class CacheHarness {
     if (p.staged && p.batch > 0) {
       std::vector<std::int32_t> seq_len;
       for (int r : order) seq_len.push_back(static_cast<std::int32_t>(seqs[r].tokens));
-      decode_staging(p, d.put(seq_len));
+      decode_staging(p, d.put(seq_len), *std::max_element(count.begin(), count.end()));
     }
     model.step(t, layer, rows);
     if (closed >= 0) {
@@ -195,9 +195,10 @@ class CacheHarness {
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
   }
 
-  /// The decode of a staged call's selection on `compute`, beside the call's maintenance; its output
-  /// is not looked at (the decode tests check it), what it staged is, through the slots check().
-  void decode_staging(const CacheStepParams& c, const std::int32_t* seq_len) {
+  /// The staging and decode of a staged call's selection on `compute`, beside the call's maintenance;
+  /// the output is not looked at (the decode tests check it), what was staged is, through the slots
+  /// check().
+  void decode_staging(const CacheStepParams& c, const std::int32_t* seq_len, int max_count) {
     const int rows = c.batch * kQueryHeads, splits = 2;
     float* buf = nullptr;
     const std::size_t q_floats = static_cast<std::size_t>(rows) * layout.head_dim;
@@ -226,6 +227,13 @@ class CacheHarness {
     dp.partial_lse = buf + q_floats * (1 + splits);
     dp.kernel = cuda::DecodeKernel::kTensorCores;
     dp.staging = cache.staging();
+    cuda::StageParams sp{.page_table = c.page_table, .page_indptr = c.page_indptr, .seq_len = seq_len,
+                         .selected = c.selected, .selected_offset = c.selected_offset,
+                         .selected_count = c.selected_count, .slot_of = cache.slot_of(),
+                         .host_pages = pool.pages_base(), .batch = c.batch, .kv_heads = layout.kv_heads,
+                         .head_dim = layout.head_dim, .page_size = layout.page_size, .dtype = layout.dtype,
+                         .max_count = max_count, .staging = cache.staging()};
+    cuda::launch_stage_blocks(sp, compute);
     cuda::launch_sparse_decode(dp, compute);
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
     std::int32_t taken = 0;
@@ -339,15 +347,15 @@ TEST(DeviceKVCache, StressMatchesModelAndHostBytes) {
   run_stress(hx, 1500, 10);
 }
 
-// Staged admission: the misses come from the decode's copies (or, past the area's capacity and for
-// partial pages, from the host), and every cached slot still byte-equals its host block; calls
+// Staged admission: the misses come from the staging area's copies (or, past its capacity, from the
+// host), and every cached slot still byte-equals its host block; calls
 // run back to back, so the deferred gathers and the next call's maintenance interleave.
 TEST(DeviceKVCache, StressWithStagedAdmission) {
   REQUIRE_DEVICE();
   CacheHarness hx(909, /*staged_admission=*/true);
   hx.sync_each_call = false;
   run_stress(hx, 600, 3, 2);
-  EXPECT_GT(hx.staged_blocks, 600) << "the decodes staged";
+  EXPECT_GT(hx.staged_blocks, 600) << "blocks were staged";
   EXPECT_EQ(hx.cache.eviction_shortfall(), 0);
 }
 
@@ -545,7 +553,7 @@ TEST(DeviceKVCache, DenseSweepBackToBackOverManyBlocks) {
     for (int l = 0; l < kLayers; ++l) {
       params[l].step = t;
       cache.step(params[l], compute, side);
-      cache.wait_admission(compute);  // the engine's admit_before_decode order, no host wait
+      cache.wait_admission(compute);  // Admission::kBeforeDecode order, no host wait
       model.step(t, l, std::span<const CacheAccess>(&access[l], 1));
       pops_and_evictions += model.step_stats().counters.evicted > 0;
     }

@@ -51,10 +51,9 @@ struct SparseDecodeParams {
   float* out = nullptr;
   float* lse = nullptr;
   std::uint32_t* arrivals = nullptr;
-  /// Where enabled (DeviceKVCache::staging()), the tensor-core kernel copies every full page it
-  /// reads from the host pool into the area (all its rows, whatever token_masks says) and indexes
-  /// it there, for the cache's admission after this decode. The CUDA-core kernel ignores it (the
-  /// admission then reads those blocks from the host). Nothing else may use the area meanwhile.
+  /// Where enabled (DeviceKVCache::staging(), filled by launch_stage_blocks), the tensor-core kernel
+  /// reads a block without an HBM slot from the staging area when it is there. The CUDA-core kernel
+  /// reads such blocks from the host.
   StagingArea staging;
 };
 

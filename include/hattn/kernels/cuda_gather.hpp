@@ -18,20 +18,21 @@ inline constexpr int kGatherDefaultBlocks = 32;
 struct GatherParams {
   const void* host_pages = nullptr;      ///< pool page arena (mapped, UVA), PageLayout HND
   void* hbm_slots = nullptr;             ///< [slots][2][page_size][head_dim]
-  const std::int32_t* page_ids = nullptr;  ///< [n] device
-  const std::int32_t* heads = nullptr;     ///< [n] KV head of each block
-  const std::int32_t* slots = nullptr;     ///< [n] destination slot; a negative slot skips the entry
+  const std::int32_t* page_ids = nullptr;  ///< [n] device; nullptr: keys[e] / kv_heads
+  const std::int32_t* heads = nullptr;     ///< [n] KV head of each block; nullptr: keys[e] % kv_heads
+  /// [n] destination slot; a negative slot skips the entry. nullptr: entry e goes to slot e.
+  const std::int32_t* slots = nullptr;
   const std::int32_t* count = nullptr;     ///< nullptr, or a device count <= n (set by an earlier kernel)
   int n = 0;
   int kv_heads = 0, page_size = 0, head_dim = 0;
   DType dtype = DType::kBFloat16;
   /// Optional publication: once entry e is in HBM (and visible device-wide), slot_of[keys[e]] =
-  /// slots[e], so a reader that sees the slot sees its bytes. Both null: nothing is published.
+  /// slots[e], so a reader that sees the slot sees its bytes. Null: nothing is published.
   std::int32_t* slot_of = nullptr;
-  const std::int32_t* keys = nullptr;  ///< [n]
+  const std::int32_t* keys = nullptr;  ///< [n] block keys (page * kv_heads + head); needed by slot_of and staging
   int max_blocks = 0;                  ///< grid size bound; 0: kGatherDefaultBlocks
-  /// Where enabled (needs `keys`): an entry whose key the decode staged is copied from the staging
-  /// area (HBM) instead of the host pool.
+  /// Where enabled (needs `keys`): an entry whose key is in the staging area is copied from there
+  /// (HBM) instead of the host pool.
   StagingArea staging;
 };
 

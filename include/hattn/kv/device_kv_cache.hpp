@@ -29,7 +29,8 @@ struct DeviceKVCacheConfig {
   std::int32_t max_selected = 1 << 16;  ///< entries of `selected` per call (workspace)
   int layers = 1;                    ///< layers sharing the cache; step() checks its layer argument
   /// Blocks of the staging area (staging(), staged admission): up to this many misses per step()
-  /// call are admitted from the decode's copy in HBM instead of across PCIe. 0: no staging.
+  /// call are copied into HBM before the decode (launch_stage_blocks) and admitted from there
+  /// instead of across PCIe again. 0: no staging.
   std::int32_t staging_blocks = 0;
 };
 
@@ -50,16 +51,17 @@ struct CacheStepParams {
   /// Decode step number, the same for every layer of a step; calls come in (step, layer) order.
   std::uint32_t step = 0;
   std::int32_t selected_capacity = 0;  ///< entries of `selected` (host value), <= max_selected
-  /// Staged admission: the caller's decode of this selection stages what it reads from the host
-  /// (SparseDecodeParams::staging = staging()) and need not wait for this call; the gather of the
-  /// misses waits for admit_staged(), after the decode, and copies the staged ones from HBM.
+  /// Staged admission: the caller stages this selection's misses (cuda::launch_stage_blocks into
+  /// staging(), on compute_stream after this call) and its decode reads them there
+  /// (SparseDecodeParams::staging), neither waiting for this call's maintenance; the gather of the
+  /// misses into slots waits for admit_staged(), after the decode, and copies the staged ones in HBM.
   bool staged = false;
 };
 
 /// Device times of the last step() call when timing is on (events on the side stream).
 struct CacheStepTiming {
   float maintenance_us = 0;  ///< lookup, histograms, plan, eviction and claims
-  float gather_us = 0;       ///< the gather of admitted blocks (PCIe), each published once copied
+  float gather_us = 0;       ///< the gather of admitted blocks (PCIe, or HBM for staged ones), each published once copied
   float lookup_plan_us = 0;  ///< per-stage split of maintenance_us (only with set_timing(true, true))
   float evict_admit_us = 0;
   /// Phase marks (only with set_timing(true, false, true)), us after stage 1's first block
@@ -105,7 +107,7 @@ class DeviceKVCache {
   void step(const CacheStepParams& params, cuda::Stream compute_stream, cuda::Stream side_stream);
 
   /// Staged admission (CacheStepParams::staged): the gather of the latest step()'s misses, on its
-  /// side stream after the work enqueued on `compute_stream` so far (the decode that staged them),
+  /// side stream after the work enqueued on `compute_stream` so far (the staging and the decode),
   /// from the staging area where the decode left a copy and from the host otherwise; then the area
   /// is emptied. The next step(), synchronize() or host-side operation runs it, after the work on
   /// that step's compute stream, if the caller has not. No-op when nothing is deferred.
@@ -146,8 +148,8 @@ class DeviceKVCache {
   const std::int32_t* slot_of() const noexcept { return view_.slot_of; }
   /// [slots][2][page_size][head_dim], for SparseDecodeParams::hbm_slots.
   const void* hbm_slots() const noexcept { return hbm_slots_; }
-  /// The staging area for SparseDecodeParams::staging (capacity 0 without staging_blocks). Only the
-  /// decode of a step() call with `staged` set may write it, before that call's admit_staged().
+  /// The staging area (capacity 0 without staging_blocks). Only launch_stage_blocks after a step()
+  /// call with `staged` set may fill it, before that call's admit_staged().
   const cuda::StagingArea& staging() const noexcept { return staging_; }
   const CacheShape& shape() const noexcept { return shape_; }
   const DeviceKVCacheConfig& config() const noexcept { return config_; }
@@ -169,7 +171,7 @@ class DeviceKVCache {
   cuda::Stream own_stream_ = nullptr;
   CUevent_st* selected_ready_ = nullptr;
   CUevent_st* side_done_ = nullptr;
-  CUevent_st* staged_ready_ = nullptr;  // the staging decode is done (admit_staged)
+  CUevent_st* staged_ready_ = nullptr;  // the decode that read the staging area is done (admit_staged)
   CUevent_st* timing_events_[5] = {};   // maintenance start, end, gather end, stage split, gather start
   cuda::StagingArea staging_;
   // A staged step() whose gather admit_staged() has not enqueued yet, and where that gather goes.
