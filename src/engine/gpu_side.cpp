@@ -91,10 +91,10 @@ class PinnedArray {
 cudaStream_t native(cuda::Stream s) { return reinterpret_cast<cudaStream_t>(s); }
 
 // The fused two-level selection (launch_select_two_level) and the merge folded into the decode
-// (SparseDecodeParams::out) were written in a session without a GPU (2026-12-07). Until a device run
-// has passed the GPU tests with them and measured them, the engine runs them only with
-// HATTN_FUSED_STEP=1 (scripts/device_tests.sh and scripts/device/e2e.sh set it for the A/B); otherwise the
-// staged launches and the merge kernel, as verified before.
+// (SparseDecodeParams::out) passed the GPU tests on the H100 (fac6c79) but were no faster than the
+// separate launches (docs/performance.md), so the engine runs them only with HATTN_FUSED_STEP=1
+// (scripts/device_tests.sh and scripts/device/session.sh test both); otherwise the separate launches
+// and the merge kernel.
 bool fused_step() {
   static const bool on = [] {
     const char* env = std::getenv("HATTN_FUSED_STEP");
