@@ -899,27 +899,6 @@ struct GpuSide::Impl {
       dp.slot_of = cache->slot_of();
       dp.hbm_slots = cache->hbm_slots();
     }
-    if (staged) {
-      // The misses of the GPU's part into HBM before the decode, beside the cache's maintenance.
-      cuda::StageParams sp;
-      sp.page_table = d_table;
-      sp.page_indptr = d_indptr;
-      sp.seq_len = d_seq_len;
-      sp.selected = gpu_selected;
-      sp.selected_offset = d_sel_offset;
-      sp.selected_count = gpu_count;
-      sp.slot_of = cache->slot_of();
-      sp.host_pages = store.pool().pages_base();
-      sp.batch = batch;
-      sp.kv_heads = heads;
-      sp.head_dim = shape.head_dim;
-      sp.page_size = ps;
-      sp.dtype = shape.kv_dtype;
-      sp.max_count = max_pages;
-      sp.staging = cache->staging();
-      cuda::launch_stage_blocks(sp, s);
-      dp.staging = cache->staging();
-    }
     dp.batch = batch;
     dp.q_heads = shape.q_heads;
     dp.kv_heads = heads;
@@ -935,6 +914,11 @@ struct GpuSide::Impl {
       // Nothing else to merge: the decode's last split of each segment merges it (no merge launch).
       dp.out = out;
       dp.arrivals = slot.decode_arrivals.get();
+    }
+    if (staged) {
+      // The misses of the GPU's part into HBM before the decode, beside the cache's maintenance.
+      dp.staging = cache->staging();
+      cuda::launch_stage_blocks(cuda::stage_params_for(dp, max_pages), s);
     }
     cuda::launch_sparse_decode(dp, s);
     if (staged) cache->admit_staged(s);

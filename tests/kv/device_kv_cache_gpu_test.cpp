@@ -227,13 +227,7 @@ class CacheHarness {
     dp.partial_lse = buf + q_floats * (1 + splits);
     dp.kernel = cuda::DecodeKernel::kTensorCores;
     dp.staging = cache.staging();
-    cuda::StageParams sp{.page_table = c.page_table, .page_indptr = c.page_indptr, .seq_len = seq_len,
-                         .selected = c.selected, .selected_offset = c.selected_offset,
-                         .selected_count = c.selected_count, .slot_of = cache.slot_of(),
-                         .host_pages = pool.pages_base(), .batch = c.batch, .kv_heads = layout.kv_heads,
-                         .head_dim = layout.head_dim, .page_size = layout.page_size, .dtype = layout.dtype,
-                         .max_count = max_count, .staging = cache.staging()};
-    cuda::launch_stage_blocks(sp, compute);
+    cuda::launch_stage_blocks(cuda::stage_params_for(dp, max_count), compute);
     cuda::launch_sparse_decode(dp, compute);
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
     std::int32_t taken = 0;

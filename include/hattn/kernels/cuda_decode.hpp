@@ -57,6 +57,28 @@ struct SparseDecodeParams {
   StagingArea staging;
 };
 
+/// What launch_stage_blocks needs to stage the misses of the decode `p` into p.staging before `p`
+/// runs: its selection, its pools and its area. `max_count` bounds every selected_count.
+inline StageParams stage_params_for(const SparseDecodeParams& p, std::int32_t max_count) {
+  StageParams s;
+  s.page_table = p.page_table;
+  s.page_indptr = p.page_indptr;
+  s.seq_len = p.seq_len;
+  s.selected = p.selected;
+  s.selected_offset = p.selected_offset;
+  s.selected_count = p.selected_count;
+  s.slot_of = p.slot_of;
+  s.host_pages = p.host_pages;
+  s.batch = p.batch;
+  s.kv_heads = p.kv_heads;
+  s.head_dim = p.head_dim;
+  s.page_size = p.page_size;
+  s.dtype = p.dtype;
+  s.max_count = max_count;
+  s.staging = p.staging;
+  return s;
+}
+
 /// Bytes of SparseDecodeParams::arrivals for `segments` (request, KV head) segments.
 std::size_t decode_workspace_bytes(int segments);
 
