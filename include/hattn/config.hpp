@@ -27,8 +27,9 @@ enum class Admission : std::uint8_t {
   /// the cache's maintenance (lookup, eviction); the decode reads them there, and the cache admits
   /// them from there after the decode. Each miss crosses PCIe once, by the gather kernel, and the
   /// decode waits for nothing but that copy. The staging area takes 1/10 of hbm_cache_bytes (a cache
-  /// meant to hold a whole working set needs that much more). The tensor-core decode kernel (head dim
-  /// 64 or 128, groups up to 8) reads the area; the other reads the misses from the host.
+  /// meant to hold a whole working set needs that much more). Only the tensor-core decode kernel
+  /// (head dim 64 or 128, groups up to 8) reads the area: for other shapes kStaged admits as
+  /// kBeforeDecode does.
   kStaged,
   /// The decode waits until the cache has gathered the misses into HBM and reads them there: each
   /// crosses PCIe once, but the maintenance and the gather come before the decode. With a CPU share

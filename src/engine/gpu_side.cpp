@@ -227,13 +227,21 @@ struct GpuSide::Impl {
     driver = std::thread([this] { drive(); });
   }
 
+  bool decode_reads_staging() const {
+    cuda::SparseDecodeParams probe;
+    probe.q_heads = config.shape.q_heads;
+    probe.kv_heads = config.shape.kv_heads;
+    probe.head_dim = config.shape.head_dim;
+    return cuda::decode_kernel_for(probe) == cuda::DecodeKernel::kTensorCores;
+  }
+
   void open_cache() {
     const PageLayout& l = store.layout();
     const std::size_t block = 2 * l.head_block_elems() * dtype_bytes(l.dtype);
     const std::size_t blocks = config.hbm_cache_bytes / block;
     // Staged admission takes 1/10 of the cache's HBM for the staging area: at 128K tokens, batch 1
     // and a cache of 19% of the KV, ~1240 blocks against ~650 misses per layer.
-    const std::size_t staging = config.admission == Admission::kStaged ? blocks / 10 : 0;
+    const std::size_t staging = config.admission == Admission::kStaged && decode_reads_staging() ? blocks / 10 : 0;
     const std::size_t slots = blocks - staging;
     if (slots == 0) return;
     DeviceKVCacheConfig cc;
@@ -862,7 +870,9 @@ struct GpuSide::Impl {
     mark_phase(slot, kSelected, stream);
     if (has_cpu) enqueue_cpu_job(slot, work, sel_offset, stream);
 
-    const bool staged = cache && cache->staging().enabled();
+    // Only the tensor-core decode reads the staging area; with the other kernel the copy would cross
+    // PCIe beside the decode's own reads, so the decode waits for the admission instead.
+    const bool staged = cache && cache->staging().enabled() && decode_reads_staging();
     if (cache) {
       CacheStepParams cp;
       cp.page_table = d_table;
@@ -881,7 +891,8 @@ struct GpuSide::Impl {
       cache->step(cp, s, reinterpret_cast<cuda::Stream>(side_stream));
       // With a CPU share the CPU computes the misses first (the split's order) and the GPU's part is
       // mostly hits: the decode does not wait for the gather, which admits the CPU's misses behind it.
-      if (config.admission == Admission::kBeforeDecode && !has_cpu) cache->wait_admission(s);
+      const bool wait = config.admission == Admission::kBeforeDecode || (config.admission == Admission::kStaged && !staged);
+      if (wait && !has_cpu) cache->wait_admission(s);
     }
 
     mark_phase(slot, kCacheWaited, stream);
