@@ -506,6 +506,49 @@ TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
   EXPECT_THROW(cuda::launch_merge_partials(m, nullptr), InvalidArgument);
 }
 
+// Host-side checks of the staging arguments (no GPU needed): each names what is wrong.
+TEST(CudaStaging, RejectsIncompleteAreasAndParams) {
+  auto expect_named = [](auto&& call, const char* name) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted a bad " << name;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+  };
+  std::int32_t i32[2] = {};
+  float f32[4] = {};
+  cuda::StageParams sp{.page_table = i32, .page_indptr = i32, .seq_len = i32, .selected = i32,
+                       .selected_offset = i32, .selected_count = i32, .host_pages = f32, .batch = 1,
+                       .kv_heads = 1, .head_dim = 64, .page_size = 16, .max_count = 1};
+  expect_named([&] { cuda::launch_stage_blocks(sp, nullptr); }, "staging.capacity");
+  sp.staging.capacity = 4;
+  expect_named([&] { cuda::launch_stage_blocks(sp, nullptr); }, "pointers");
+  sp.max_count = -1;
+  expect_named([&] { cuda::launch_stage_blocks(sp, nullptr); }, "max_count");
+
+  cuda::SparseDecodeParams p;
+  p.batch = 1;
+  p.q_heads = 4;
+  p.kv_heads = 1;
+  p.head_dim = 128;
+  p.page_size = 16;
+  p.q = p.partial_out = p.partial_lse = f32;
+  p.page_table = p.page_indptr = p.seq_len = p.selected = p.selected_offset = p.selected_count = i32;
+  p.host_pages = f32;
+  p.staging.capacity = 4;  // and no pointers
+  expect_named([&] { cuda::launch_sparse_decode(p, nullptr); }, "staging pointers");
+  p.staging.capacity = -1;
+  expect_named([&] { cuda::launch_sparse_decode(p, nullptr); }, "staging.capacity");
+
+  cuda::GatherParams g{.host_pages = f32, .hbm_slots = f32, .n = 1, .kv_heads = 1, .page_size = 16, .head_dim = 64};
+  g.staging.capacity = 4;
+  expect_named([&] { cuda::launch_gather_pages(g, nullptr); }, "staging");
+  g.staging.capacity = 0;
+  g.page_ids = i32;  // without heads
+  expect_named([&] { cuda::launch_gather_pages(g, nullptr); }, "page_ids and heads");
+}
+
 /// Pinned host memory mapped into the device's address space, as the CPU side's partials are.
 template <class T>
 class MappedBuffer {
