@@ -3,7 +3,7 @@
 // loads of a group before any store, so a block keeps 32 KB of PCIe reads in flight with 256
 // threads. Entries are grouped so a group is ~2048 vectors whatever the block size (one 8 KB block
 // of 16-token bf16 pages at dim 128 is 512), and the publication of a group follows its copy. An
-// entry the decode staged (GatherParams::staging) is copied from that HBM copy instead of the host.
+// entry in the staging area (GatherParams::staging) is copied from that HBM copy instead of the host.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -153,9 +153,9 @@ TEST(HybridAttentionGpu, RepeatedSelectionsHitTheHbmCache) {
   EXPECT_LT(test::relative_l2(got, std::vector<double>(want.begin(), want.end())), 1e-3);
 }
 
-// Whether the decode stages its misses for the admission, waits for the admission or reads them in
-// place beside it, the result is the uncached one and the repeated selection is all hits by the
-// third step (the staged admission of the first step's misses came from the decode's copies).
+// Whether the misses are staged in HBM before the decode and admitted from there, or the decode
+// waits for their admission, or reads them in place beside it, the result is the uncached one and
+// the repeated selection is all hits by the third step.
 TEST(HybridAttentionGpu, AdmissionBeforeTheDecodeGivesTheSameResult) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const auto layer = test::make_structured_layer(kShape, 16384, 17);

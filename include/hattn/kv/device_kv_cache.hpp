@@ -108,7 +108,7 @@ class DeviceKVCache {
 
   /// Staged admission (CacheStepParams::staged): the gather of the latest step()'s misses, on its
   /// side stream after the work enqueued on `compute_stream` so far (the staging and the decode),
-  /// from the staging area where the decode left a copy and from the host otherwise; then the area
+  /// from the staging area where launch_stage_blocks copied them and from the host otherwise; then the area
   /// is emptied. The next step(), synchronize() or host-side operation runs it, after the work on
   /// that step's compute stream, if the caller has not. No-op when nothing is deferred.
   void admit_staged(cuda::Stream compute_stream);
