@@ -124,6 +124,11 @@ void launch_stage_blocks(const StageParams& p, Stream stream) {
   hattn::detail::require(p.max_count >= 0, kWhere, "max_count", p.max_count, ">= 0");
   hattn::detail::require(p.staging.capacity > 0, kWhere, "staging.capacity", p.staging.capacity, "> 0");
   hattn::detail::require(p.batch * p.kv_heads <= 65535, kWhere, "batch * kv_heads", p.batch * p.kv_heads, "<= 65535");
+  // The gather's own checks, before the list kernel takes entries the gather would then not fill.
+  hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
+                         p.page_size, "16, 32 or 64");
+  hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
+                         p.head_dim, "64, 128 or 256");
   if (p.batch == 0 || p.max_count == 0) return;
   hattn::detail::require(p.page_table && p.page_indptr && p.seq_len && p.selected && p.selected_offset &&
                              p.selected_count && p.host_pages && p.staging.blocks && p.staging.key_of &&
@@ -150,7 +155,8 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
   hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
                          p.head_dim, "64, 128 or 256");
   hattn::detail::require(p.max_blocks >= 0, kWhere, "max_blocks", p.max_blocks, ">= 0");
-  hattn::detail::require(p.slot_of == nullptr || p.keys != nullptr, kWhere, "keys", "null", "set when slot_of is");
+  hattn::detail::require(p.slot_of == nullptr || (p.keys != nullptr && p.slots != nullptr), kWhere,
+                         "keys and slots", "null", "set when slot_of is");
   hattn::detail::require((p.page_ids == nullptr) == (p.heads == nullptr), kWhere, "page_ids and heads", "one set",
                          "both set, or both null and keys set");
   hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");

@@ -131,8 +131,10 @@ DeviceKVCache::DeviceKVCache(const HostKVPool& pool, const DeviceKVCacheConfig& 
 DeviceKVCache::~DeviceKVCache() { destroy(); }
 
 void DeviceKVCache::destroy() noexcept {
-  // Must not throw; outstanding work is waited for so nothing writes freed memory (a deferred gather
-  // is dropped; cudaFree waits for the decode that may still write the staging area).
+  // Must not throw; outstanding work is waited for so nothing writes freed memory. A deferred gather
+  // is dropped; the staging copy and the decode, on a caller's stream that may be gone by now, are
+  // waited for device-wide.
+  if (deferred_) cudaDeviceSynchronize();
   if (side_done_ && side_pending_) cudaEventSynchronize(side_done_);
   for (auto* t : timing_events_)
     if (t) cudaEventDestroy(t);
@@ -480,12 +482,13 @@ void DeviceKVCache::launch_gather(cuda::Stream side, std::int32_t capacity, bool
                        .head_dim = layout.head_dim, .dtype = layout.dtype, .slot_of = view_.slot_of,
                        .keys = view_.gather_key};
   if (staged) g.staging = staging_;
-  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[4], side));
+  // timed_, not timing_: a deferred gather belongs to the step() that set it.
+  if (timed_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[4], side));
   cuda::launch_gather_pages(g, side);
   // Emptied after every staged gather, so the next staging (which waits for side_done_ through the
   // next step()) starts from entry 0.
   if (staged) HATTN_CUDA_CHECK(cudaMemsetAsync(staging_.count, 0, sizeof(std::int32_t), side));
-  if (timing_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
+  if (timed_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[2], side));
   HATTN_CUDA_CHECK(cudaEventRecord(side_done_, side));
   side_pending_ = true;
 }

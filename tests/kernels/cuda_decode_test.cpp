@@ -297,8 +297,9 @@ struct Staging {
 
 // launch_stage_blocks copies every selected full page's block without an HBM slot into the staging
 // area (an exact copy of K then V, as a slot holds it), indexed by key, and nothing else; entries past
-// the capacity are counted but not written. The tensor-core kernel then reads those blocks there:
-// with the copies it matches the reference, with the copies overwritten it does not.
+// the capacity are counted but not written. The tensor-core kernel (with and without the merge
+// folded in) then reads those blocks there: with the copies it matches the reference, with every
+// copy overwritten it does not.
 class CudaSparseDecodeStaging : public ::testing::TestWithParam<std::tuple<DType, int, int>> {};
 
 TEST_P(CudaSparseDecodeStaging, StagesFullHostPagesAndTheDecodeReadsThem) {
@@ -353,9 +354,12 @@ TEST_P(CudaSparseDecodeStaging, StagesFullHostPagesAndTheDecodeReadsThem) {
         ASSERT_EQ(std::memcmp(got + half, pg + lay.value_offset(key % f.kvh, 0) * e, half), 0) << "V of key " << key;
       }
       EXPECT_EQ(written, std::min<int>(capacity, static_cast<int>(want_keys.size())));
-      const Result gpu = run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, kTc, false, st.area);
-      expect_close(gpu, ref, tolerance(kTc, dtype));
-      // Copies overwritten with other values: the decode, which reads them, now differs.
+      for (bool fold : {false, true}) {
+        const Result gpu = run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, kTc, fold, st.area);
+        expect_close(gpu, ref, tolerance(kTc, dtype));
+      }
+      if (written < static_cast<int>(want_keys.size())) continue;
+      // Every copy overwritten with other values: the decode, which reads them, now differs.
       HATTN_CUDA_CHECK(cudaMemset(st.blocks.get(), 0x3c, blocks.size()));
       const Result spoiled = run_gpu(f, 3, masks, slots.get(), true, nullptr, nullptr, kTc, false, st.area);
       EXPECT_GT(max_error(spoiled, ref), 0.05) << "the decode did not read the staging area";

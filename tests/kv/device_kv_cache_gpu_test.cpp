@@ -71,7 +71,9 @@ class CacheHarness {
     std::vector<PageId> pages[kLayers];
   };
   std::vector<Seq> seqs;
-  std::int64_t staged_blocks = 0;  ///< entries taken in the staging area (staged mode)
+  std::int64_t staged_blocks = 0;  ///< entries written in the staging area (staged mode)
+  float* decode_buf = nullptr;     ///< q and partials of decode_staging()
+  std::size_t decode_buf_floats = 0;
 
   explicit CacheHarness(std::uint64_t seed, bool staged_admission = false)
       : staged(staged_admission), rng(seed), seqs(static_cast<std::size_t>(config.max_requests)) {
@@ -80,6 +82,7 @@ class CacheHarness {
   }
   ~CacheHarness() {
     cudaStreamSynchronize(compute);
+    cudaFree(decode_buf);
     cudaStreamDestroy(compute);
     cudaStreamDestroy(side);
   }
@@ -200,9 +203,15 @@ class CacheHarness {
   /// check().
   void decode_staging(const CacheStepParams& c, const std::int32_t* seq_len, int max_count) {
     const int rows = c.batch * kQueryHeads, splits = 2;
-    float* buf = nullptr;
     const std::size_t q_floats = static_cast<std::size_t>(rows) * layout.head_dim;
-    HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&buf), (q_floats * (1 + splits) + rows * splits) * sizeof(float)));
+    const std::size_t need = q_floats * (1 + splits) + static_cast<std::size_t>(rows) * splits;
+    if (need > decode_buf_floats) {  // grown rarely: a cudaFree would synchronise the whole device
+      HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
+      HATTN_CUDA_CHECK(cudaFree(decode_buf));
+      HATTN_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&decode_buf), 2 * need * sizeof(float)));
+      decode_buf_floats = 2 * need;
+    }
+    float* buf = decode_buf;
     HATTN_CUDA_CHECK(cudaMemsetAsync(buf, 0, q_floats * sizeof(float), compute));
     cuda::SparseDecodeParams dp;
     dp.q = buf;
@@ -232,8 +241,7 @@ class CacheHarness {
     HATTN_CUDA_CHECK(cudaStreamSynchronize(compute));
     std::int32_t taken = 0;
     HATTN_CUDA_CHECK(cudaMemcpy(&taken, cache.staging().count, sizeof(taken), cudaMemcpyDeviceToHost));
-    staged_blocks += taken;
-    HATTN_CUDA_CHECK(cudaFree(buf));
+    staged_blocks += std::min(taken, config.staging_blocks);  // entries past the capacity hold nothing
     if (uni(3) != 0) cache.admit_staged(compute);
   }
 

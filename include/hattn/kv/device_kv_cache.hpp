@@ -98,7 +98,8 @@ class DeviceKVCache {
   /// One layer of one decode step, after selection, before that layer's decode on
   /// `compute_stream`: counts hits and misses, refreshes stamps, evicts whole age buckets and
   /// gathers the misses into claimed slots on `side_stream`, overlapped with the decode unless the
-  /// caller makes the decode wait for it (wait_admission(), the engine's default). slot_of()
+  /// caller makes the decode wait for it (wait_admission(), Admission::kBeforeDecode), or, with
+  /// `staged`, defers that gather to admit_staged(). slot_of()
   /// points only at fully gathered slots, and the next step() makes `compute_stream` wait for this
   /// call's side work, so no decode reads a slot while it is rewritten. Enqueue order on
   /// compute_stream must be: selection, step(), decode. Throws InvalidArgument for host arguments
@@ -115,7 +116,8 @@ class DeviceKVCache {
 
   /// Makes `compute_stream` wait for the latest step()'s side work, so a decode enqueued after this
   /// reads that call's admitted misses from HBM instead of across PCIe beside their gather (each miss
-  /// then crosses PCIe once; the decode starts after the gather). No-op before the first step().
+  /// then crosses PCIe once; the decode starts after the gather). After a staged step() whose
+  /// admit_staged() has not run, that side work is the maintenance only. No-op before the first step().
   void wait_admission(cuda::Stream compute_stream);
 
   /// Waits for the cache's GPU work; throws InvalidArgument if a step saw a bad row (then cleared).
