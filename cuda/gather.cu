@@ -115,6 +115,20 @@ __global__ void __launch_bounds__(kStageListThreads) StageListKernel(const __gri
   }
 }
 
+// The block shapes the gather copies; log2 of a head block's 16-byte vectors.
+int require_block_shape(const char* where, int page_size, int head_dim, DType dtype) {
+  hattn::detail::require(page_size == 16 || page_size == 32 || page_size == 64, where, "page_size", page_size,
+                         "16, 32 or 64");
+  hattn::detail::require(head_dim == 64 || head_dim == 128 || head_dim == 256, where, "head_dim", head_dim,
+                         "64, 128 or 256");
+  const long long head_bytes = static_cast<long long>(page_size) * head_dim * dtype_bytes(dtype);
+  hattn::detail::require(head_bytes % 16 == 0 && (head_bytes & (head_bytes - 1)) == 0, where, "head block bytes",
+                         head_bytes, "a power of two multiple of 16");
+  int head_vecs_log2 = 0;
+  while ((16ll << head_vecs_log2) < head_bytes) ++head_vecs_log2;
+  return head_vecs_log2;
+}
+
 }  // namespace
 
 void launch_stage_blocks(const StageParams& p, Stream stream) {
@@ -124,11 +138,8 @@ void launch_stage_blocks(const StageParams& p, Stream stream) {
   hattn::detail::require(p.max_count >= 0, kWhere, "max_count", p.max_count, ">= 0");
   hattn::detail::require(p.staging.capacity > 0, kWhere, "staging.capacity", p.staging.capacity, "> 0");
   hattn::detail::require(p.batch * p.kv_heads <= 65535, kWhere, "batch * kv_heads", p.batch * p.kv_heads, "<= 65535");
-  // The gather's own checks, before the list kernel takes entries the gather would then not fill.
-  hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
-                         p.page_size, "16, 32 or 64");
-  hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
-                         p.head_dim, "64, 128 or 256");
+  // The gather's shape checks, before the list kernel takes entries the gather would then not fill.
+  require_block_shape(kWhere, p.page_size, p.head_dim, p.dtype);
   if (p.batch == 0 || p.max_count == 0) return;
   hattn::detail::require(p.page_table && p.page_indptr && p.seq_len && p.selected && p.selected_offset &&
                              p.selected_count && p.host_pages && p.staging.blocks && p.staging.key_of &&
@@ -150,10 +161,7 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
   constexpr const char* kWhere = "launch_gather_pages";
   hattn::detail::require(p.n >= 0, kWhere, "n", p.n, ">= 0");
   hattn::detail::require(p.kv_heads > 0, kWhere, "kv_heads", p.kv_heads, "> 0");
-  hattn::detail::require(p.page_size == 16 || p.page_size == 32 || p.page_size == 64, kWhere, "page_size",
-                         p.page_size, "16, 32 or 64");
-  hattn::detail::require(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, kWhere, "head_dim",
-                         p.head_dim, "64, 128 or 256");
+  const int head_vecs_log2 = require_block_shape(kWhere, p.page_size, p.head_dim, p.dtype);
   hattn::detail::require(p.max_blocks >= 0, kWhere, "max_blocks", p.max_blocks, ">= 0");
   hattn::detail::require(p.slot_of == nullptr || (p.keys != nullptr && p.slots != nullptr), kWhere,
                          "keys and slots", "null", "set when slot_of is");
@@ -166,11 +174,7 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
   if (p.n == 0) return;
   hattn::detail::require(p.host_pages && p.hbm_slots && (p.page_ids || p.keys), kWhere, "pointers", "null",
                          "host_pages, hbm_slots and page_ids (or keys) set");
-  const long long head_bytes = static_cast<long long>(p.page_size) * p.head_dim * dtype_bytes(p.dtype);
-  hattn::detail::require(head_bytes % 16 == 0 && (head_bytes & (head_bytes - 1)) == 0, kWhere, "head block bytes",
-                         head_bytes, "a power of two multiple of 16");
-  int head_vecs_log2 = 0;
-  while ((16ll << head_vecs_log2) < head_bytes) ++head_vecs_log2;
+  const long long head_bytes = 16ll << head_vecs_log2;
   const int group = static_cast<int>(std::clamp<long long>(kGroupVecs / (2 * (head_bytes / 16)), 1, kMaxGroup));
   const int groups = (p.n + group - 1) / group;
   const int blocks = std::min(groups, p.max_blocks > 0 ? p.max_blocks : kGatherDefaultBlocks);
