@@ -870,9 +870,10 @@ struct GpuSide::Impl {
     mark_phase(slot, kSelected, stream);
     if (has_cpu) enqueue_cpu_job(slot, work, sel_offset, stream);
 
-    // Only the tensor-core decode reads the staging area; with the other kernel the copy would cross
-    // PCIe beside the decode's own reads, so the decode waits for the admission instead.
-    const bool staged = cache && cache->staging().enabled() && decode_reads_staging();
+    // open_cache() gave the cache a staging area only where the tensor-core decode reads it; with the
+    // other kernel the copy would cross PCIe beside the decode's own reads, so the decode waits for
+    // the admission instead.
+    const bool staged = cache && cache->staging().enabled();
     if (cache) {
       CacheStepParams cp;
       cp.page_table = d_table;
