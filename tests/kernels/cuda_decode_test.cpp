@@ -479,24 +479,32 @@ TEST(CudaSparseDecodeMerge, EmptyPartialsGiveZeroAndMinusInfinity) {
   }
 }
 
-TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
+/// Decode params that pass every host-side check, over dummy host arrays (for argument tests that
+/// change one field; nothing is launched while a check fails).
+cuda::SparseDecodeParams host_checked_params(float* f32, std::int32_t* i32) {
   cuda::SparseDecodeParams p;
   p.batch = 1;
   p.q_heads = 4;
   p.kv_heads = 1;
   p.head_dim = 128;
+  p.page_size = 16;
+  p.q = p.partial_out = p.partial_lse = f32;
+  p.page_table = p.page_indptr = p.seq_len = p.selected = p.selected_offset = p.selected_count = i32;
+  p.host_pages = f32;
+  return p;
+}
+
+TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
+  float o[4] = {};
+  std::int32_t i32[2] = {};
+  cuda::SparseDecodeParams p = host_checked_params(o, i32);
   p.page_size = 24;
   EXPECT_THROW(cuda::launch_sparse_decode(p, nullptr), InvalidArgument);
   p.page_size = 16;
   p.splits = 0;
   EXPECT_THROW(cuda::launch_sparse_decode(p, nullptr), InvalidArgument);
   // The folded merge needs its arrival counts.
-  float o[4] = {};
-  std::int32_t i32[2] = {};
   p.splits = 1;
-  p.q = p.partial_out = p.partial_lse = o;
-  p.page_table = p.page_indptr = p.seq_len = p.selected = p.selected_offset = p.selected_count = i32;
-  p.host_pages = o;
   p.out = o;
   try {
     cuda::launch_sparse_decode(p, nullptr);
@@ -531,15 +539,7 @@ TEST(CudaStaging, RejectsIncompleteAreasAndParams) {
   sp.max_count = -1;
   expect_named([&] { cuda::launch_stage_blocks(sp, nullptr); }, "max_count");
 
-  cuda::SparseDecodeParams p;
-  p.batch = 1;
-  p.q_heads = 4;
-  p.kv_heads = 1;
-  p.head_dim = 128;
-  p.page_size = 16;
-  p.q = p.partial_out = p.partial_lse = f32;
-  p.page_table = p.page_indptr = p.seq_len = p.selected = p.selected_offset = p.selected_count = i32;
-  p.host_pages = f32;
+  cuda::SparseDecodeParams p = host_checked_params(f32, i32);
   p.staging.capacity = 4;  // and no pointers
   expect_named([&] { cuda::launch_sparse_decode(p, nullptr); }, "staging pointers");
   p.staging.capacity = -1;
