@@ -1,10 +1,13 @@
 #pragma once
-// Replays a SelectionTrace through a CacheModel, the way the decode loop calls the cache (one call
+// Replays a selection trace through a CacheModel, the way the decode loop calls the cache (one call
 // per layer per step, every request a batch row), to compare replacement rules on hit rate.
 #include <cmath>
+#include <concepts>
 #include <cstdint>
+#include <unordered_set>
 #include <vector>
 
+#include "hattn/core/error.hpp"
 #include "hattn/kv/cache_model.hpp"
 #include "hattn/kv/cache_trace.hpp"
 
@@ -14,48 +17,75 @@ struct CacheReplayResult {
   CacheCounters counters;       ///< over the measured steps (after warm-up)
   std::int32_t budget_slots = 0;  ///< per request
   double blocks_per_step = 0;   ///< selected blocks per request per step, all layers and heads
+  /// Measured lookups of blocks no earlier step (warm-up included) had selected: misses that no
+  /// replacement rule avoids, only a larger warm-up or a prefetch.
+  std::int64_t first_touches = 0;
+  /// first_touches over the measured lookups (hits + misses): the floor of the miss rate.
+  double first_touch_share() const noexcept {
+    const auto n = counters.hits + counters.misses;
+    return n > 0 ? static_cast<double>(first_touches) / static_cast<double>(n) : 0.0;
+  }
 };
 
 /// Key of the block of (request, layer, page position, head) in a replay: every (request, layer)
 /// gets `max_pages` consecutive page ids.
-inline BlockKey replay_key(const SelectionTraceConfig& c, int max_pages, int request, int layer, int pos, int head) {
-  const std::int64_t page = (static_cast<std::int64_t>(request) * c.layers + layer) * max_pages + pos;
-  return static_cast<BlockKey>(page * c.kv_heads + head);
+inline BlockKey replay_key(int layers, int kv_heads, int max_pages, int request, int layer, int pos, int head) {
+  const std::int64_t page = (static_cast<std::int64_t>(request) * layers + layer) * max_pages + pos;
+  return static_cast<BlockKey>(page * kv_heads + head);
 }
 
-/// Runs `steps` steps of the trace (the first `warmup` not counted) with every request's budget set
-/// to `budget_multiple` x its selected blocks per step at step 0.
-inline CacheReplayResult replay_trace(const SelectionTraceConfig& cfg, CacheReplacement replacement, int steps,
-                                      int warmup, double budget_multiple) {
-  SelectionTrace trace(cfg);
-  const int max_pages = cfg.start_pages + steps / cfg.page_size + 2;
+/// A selection trace replay() can run: per step, the ascending page positions each (request,
+/// layer, KV head) selects. SelectionTrace (synthetic) and the head zoo's trace (eval/zoo) are two.
+template <class T>
+concept ReplayableTrace = requires(T& t, const T& c, int i) {
+  { c.requests() } -> std::convertible_to<int>;
+  { c.layers() } -> std::convertible_to<int>;
+  { c.kv_heads() } -> std::convertible_to<int>;
+  { c.pages(i) } -> std::convertible_to<int>;
+  { c.selected(i, i, i) } -> std::convertible_to<const std::vector<int>&>;
+  t.advance();
+};
+
+/// Runs `steps` steps of `trace` from where it stands (the first `warmup` not counted), with every
+/// request's budget set to `budget_multiple` x its selected blocks per step at the first step; no
+/// sequence may grow past `max_pages` pages during the replay.
+template <ReplayableTrace Trace>
+CacheReplayResult replay(Trace& trace, CacheReplacement replacement, int steps, int warmup, double budget_multiple,
+                         int max_pages) {
+  const int requests = trace.requests(), layers = trace.layers(), kv_heads = trace.kv_heads();
   double blocks = 0;
-  for (int r = 0; r < cfg.requests; ++r)
-    for (int l = 0; l < cfg.layers; ++l)
-      for (int h = 0; h < cfg.kv_heads; ++h) blocks += static_cast<double>(trace.selected(r, l, h).size());
-  blocks /= cfg.requests;
+  for (int r = 0; r < requests; ++r)
+    for (int l = 0; l < layers; ++l)
+      for (int h = 0; h < kv_heads; ++h) blocks += static_cast<double>(trace.selected(r, l, h).size());
+  blocks /= requests;
   const auto budget = static_cast<std::int32_t>(std::ceil(blocks * budget_multiple));
 
-  CacheShape shape{.slots = budget * cfg.requests, .max_requests = cfg.requests,
-                   .pool_pages = cfg.requests * cfg.layers * max_pages, .kv_heads = cfg.kv_heads, .block_bytes = 1,
-                   .layers = cfg.layers};
+  CacheShape shape{.slots = budget * requests, .max_requests = requests, .pool_pages = requests * layers * max_pages,
+                   .kv_heads = kv_heads, .block_bytes = 1, .layers = layers};
   CacheModel model(shape, replacement);
-  for (int r = 0; r < cfg.requests; ++r) model.open_request(r, budget);
+  for (int r = 0; r < requests; ++r) model.open_request(r, budget);
 
   CacheReplayResult out{.counters = {}, .budget_slots = budget, .blocks_per_step = blocks};
-  std::vector<CacheAccess> rows(static_cast<std::size_t>(cfg.requests));
+  std::unordered_set<BlockKey> seen;
+  std::vector<CacheAccess> rows(static_cast<std::size_t>(requests));
   for (int t = 0; t < steps; ++t) {
-    for (int l = 0; l < cfg.layers; ++l) {
-      for (int r = 0; r < cfg.requests; ++r) {
+    for (int l = 0; l < layers; ++l) {
+      for (int r = 0; r < requests; ++r) {
         auto& row = rows[static_cast<std::size_t>(r)];
         row.request = r;
         row.keys.clear();
         row.bypass = 0;
         const int last = trace.pages(r) - 1;
-        for (int h = 0; h < cfg.kv_heads; ++h)
+        detail::require(last < max_pages, "replay", "pages of a sequence", last + 1, "<= max_pages");
+        for (int h = 0; h < kv_heads; ++h)
           for (int pos : trace.selected(r, l, h)) {
-            if (pos == last) ++row.bypass;  // still being appended to: never cached
-            else row.keys.push_back(replay_key(cfg, max_pages, r, l, pos, h));
+            if (pos == last) {  // still being appended to: never cached
+              ++row.bypass;
+              continue;
+            }
+            const BlockKey key = replay_key(layers, kv_heads, max_pages, r, l, pos, h);
+            row.keys.push_back(key);
+            if (seen.insert(key).second && t >= warmup) ++out.first_touches;
           }
       }
       model.step(static_cast<std::uint32_t>(t), l, rows);
@@ -64,6 +94,13 @@ inline CacheReplayResult replay_trace(const SelectionTraceConfig& cfg, CacheRepl
     trace.advance();
   }
   return out;
+}
+
+/// replay() over a fresh SelectionTrace of `cfg`.
+inline CacheReplayResult replay_trace(const SelectionTraceConfig& cfg, CacheReplacement replacement, int steps,
+                                      int warmup, double budget_multiple) {
+  SelectionTrace trace(cfg);
+  return replay(trace, replacement, steps, warmup, budget_multiple, cfg.start_pages + steps / cfg.page_size + 2);
 }
 
 }  // namespace hattn

@@ -79,6 +79,9 @@ class SelectionTrace {
   int pages(int request) const { return pages_[static_cast<std::size_t>(request)]; }
   int step() const noexcept { return step_; }
   const SelectionTraceConfig& config() const noexcept { return c_; }
+  int requests() const noexcept { return c_.requests; }
+  int layers() const noexcept { return c_.layers; }
+  int kv_heads() const noexcept { return c_.kv_heads; }
 
  private:
   struct Needle {
