@@ -52,7 +52,7 @@ else
 fi
 [ -s "$OUT/torch_baselines.json" ] && cp "$OUT/torch_baselines.json" /tmp/hattn-torch.json
 for tool in ${SANITIZERS:-memcheck racecheck}; do
-  GTEST_BRIEF=1 timeout "$(cap 90 60)" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+  GTEST_BRIEF=1 timeout "$(cap 150 60)" compute-sanitizer --tool "$tool" --error-exitcode 9 \
     "$BUILD/tests/hattn_cuda_kernels_test" \
     --gtest_filter='CudaSelect*:*TwoLevel*:CudaSparseDecodeMerge*:CudaSparseDecodeStaging*:CudaGather*' \
     > "$L/sanitize_$tool.log" 2>&1
