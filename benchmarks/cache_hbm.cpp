@@ -13,9 +13,11 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <numeric>
 #include <random>
 #include <string>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
 #include "hattn/kv/cache_replay.hpp"
@@ -154,6 +156,37 @@ void BM_ZooTraceLru(benchmark::State& state) {
           (rule == CacheReplacement::kExactLru ? c.exact : c.bucketed) = r;
         });
     for (auto& w : workers) w.join();
+    // Which heads reach pages they never read before: the first touches of the 32K trace by head kind.
+    {
+      zoo::ZooTraceConfig tc;
+      tc.zoo.layers = cases.front().layers;
+      tc.zoo.context_tokens = cases.front().context;
+      tc.max_steps = cases.front().steps;
+      zoo::ZooSelectionTrace trace(tc);
+      std::vector<std::int64_t> lookups(zoo::kHeadKinds), first(zoo::kHeadKinds);
+      std::unordered_set<std::int64_t> seen;
+      for (int t = 0; t < tc.max_steps; ++t) {
+        for (int l = 0; l < trace.layers(); ++l)
+          for (int h = 0; h < trace.kv_heads(); ++h) {
+            const auto k = static_cast<std::size_t>(trace.kind(l, h));
+            for (int pos : trace.selected(0, l, h)) {
+              const bool fresh = seen.insert((static_cast<std::int64_t>(l) * trace.kv_heads() + h) << 32 | pos).second;
+              if (t < cases.front().warmup) continue;
+              ++lookups[k];
+              first[k] += fresh;
+            }
+          }
+        if (t + 1 < tc.max_steps) trace.advance();
+      }
+      const std::int64_t all_first = std::accumulate(first.begin(), first.end(), std::int64_t{0});
+      for (int k = 0; k < zoo::kHeadKinds; ++k)
+        if (lookups[static_cast<std::size_t>(k)] > 0)
+          std::cout << "zoo trace " << cases.front().name << ", " << zoo::to_string(static_cast<zoo::HeadKind>(k))
+                    << " heads: " << lookups[static_cast<std::size_t>(k)] << " lookups, first touches "
+                    << static_cast<double>(first[static_cast<std::size_t>(k)]) / lookups[static_cast<std::size_t>(k)]
+                    << " of them, " << 100.0 * first[static_cast<std::size_t>(k)] / std::max<std::int64_t>(all_first, 1)
+                    << "% of all first touches\n";
+    }
     for (const auto& c : cases) {
       ZooReplay z{c.name, c.multiple, c.exact.counters.hit_rate(), c.bucketed.counters.hit_rate(),
                   c.exact.first_touch_share(), c.exact.blocks_per_step};

@@ -63,6 +63,7 @@ ZooSelectionTrace& ZooSelectionTrace::operator=(ZooSelectionTrace&&) noexcept = 
 int ZooSelectionTrace::layers() const noexcept { return state_->zoo.shape().layers; }
 int ZooSelectionTrace::kv_heads() const noexcept { return state_->zoo.shape().kv_heads; }
 int ZooSelectionTrace::step() const noexcept { return state_->step; }
+HeadKind ZooSelectionTrace::kind(int layer, int kv_head) const { return state_->zoo.kind(layer, kv_head); }
 
 int ZooSelectionTrace::pages(int request) const {
   detail::require(request == 0, "ZooSelectionTrace::pages", "request", request, "0 (one request)");

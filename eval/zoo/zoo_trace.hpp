@@ -37,6 +37,8 @@ class ZooSelectionTrace {
   /// Ascending page positions selected by (layer, KV head) at the current step.
   const std::vector<int>& selected(int request, int layer, int kv_head) const;
   int step() const noexcept;
+  /// What the zoo built KV head `kv_head` of generated layer `layer` to be.
+  HeadKind kind(int layer, int kv_head) const;
   /// Appends the current step's token to every layer and selects the next step. Throws
   /// InvalidArgument past max_steps.
   void advance();
