@@ -121,11 +121,40 @@ BENCHMARK(BM_BucketedVsExactLru)->Iterations(1)->Unit(benchmark::kMillisecond);
 // turns into hits.
 struct ZooReplay {
   std::string name;
+  std::int64_t context = 0;
   double multiple = 0, exact = 0, bucketed = 0, first_touch_share = 0, blocks_per_step = 0;
+  double gap_points() const { return 100.0 * (exact - bucketed); }
 };
 std::vector<ZooReplay> g_zoo;
 
 #if HATTN_WITH_ZOO
+// Which heads reach pages they never read before: per head kind, the measured lookups of a trace
+// and how many of them are first touches.
+void print_first_touches_by_kind(const zoo::ZooTraceConfig& tc, int warmup, const std::string& name) {
+  zoo::ZooSelectionTrace trace(tc);
+  std::vector<std::int64_t> lookups(zoo::kHeadKinds), first(zoo::kHeadKinds);
+  std::unordered_set<std::int64_t> seen;
+  for (int t = 0; t < tc.max_steps; ++t) {
+    for (int l = 0; l < trace.layers(); ++l)
+      for (int h = 0; h < trace.kv_heads(); ++h) {
+        const auto k = static_cast<std::size_t>(trace.kind(l, h));
+        for (int pos : trace.selected(0, l, h)) {
+          const bool fresh = seen.insert((static_cast<std::int64_t>(l) * trace.kv_heads() + h) << 32 | pos).second;
+          if (t < warmup) continue;
+          ++lookups[k];
+          first[k] += fresh;
+        }
+      }
+    if (t + 1 < tc.max_steps) trace.advance();
+  }
+  const std::int64_t all_first = std::max<std::int64_t>(std::accumulate(first.begin(), first.end(), std::int64_t{0}), 1);
+  for (std::size_t k = 0; k < lookups.size(); ++k)
+    if (lookups[k] > 0)
+      std::cout << "zoo trace " << name << ", " << zoo::to_string(static_cast<zoo::HeadKind>(k)) << " heads: "
+                << lookups[k] << " lookups, first touches " << static_cast<double>(first[k]) / lookups[k]
+                << " of them, " << 100.0 * first[k] / all_first << "% of all first touches\n";
+}
+
 void BM_ZooTraceLru(benchmark::State& state) {
   for (auto _ : state) {
     g_zoo.clear();
@@ -140,58 +169,32 @@ void BM_ZooTraceLru(benchmark::State& state) {
     std::vector<Case> cases;
     // Four layers of 32K (the e2e sweep's short context) at tight to roomy budgets, and the e2e
     // figure's shape: one layer of 128K with 3.8x the step's blocks (19% of the KV against 5%).
-    for (double multiple : {1.2, 2.5, 4.5}) cases.push_back({"32K x layers 0,8,16,24", {0, 8, 16, 24}, 32768, 64, 16, multiple, {}, {}});
+    for (double multiple : {1.2, 2.5, 4.5})
+      cases.push_back({"32K x layers 0,8,16,24", {0, 8, 16, 24}, 32768, 64, 16, multiple, {}, {}});
     cases.push_back({"128K x layer 16", {16}, 131072, 48, 12, 3.8, {}, {}});
+    auto config_of = [](const Case& c) {
+      zoo::ZooTraceConfig tc;
+      tc.zoo.layers = c.layers;
+      tc.zoo.context_tokens = c.context;
+      tc.max_steps = c.steps;
+      return tc;
+    };
     std::vector<std::thread> workers;
     for (auto& c : cases)
       for (const CacheReplacement rule : {CacheReplacement::kExactLru, CacheReplacement::kBucketedLru})
-        workers.emplace_back([&c, rule] {
-          zoo::ZooTraceConfig tc;
-          tc.zoo.layers = c.layers;
-          tc.zoo.context_tokens = c.context;
-          tc.max_steps = c.steps;
-          zoo::ZooSelectionTrace trace(tc);
+        workers.emplace_back([&c, rule, &config_of] {
+          zoo::ZooSelectionTrace trace(config_of(c));
           const int max_pages = trace.pages(0) + c.steps / 16 + 2;
           auto r = replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages);
           (rule == CacheReplacement::kExactLru ? c.exact : c.bucketed) = r;
         });
     for (auto& w : workers) w.join();
-    // Which heads reach pages they never read before: the first touches of the 32K trace by head kind.
-    {
-      zoo::ZooTraceConfig tc;
-      tc.zoo.layers = cases.front().layers;
-      tc.zoo.context_tokens = cases.front().context;
-      tc.max_steps = cases.front().steps;
-      zoo::ZooSelectionTrace trace(tc);
-      std::vector<std::int64_t> lookups(zoo::kHeadKinds), first(zoo::kHeadKinds);
-      std::unordered_set<std::int64_t> seen;
-      for (int t = 0; t < tc.max_steps; ++t) {
-        for (int l = 0; l < trace.layers(); ++l)
-          for (int h = 0; h < trace.kv_heads(); ++h) {
-            const auto k = static_cast<std::size_t>(trace.kind(l, h));
-            for (int pos : trace.selected(0, l, h)) {
-              const bool fresh = seen.insert((static_cast<std::int64_t>(l) * trace.kv_heads() + h) << 32 | pos).second;
-              if (t < cases.front().warmup) continue;
-              ++lookups[k];
-              first[k] += fresh;
-            }
-          }
-        if (t + 1 < tc.max_steps) trace.advance();
-      }
-      const std::int64_t all_first = std::accumulate(first.begin(), first.end(), std::int64_t{0});
-      for (int k = 0; k < zoo::kHeadKinds; ++k)
-        if (lookups[static_cast<std::size_t>(k)] > 0)
-          std::cout << "zoo trace " << cases.front().name << ", " << zoo::to_string(static_cast<zoo::HeadKind>(k))
-                    << " heads: " << lookups[static_cast<std::size_t>(k)] << " lookups, first touches "
-                    << static_cast<double>(first[static_cast<std::size_t>(k)]) / lookups[static_cast<std::size_t>(k)]
-                    << " of them, " << 100.0 * first[static_cast<std::size_t>(k)] / std::max<std::int64_t>(all_first, 1)
-                    << "% of all first touches\n";
-    }
+    print_first_touches_by_kind(config_of(cases.front()), cases.front().warmup, cases.front().name);
     for (const auto& c : cases) {
-      ZooReplay z{c.name, c.multiple, c.exact.counters.hit_rate(), c.bucketed.counters.hit_rate(),
+      ZooReplay z{c.name, c.context, c.multiple, c.exact.counters.hit_rate(), c.bucketed.counters.hit_rate(),
                   c.exact.first_touch_share(), c.exact.blocks_per_step};
       std::cout << "zoo trace " << z.name << " multiple " << z.multiple << ": exact " << z.exact << " bucketed "
-                << z.bucketed << " gap " << 100.0 * (z.exact - z.bucketed) << " points; first touches "
+                << z.bucketed << " gap " << z.gap_points() << " points; first touches "
                 << z.first_touch_share << " of lookups (" << z.blocks_per_step << " blocks per step)\n";
       g_zoo.push_back(z);
     }
@@ -431,7 +434,7 @@ std::string today_utc() {
 void write_json(const std::string& dir) {
   std::filesystem::create_directories(dir);
   double worst = g_gap.max_gap_points;
-  for (const auto& z : g_zoo) worst = std::max(worst, 100.0 * (z.exact - z.bucketed));
+  for (const auto& z : g_zoo) worst = std::max(worst, z.gap_points());
   const std::string path = dir + "/hbm_cache.json";
   const char* commit = std::getenv("HATTN_COMMIT");
   std::ofstream os(path);
@@ -449,8 +452,9 @@ void write_json(const std::string& dir) {
     os << " " << z.name << " at " << z.multiple << "x exact " << z.exact << " bucketed " << z.bucketed
        << " (first touches " << z.first_touch_share << ");";
   os << "\"},\n";
-  if (!g_zoo.empty()) {
-    const auto& z = g_zoo.back();
+  const auto long_trace = std::find_if(g_zoo.begin(), g_zoo.end(), [](const ZooReplay& z) { return z.context == 131072; });
+  if (long_trace != g_zoo.end()) {
+    const ZooReplay& z = *long_trace;
     os << "    \"zoo_first_touch_share_128k\": {\"value\": " << z.first_touch_share
        << ", \"unit\": \"share of lookups\", \"how\": \"head zoo, " << z.name << ", top-k 5% by the Quest bound, "
        << z.blocks_per_step << " blocks per step: lookups of blocks no earlier step selected, the misses no "

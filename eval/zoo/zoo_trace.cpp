@@ -5,6 +5,7 @@
 
 #include "hattn/core/error.hpp"
 #include "hattn/kernels/cpu_select.hpp"
+#include "hattn/kv/page_layout.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 
 namespace hattn::zoo {
@@ -19,16 +20,15 @@ struct ZooSelectionTrace::State {
   PagedKVStore store;
   SeqId seq;
   int step = 0;
-  std::vector<std::vector<int>> selected;  // [layer][kv_head]
+  std::vector<std::vector<int>> selected;  // [layer * kv_heads + kv_head], ascending positions
   std::vector<float> q, upper, estimate;
   std::vector<std::int32_t> chosen;
 
+  // Every layer's pages of the prompt and the steps, each with its summaries.
   static std::size_t pool_bytes(const ZooTraceConfig& c, const ModelShape& s) {
-    const std::int64_t tokens = c.zoo.context_tokens + c.max_steps;
-    const std::int64_t pages = (tokens + kPageSize - 1) / kPageSize + 1;
-    const auto bytes = static_cast<std::size_t>(pages) * s.layers * s.kv_heads * 2 * kPageSize * s.head_dim *
-                       dtype_bytes(s.kv_dtype);
-    return bytes + bytes / 8 + (8u << 20);  // room for the pool's own bookkeeping and alignment
+    const PageLayout layout{kPageSize, s.kv_heads, s.head_dim, s.kv_dtype};
+    const std::int64_t pages = (c.zoo.context_tokens + c.max_steps + kPageSize - 1) / kPageSize;
+    return static_cast<std::size_t>(pages) * s.layers * (layout.page_bytes() + layout.summary_bytes());
   }
   State(const ZooTraceConfig& c, HeadZoo z)
       : config(c), zoo(std::move(z)), store(zoo.shape(), kPageSize, pool_bytes(c, zoo.shape()), HostMemoryRequest::kAligned),
