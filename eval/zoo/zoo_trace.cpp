@@ -27,7 +27,7 @@ struct ZooSelectionTrace::State {
   // Every layer's pages of the prompt and the steps, each with its summaries.
   static std::size_t pool_bytes(const ZooTraceConfig& c, const ModelShape& s) {
     const PageLayout layout{kPageSize, s.kv_heads, s.head_dim, s.kv_dtype};
-    const std::int64_t pages = (c.zoo.context_tokens + c.max_steps + kPageSize - 1) / kPageSize;
+    const std::int64_t pages = (c.zoo.context_tokens + c.max_steps + 1 + kPageSize - 1) / kPageSize;
     return static_cast<std::size_t>(pages) * s.layers * (layout.page_bytes() + layout.summary_bytes());
   }
   State(const ZooTraceConfig& c, HeadZoo z)
@@ -53,7 +53,7 @@ ZooSelectionTrace::ZooSelectionTrace(const ZooTraceConfig& config) {
   }
   st.selected.resize(static_cast<std::size_t>(s.layers) * s.kv_heads);
   st.q.resize(static_cast<std::size_t>(s.q_heads) * s.head_dim);
-  select();
+  append_and_select();
 }
 
 ZooSelectionTrace::~ZooSelectionTrace() = default;
@@ -82,23 +82,23 @@ void ZooSelectionTrace::advance() {
   auto& st = *state_;
   detail::require(st.step + 1 <= st.config.max_steps, "ZooSelectionTrace::advance", "step", st.step + 1,
                   "<= max_steps");
+  ++st.step;
+  append_and_select();
+}
+
+void ZooSelectionTrace::append_and_select() {
+  auto& st = *state_;
   const ModelShape& s = st.zoo.shape();
+  const int group = s.group_size();
+  // As a decode step runs: the step's token is appended to every layer, then its query attends over
+  // the whole sequence, its own token included.
   std::vector<bfloat16_t> k(static_cast<std::size_t>(s.kv_heads) * s.head_dim), v(k.size());
   for (int l = 0; l < s.layers; ++l) {
     st.zoo.tokens(l, st.zoo.step_position(st.step), 1, k, v);
     st.store.append(st.seq, l, TensorView::contiguous(k.data(), DType::kBFloat16, {1, s.kv_heads, s.head_dim}),
                     TensorView::contiguous(v.data(), DType::kBFloat16, {1, s.kv_heads, s.head_dim}));
   }
-  ++st.step;
-  select();
-}
-
-void ZooSelectionTrace::select() {
-  auto& st = *state_;
-  const ModelShape& s = st.zoo.shape();
-  const int group = s.group_size();
   for (int l = 0; l < s.layers; ++l) {
-    // The step's query looks at the keys before its own token, which the next advance() appends.
     st.zoo.query(l, st.step, st.q);
     const auto pages = st.store.pages(st.seq, l);
     const int n = static_cast<int>(pages.size());

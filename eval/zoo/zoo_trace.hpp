@@ -1,7 +1,7 @@
 #pragma once
 // Page-selection traces of the head zoo, for judging the HBM cache on structured heads rather than
 // on SelectionTrace's synthetic hot sets: the prompt of every zoo layer goes into a PagedKVStore,
-// and each decode step appends the step's token and selects, per KV head, the pages a GPU-only
+// and each decode step appends its token and selects, per KV head, the pages a GPU-only
 // Quest-like system would read: the top `budget` share of pages by the Quest bound of the group's
 // queries (cpu_score_pages, cpu_select_top_k), sinks and the local window forced. Queries drift and
 // retrieval heads switch needles as the zoo makes them, so the trace carries the zoo's churn.
@@ -23,7 +23,8 @@ struct ZooTraceConfig {
 /// One request over the zoo's layers; the interface hattn::replay() takes (ReplayableTrace).
 class ZooSelectionTrace {
  public:
-  /// Generates and stores the prompt (context_tokens of every layer) and selects step 0.
+  /// Generates and stores the prompt (context_tokens of every layer), appends step 0's token and
+  /// selects step 0.
   explicit ZooSelectionTrace(const ZooTraceConfig& config);
   ~ZooSelectionTrace();
   ZooSelectionTrace(ZooSelectionTrace&&) noexcept;
@@ -39,13 +40,13 @@ class ZooSelectionTrace {
   int step() const noexcept;
   /// What the zoo built KV head `kv_head` of generated layer `layer` to be.
   HeadKind kind(int layer, int kv_head) const;
-  /// Appends the current step's token to every layer and selects the next step. Throws
-  /// InvalidArgument past max_steps.
+  /// The next decode step: appends its token to every layer and selects. Throws InvalidArgument
+  /// past max_steps.
   void advance();
 
  private:
   struct State;
-  void select();
+  void append_and_select();
   std::unique_ptr<State> state_;
 };
 

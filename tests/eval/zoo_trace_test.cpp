@@ -31,7 +31,7 @@ TEST(ZooSelectionTrace, TopKOfEveryHeadWithSinkAndWindow) {
   ZooSelectionTrace trace(small_config());
   for (int step = 0; step < 20; ++step) {
     const int n = trace.pages(0);
-    EXPECT_EQ(n, (8192 + step + 15) / 16);
+    EXPECT_EQ(n, (8192 + step + 1 + 15) / 16);  // the prompt and tokens 0..step
     const int k = static_cast<int>(std::ceil(0.05 * n));
     for (int l = 0; l < trace.layers(); ++l)
       for (int h = 0; h < trace.kv_heads(); ++h) {
