@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "detail/launch_check.cuh"
+#include "detail/staging.cuh"
 #include "hattn/kernels/cuda_gather.hpp"
 
 namespace hattn::cuda {
@@ -28,7 +29,7 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
   const int n = p.count ? min(*p.count, p.n) : p.n;
   const long long head_vecs = 1ll << head_vecs_log2;
   const int entry_log2 = head_vecs_log2 + 1;  // K then V
-  const int staged = p.staging.capacity > 0 ? min(*p.staging.count, p.staging.capacity) : 0;
+  const int staged = detail::staged_entries(p.staging);
   for (int e0 = static_cast<int>(blockIdx.x) * group; e0 < n; e0 += static_cast<int>(gridDim.x) * group) {
     const int ne = min(group, n - e0);
     if (static_cast<int>(threadIdx.x) < ne) {
@@ -36,8 +37,9 @@ __global__ void __launch_bounds__(kThreads) GatherPagesKernel(const __grid_const
       const int slot = p.slots ? p.slots[e] : e;
       src[threadIdx.x] = nullptr;
       if (slot >= 0) {
-        const int entry = staged > 0 ? p.staging.index_of[p.keys[e]] : -1;
-        if (entry >= 0 && entry < staged && p.staging.key_of[entry] == p.keys[e]) {
+        // keys may be null without staging (page_ids and heads name the blocks).
+        const int entry = staged > 0 ? detail::staged_entry(p.staging, staged, p.keys[e]) : -1;
+        if (entry >= 0) {
           src[threadIdx.x] = static_cast<const uint4*>(p.staging.blocks) + static_cast<long long>(entry) * 2 * head_vecs;
           src_v[threadIdx.x] = src[threadIdx.x] + head_vecs;
         } else {
@@ -142,8 +144,7 @@ void launch_stage_blocks(const StageParams& p, Stream stream) {
   require_block_shape(kWhere, p.page_size, p.head_dim, p.dtype);
   if (p.batch == 0 || p.max_count == 0) return;
   hattn::detail::require(p.page_table && p.page_indptr && p.seq_len && p.selected && p.selected_offset &&
-                             p.selected_count && p.host_pages && p.staging.blocks && p.staging.key_of &&
-                             p.staging.index_of && p.staging.count,
+                             p.selected_count && p.host_pages && p.staging.complete(),
                          kWhere, "pointers", "null", "all set (slot_of may be null)");
   const dim3 grid((p.max_count + kStageListThreads - 1) / kStageListThreads, p.batch * p.kv_heads);
   StageListKernel<<<grid, kStageListThreads, 0, stream>>>(p);
@@ -169,8 +170,8 @@ void launch_gather_pages(const GatherParams& p, Stream stream) {
                          "both set, or both null and keys set");
   hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");
   if (p.staging.enabled())
-    hattn::detail::require(p.keys && p.staging.blocks && p.staging.key_of && p.staging.index_of && p.staging.count,
-                           kWhere, "staging", "without keys or a pointer", "keys and every staging pointer set");
+    hattn::detail::require(p.keys && p.staging.complete(), kWhere, "staging", "without keys or a pointer",
+                           "keys and every staging pointer set");
   if (p.n == 0) return;
   hattn::detail::require(p.host_pages && p.hbm_slots && (p.page_ids || p.keys), kWhere, "pointers", "null",
                          "host_pages, hbm_slots and page_ids (or keys) set");

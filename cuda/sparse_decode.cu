@@ -425,8 +425,8 @@ void launch_sparse_decode(const SparseDecodeParams& p, Stream stream) {
   hattn::detail::require(p.out != nullptr || p.lse == nullptr, kWhere, "lse", "set", "null without out");
   hattn::detail::require(p.staging.capacity >= 0, kWhere, "staging.capacity", p.staging.capacity, ">= 0");
   if (p.staging.enabled())
-    hattn::detail::require(p.staging.blocks && p.staging.key_of && p.staging.index_of && p.staging.count, kWhere,
-                           "staging pointers", "null", "all set when staging.capacity > 0");
+    hattn::detail::require(p.staging.complete(), kWhere, "staging pointers", "null",
+                           "all set when staging.capacity > 0");
   const DecodeKernel kernel = decode_kernel_for(p);
   detail::dispatch_kv_dtype(p.dtype, kWhere, [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {

@@ -30,6 +30,7 @@
 #include "merge_segment.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
+#include "staging.cuh"
 
 namespace hattn::cuda::detail {
 
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const long long head_elems = static_cast<long long>(P) * D;
   const long long page_elems = 2 * static_cast<long long>(p.kv_heads) * head_elems;
   [[maybe_unused]] int staged = 0;  // valid entries of the staging area
-  if constexpr (kStage) staged = min(*p.staging.count, p.staging.capacity);
+  if constexpr (kStage) staged = staged_entries(p.staging);
 
   extern __shared__ uint4 smem[];
   T* ring = reinterpret_cast<T*>(smem) + static_cast<std::size_t>(warp) * stages * 2 * kTileElems;
@@ -142,11 +143,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                                                      static_cast<long long>(slot) * 2 * head_elems);
       } else {
         int entry = -1;
-        if constexpr (kStage) {
-          const int key = page * p.kv_heads + h;
-          entry = p.staging.index_of[key];
-          if (entry >= staged || entry < 0 || p.staging.key_of[entry] != key) entry = -1;
-        }
+        if constexpr (kStage) entry = staged_entry(p.staging, staged, page * p.kv_heads + h);
         if (entry >= 0) {  // laid out as an HBM slot
           ref_k = reinterpret_cast<unsigned long long>(static_cast<const T*>(p.staging.blocks) +
                                                        static_cast<long long>(entry) * 2 * head_elems);

@@ -23,6 +23,8 @@ struct StagingArea {
   std::int32_t capacity = 0;  ///< 0: no staging
 
   bool enabled() const noexcept { return capacity > 0; }
+  /// Every pointer set, as an enabled area needs.
+  bool complete() const noexcept { return blocks && key_of && index_of && count; }
 };
 
 /// A selection in the SparseDecodeParams convention (include/hattn/kernels/cuda_decode.hpp) whose
