@@ -472,10 +472,10 @@ int main(int argc, char** argv) {
   app.add_option("--torch_json", o.torch_json, "baselines from benchmarks/torch_baselines.py (gpu_sdpa_us, full_offload_us)");
   app.add_flag("--quick", o.quick, "32K only, batch 1 and 4, fewer steps");
   app.add_flag("--phases", o.phases, "time the GPU phases of every run() with CUDA events and print their medians");
+  std::map<std::string, Admission> admissions;  // the names to_string(Admission) gives
+  for (Admission a : {Admission::kStaged, Admission::kBeforeDecode, Admission::kBesideDecode}) admissions[to_string(a)] = a;
   app.add_option("--admission", o.admission, "how the HBM cache admits misses (Config::admission)")
-      ->transform(CLI::CheckedTransformer(std::map<std::string, Admission>{{"staged", Admission::kStaged},
-                                                                           {"before_decode", Admission::kBeforeDecode},
-                                                                           {"beside_decode", Admission::kBesideDecode}}));
+      ->transform(CLI::CheckedTransformer(admissions));
   app.add_flag("--cpu", o.cpu, "CPU backend (no GPU figures; a smoke run)");
   app.add_option("--json", o.json, "e2e results file (GPU runs; '' = none)");
   app.add_option("--orchestrator_json", o.orchestrator_json, "orchestrator results file (GPU runs; '' = none)");

@@ -43,6 +43,7 @@ enum class Admission : std::uint8_t {
 constexpr const char* to_string(Admission a) noexcept {
   return a == Admission::kStaged ? "staged" : a == Admission::kBeforeDecode ? "before_decode" : "beside_decode";
 }
+inline std::ostream& operator<<(std::ostream& os, Admission a) { return os << to_string(a); }
 
 struct Config {
   ModelShape shape;
