@@ -632,13 +632,15 @@ void launch_select_top_k_small(const SelectParams& p, unsigned segments, cudaStr
 template <int T>
 __global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
+  constexpr int kWarps = T / detail::kWarp;
   __shared__ detail::TopKShared<T> sh;
   __shared__ detail::MassCutShared msh;
-  __shared__ float fred[T / detail::kWarp][3];
-  __shared__ int ired[T / detail::kWarp];
-  __shared__ std::uint32_t kred[T / detail::kWarp][2];
-  // [max_entries] order keys, then [max_entries] positions, then [max_entries] log-masses (masses
-  // once the largest is known).
+  __shared__ int counts_of[kWarps];
+  __shared__ std::uint32_t lo_of[kWarps], hi_of[kWarps];
+  __shared__ float top_of[kWarps];
+  __shared__ unsigned long long total_of[kWarps], forced_of[kWarps];
+  // [max_entries] order keys, then [max_entries] positions, then [max_entries] log-masses (as
+  // floats), replaced by fixed-point masses once the largest is known.
   extern __shared__ std::uint32_t keys[];
   if (!p.inputs_ready) detail::pdl_wait();
   const SegmentPlace place(p, static_cast<int>(blockIdx.x));
@@ -652,7 +654,7 @@ __global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant
   detail::pdl_wait();  // scores, masses, candidates and outputs belong to the kernels before until now
   if (n > p.max_entries) __trap();  // as in SelectTopKSmallKernel
   auto* at = reinterpret_cast<std::int32_t*>(keys + p.max_entries);
-  auto* w = reinterpret_cast<float*>(keys + 2 * p.max_entries);
+  std::uint32_t* w = keys + 2 * p.max_entries;
   const int tid = static_cast<int>(threadIdx.x), lane = tid % detail::kWarp, warp = tid / detail::kWarp;
   // Counts (ranked low, forced high, as block_top_k packs them), the ranked keys' range and the
   // largest allowed log-mass.
@@ -665,7 +667,7 @@ __global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant
     const float lm = p.log_mass[place.offset + i];
     keys[i] = k;
     at[i] = q;
-    w[i] = lm;
+    w[i] = __float_as_uint(lm);
     if (!rule.allowed(q)) continue;
     top = fmaxf(top, lm);  // fmaxf drops NaN
     if (rule.forced(q)) {
@@ -683,26 +685,21 @@ __global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant
     hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
     top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
   }
-  if (lane == 0) {
-    ired[warp] = counts;
-    kred[warp][0] = lo;
-    kred[warp][1] = hi;
-    fred[warp][0] = top;
-  }
+  if (lane == 0) counts_of[warp] = counts, lo_of[warp] = lo, hi_of[warp] = hi, top_of[warp] = top;
   __syncthreads();
   counts = 0, lo = 0xffffffffu, hi = 0, top = -INFINITY;
 #pragma unroll
-  for (int v = 0; v < T / detail::kWarp; ++v)
-    counts += ired[v], lo = min(lo, kred[v][0]), hi = max(hi, kred[v][1]), top = fmaxf(top, fred[v][0]);
+  for (int v = 0; v < kWarps; ++v)
+    counts += counts_of[v], lo = min(lo, lo_of[v]), hi = max(hi, hi_of[v]), top = fmaxf(top, top_of[v]);
   const int n_ranked = counts & 0xffff, n_forced = counts >> 16;
 
   int mass_take = n_ranked;
   if (p.mass_threshold < 1.0f && n_ranked > 0) {
     // PSA's threshold on the estimated mass: the forced pages' mass counts toward it; the ranked
-    // pages add theirs in rank order.
-    float total = 0.0f, forced_mass = 0.0f;
+    // pages add theirs in rank order. Fixed point (detail::kMassOne for the largest page).
+    unsigned long long total = 0, forced_mass = 0;
     for (int i = tid; i < n; i += T) {
-      const float m = page_mass(w[i], top);
+      const std::uint32_t m = __float2uint_rn(page_mass(__uint_as_float(w[i]), top) * detail::kMassOne);
       w[i] = m;
       if (!rule.allowed(at[i])) continue;
       total += m;
@@ -713,13 +710,18 @@ __global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant
       total += __shfl_xor_sync(0xffffffffu, total, off);
       forced_mass += __shfl_xor_sync(0xffffffffu, forced_mass, off);
     }
-    if (lane == 0) fred[warp][1] = total, fred[warp][2] = forced_mass;
+    if (lane == 0) total_of[warp] = total, forced_of[warp] = forced_mass;
     __syncthreads();
-    total = 0.0f, forced_mass = 0.0f;
+    total = 0, forced_mass = 0;
 #pragma unroll
-    for (int v = 0; v < T / detail::kWarp; ++v) total += fred[v][1], forced_mass += fred[v][2];
-    const float target = p.mass_threshold * total - forced_mass;
-    mass_take = target <= 0.0f ? 0 : detail::block_mass_take<T>(keys, at, w, n, rule, target, lo, hi, n_ranked, msh);
+    for (int v = 0; v < kWarps; ++v) total += total_of[v], forced_mass += forced_of[v];
+    // Ranked pages are taken while the mass before them is below threshold x total - forced; for
+    // integer sums that is below the ceiling of it.
+    const double target = std::ceil(static_cast<double>(p.mass_threshold) * static_cast<double>(total) -
+                                    static_cast<double>(forced_mass));
+    mass_take = target <= 0.0 ? 0
+                              : detail::block_mass_take<T>(keys, at, w, n, rule, static_cast<unsigned long long>(target),
+                                                           lo, hi, n_ranked, msh);
   }
   // The cap counts the ranked pages only; block_top_k's budget counts the forced ones too.
   rule.budget = min(mass_take, max(budget, 0)) + n_forced;
@@ -735,7 +737,8 @@ bool mass_small_fits(const SelectParams& p) {
   int device = 0, optin = 0;
   HATTN_CUDA_CHECK(cudaGetDevice(&device));
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The static part (TopKShared and MassCutShared, ~6 KB at 1024 threads) beside the staged arrays.
+  // The static part (TopKShared, MassCutShared and the reductions, ~5 KB at 1024 threads) beside
+  // the staged arrays.
   constexpr std::size_t kStatic = 8 * 1024;
   return kMassSmallBytesPerEntry * static_cast<std::size_t>(p.max_entries) + kStatic <= static_cast<std::size_t>(optin);
 }
