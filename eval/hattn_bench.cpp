@@ -54,6 +54,7 @@ struct Options {
   double budget = 0.05;
   double hbm_share = 0.19;  // under the 20% bar with the slack pages for new tokens
   double coarse_keep = 4.0;  // fluxion_2l
+  Priority::CostModel cost{};  // fluxion and fluxion_2l's scheduler (--gpu_only_hit_rate, --cpu_gbps, --cpu_fixed_us)
   bool quick = false;
   bool cpu = false;
   bool phases = false;
@@ -416,13 +417,13 @@ Row run_system(const std::string& name, const Options& o, const Workload& w, std
   auto cfg = [&](double budget, double share) { return make_config(o, s, context, batch, budget, share, gpu); };
   // The dense GPU baseline holds the whole layer (plus slack for the new tokens) in HBM.
   if (name == "fluxion") {
-    FluxionAttention a(cfg(o.budget, o.hbm_share));
+    FluxionAttention a(cfg(o.budget, o.hbm_share), {}, {}, Priority(o.cost));
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
   if (name == "fluxion_2l") {  // the default with two-level scoring (Config::coarse_keep)
     Config c = cfg(o.budget, o.hbm_share);
     c.coarse_keep = o.coarse_keep;
-    FluxionAttention a(c);
+    FluxionAttention a(c, {}, {}, Priority(o.cost));
     return time_system(a, name, o, w, context, batch, bw, gpu);
   }
   if (name == "fluxion_gpu") {  // ablation: the Fluxion selection, everything on the GPU
@@ -468,6 +469,11 @@ int main(int argc, char** argv) {
   app.add_option("--layers", o.layers, "layers per step, run back to back (fewer where their KV would pin over 8 GiB; 1 = sync per layer)");
   app.add_option("--zoo_layer", o.zoo_layer, "model layer of the Llama-3-8B zoo the layer's heads come from");
   app.add_option("--budget", o.budget, "average budget of the Fluxion default");
+  app.add_option("--gpu_only_hit_rate", o.cost.gpu_only_hit_rate,
+                 "fluxion's scheduler leaves every block to the GPU from this HBM hit rate on (Priority::CostModel; > 1: never)");
+  app.add_option("--cpu_gbps", o.cost.cpu_bytes_per_us, "fluxion's scheduler: the CPU kernel's rate it plans with (GB/s)")
+      ->transform([](const std::string& v) { return std::to_string(std::stod(v) * 1e3); });
+  app.add_option("--cpu_fixed_us", o.cost.cpu_fixed_us, "fluxion's scheduler: the CPU side's fixed cost per layer (us)");
   app.add_option("--hbm_share", o.hbm_share, "HBM cache of the sparse systems as a share of the KV bytes of the step's layers");
   app.add_option("--torch_json", o.torch_json, "baselines from benchmarks/torch_baselines.py (gpu_sdpa_us, full_offload_us)");
   app.add_flag("--quick", o.quick, "32K only, batch 1 and 4, fewer steps");
