@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "detail/block_mass_cut.cuh"
 #include "detail/block_scan.cuh"
 #include "detail/block_top_k.cuh"
 #include "detail/launch_check.cuh"
@@ -624,133 +623,6 @@ void launch_select_top_k_small(const SelectParams& p, unsigned segments, cudaStr
   else launch_top_k_small<kSmallThreads>(p, segments, stream);
 }
 
-// The mass rule over segments the caller bounds by max_entries: one block per segment stages order
-// keys, positions and masses in shared memory, finds how many ranked pages the rule takes
-// (detail::block_mass_take), caps it at the budget and writes that many by detail::block_top_k, whose
-// order is the rule's. For 8 x 8192 pages the general kernel's 4096-bin histograms, its second
-// histogram search for the cap and its candidate ranking were the step's longest selection.
-template <int T>
-__global__ void __launch_bounds__(T) SelectMassSmallKernel(const __grid_constant__ SelectParams p) {
-  detail::pdl_launch_dependents();
-  constexpr int kWarps = T / detail::kWarp;
-  __shared__ detail::TopKShared<T> sh;
-  __shared__ detail::MassCutShared msh;
-  __shared__ int counts_of[kWarps];
-  __shared__ std::uint32_t lo_of[kWarps], hi_of[kWarps];
-  __shared__ float top_of[kWarps];
-  __shared__ unsigned long long total_of[kWarps], forced_of[kWarps];
-  // [max_entries] order keys, then [max_entries] positions, then [max_entries] log-masses (as
-  // floats), replaced by fixed-point masses once the largest is known.
-  extern __shared__ std::uint32_t keys[];
-  if (!p.inputs_ready) detail::pdl_wait();
-  const SegmentPlace place(p, static_cast<int>(blockIdx.x));
-  const int b = place.b, pages = place.pages, n = place.n;
-  detail::TopKRule rule;
-  const int budget = p.budget_pages[place.s];
-  rule.sink_end = min(max(p.sink_pages, 0), pages);
-  rule.local_begin = max(pages - max(p.local_pages, 0), 0);
-  rule.exclude_begin = p.exclude_begin ? p.exclude_begin[b] : 0;
-  rule.exclude_end = p.exclude_end ? p.exclude_end[b] : 0;
-  detail::pdl_wait();  // scores, masses, candidates and outputs belong to the kernels before until now
-  if (n > p.max_entries) __trap();  // as in SelectTopKSmallKernel
-  auto* at = reinterpret_cast<std::int32_t*>(keys + p.max_entries);
-  std::uint32_t* w = keys + 2 * p.max_entries;
-  const int tid = static_cast<int>(threadIdx.x), lane = tid % detail::kWarp, warp = tid / detail::kWarp;
-  // Counts (ranked low, forced high, as block_top_k packs them), the ranked keys' range and the
-  // largest allowed log-mass.
-  int counts = 0;
-  std::uint32_t lo = 0xffffffffu, hi = 0;
-  float top = -INFINITY;
-  for (int i = tid; i < n; i += T) {
-    const std::uint32_t k = detail::order_key(p.scores[place.offset + i]);
-    const int q = place.by_candidate ? p.position_of[place.offset + i] : i;
-    const float lm = p.log_mass[place.offset + i];
-    keys[i] = k;
-    at[i] = q;
-    w[i] = __float_as_uint(lm);
-    if (!rule.allowed(q)) continue;
-    top = fmaxf(top, lm);  // fmaxf drops NaN
-    if (rule.forced(q)) {
-      counts += 1 << 16;
-    } else {
-      ++counts;
-      lo = min(lo, k);
-      hi = max(hi, k);
-    }
-  }
-#pragma unroll
-  for (int off = detail::kWarp / 2; off > 0; off /= 2) {
-    counts += __shfl_xor_sync(0xffffffffu, counts, off);
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
-  }
-  if (lane == 0) counts_of[warp] = counts, lo_of[warp] = lo, hi_of[warp] = hi, top_of[warp] = top;
-  __syncthreads();
-  counts = 0, lo = 0xffffffffu, hi = 0, top = -INFINITY;
-#pragma unroll
-  for (int v = 0; v < kWarps; ++v)
-    counts += counts_of[v], lo = min(lo, lo_of[v]), hi = max(hi, hi_of[v]), top = fmaxf(top, top_of[v]);
-  const int n_ranked = counts & 0xffff, n_forced = counts >> 16;
-
-  int mass_take = n_ranked;
-  if (p.mass_threshold < 1.0f && n_ranked > 0) {
-    // PSA's threshold on the estimated mass: the forced pages' mass counts toward it; the ranked
-    // pages add theirs in rank order. Fixed point (detail::kMassOne for the largest page).
-    unsigned long long total = 0, forced_mass = 0;
-    for (int i = tid; i < n; i += T) {
-      const std::uint32_t m = __float2uint_rn(page_mass(__uint_as_float(w[i]), top) * detail::kMassOne);
-      w[i] = m;
-      if (!rule.allowed(at[i])) continue;
-      total += m;
-      if (rule.forced(at[i])) forced_mass += m;
-    }
-#pragma unroll
-    for (int off = detail::kWarp / 2; off > 0; off /= 2) {
-      total += __shfl_xor_sync(0xffffffffu, total, off);
-      forced_mass += __shfl_xor_sync(0xffffffffu, forced_mass, off);
-    }
-    if (lane == 0) total_of[warp] = total, forced_of[warp] = forced_mass;
-    __syncthreads();
-    total = 0, forced_mass = 0;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += total_of[v], forced_mass += forced_of[v];
-    // Ranked pages are taken while the mass before them is below threshold x total - forced; for
-    // integer sums that is below the ceiling of it.
-    const double target = std::ceil(static_cast<double>(p.mass_threshold) * static_cast<double>(total) -
-                                    static_cast<double>(forced_mass));
-    mass_take = target <= 0.0 ? 0
-                              : detail::block_mass_take<T>(keys, at, w, n, rule, static_cast<unsigned long long>(target),
-                                                           lo, hi, n_ranked, msh);
-  }
-  // The cap counts the ranked pages only; block_top_k's budget counts the forced ones too.
-  rule.budget = min(mass_take, max(budget, 0)) + n_forced;
-  const int written = detail::block_top_k<T>(keys, at, n, rule, sh, p.selected + place.page_offset);
-  if (threadIdx.x == 0) p.selected_count[place.s] = written;
-}
-
-constexpr std::size_t kMassSmallBytesPerEntry = 3 * sizeof(std::uint32_t);
-
-/// Whether the compact mass kernel's shared memory fits this device for p.max_entries entries.
-bool mass_small_fits(const SelectParams& p) {
-  if (p.max_entries <= 0 || p.max_entries > detail::kBlockTopKMaxEntries) return false;
-  int device = 0, optin = 0;
-  HATTN_CUDA_CHECK(cudaGetDevice(&device));
-  HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The static part (TopKShared, MassCutShared and the reductions, ~5 KB at 1024 threads) beside
-  // the staged arrays.
-  constexpr std::size_t kStatic = 8 * 1024;
-  return kMassSmallBytesPerEntry * static_cast<std::size_t>(p.max_entries) + kStatic <= static_cast<std::size_t>(optin);
-}
-
-template <int T>
-void launch_mass_small(const SelectParams& p, unsigned segments, cudaStream_t stream) {
-  const std::size_t smem = kMassSmallBytesPerEntry * static_cast<std::size_t>(p.max_entries);
-  HATTN_CUDA_CHECK(cudaFuncSetAttribute(SelectMassSmallKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  detail::launch_programmatic(SelectMassSmallKernel<T>, dim3(segments), dim3(T), smem, stream, p);
-}
-
 __global__ void __launch_bounds__(kThreads) SelectAllPagesKernel(const __grid_constant__ SelectParams p) {
   detail::pdl_launch_dependents();
   detail::pdl_wait();  // the output arrays belong to the kernels before until then
@@ -800,14 +672,9 @@ bool check_select_params(const SelectParams& p, const char* where) {
 void launch_select_pages(const SelectParams& p, Stream stream) {
   if (!detail::check_select_params(p, "launch_select_pages")) return;
   const long long segments = static_cast<long long>(p.batch) * p.kv_heads;
-  // Segments the caller bounds as small: the compact kernels.
+  // Top-k over segments the caller bounds as small: the compact kernel.
   if (p.mass_threshold == 0.0f && p.max_entries > 0 && p.max_entries <= detail::kBlockTopKMaxEntries) {
     launch_select_top_k_small(p, static_cast<unsigned>(segments), stream);
-    return;
-  }
-  if (p.mass_threshold > 0.0f && mass_small_fits(p)) {
-    if (p.max_entries <= 256) launch_mass_small<256>(p, static_cast<unsigned>(segments), stream);
-    else launch_mass_small<kSmallThreads>(p, static_cast<unsigned>(segments), stream);
     return;
   }
   const int staged_arrays = (p.mass_threshold > 0.0f ? 2 : 1) + (p.position_of != nullptr ? 1 : 0);

@@ -43,11 +43,9 @@ struct SelectParams {
   const std::int32_t* position_of = nullptr;
   int candidates = 0;
   /// Optional bound on the entries of any segment (pages, or `candidates` in candidate mode; 0 =
-  /// unknown). With a bound of at most 16K, top-k runs a compact kernel that selects the same
-  /// positions, and so does the mass rule where 12 bytes per entry fit the device's shared memory
-  /// (16K on an H100, 8K where a block gets less than ~200 KB); a segment longer than the bound stops
-  /// those kernels with a device trap (a CudaError at the next sync). The engine passes its longest
-  /// row (or the candidates).
+  /// unknown). Top-k with a bound of at most 16K runs a compact kernel that selects the same positions;
+  /// a segment longer than the bound stops that kernel with a device trap (a CudaError at the next
+  /// sync). The engine passes its longest row (or the candidates).
   int max_entries = 0;
   /// As ScoreParams::inputs_ready, for page_indptr, budget_pages and the exclusions.
   bool inputs_ready = false;
