@@ -1,7 +1,8 @@
-// One block per segment. A first pass counts the segment's uncached blocks, which sets how much of the
-// quota goes to uncached blocks; the second walks the list in tiles, ranks every block among the
-// uncached and among the cached ones with one block-wide scan, and from the two ranks knows both its
-// part and its place in that part without a second scan.
+// One block per segment. A first pass counts the uncached blocks of every head of the segment's row
+// (each block of the row repeats it: no block waits for another), which sets how many uncached and
+// cached blocks of the row's CPU quota this head gives; the second walks the segment's list in tiles,
+// ranks every block among the uncached and among the cached ones with one block-wide scan, and from
+// the two ranks knows both its part and its place in that part without a second scan.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -17,6 +18,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 8;  // consecutive list entries per thread and tile (blocked, as the scan needs)
 constexpr int kTile = kThreads * kItems;
+constexpr int kMaxKvHeads = 256;  // the row's per-head counts live in shared memory
 // A tile's cached and uncached counts travel in one int: cached in the high half (kTile < 2^16).
 constexpr int kCachedShift = 16;
 static_assert(kTile < (1 << kCachedShift));
@@ -42,6 +44,63 @@ __device__ void load_items(const SplitSelectionParams& p, const Segment& s, int 
     is_cached[k] = page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * p.kv_heads + s.head] >= 0;
 }
 
+// Head h's part of `quota` blocks spread over the row's heads in proportion to count[]: the floor of
+// its exact share, plus one for each of the first (quota - sum of the floors) heads, in head order,
+// whose exact share is not whole. Never more than count[h]; the parts sum to min(quota, total).
+__device__ int proportional_part(long long quota, const int* count, int heads, int h, long long total) {
+  if (quota >= total) return count[h];
+  long long floors = 0;
+  int inexact_before = 0;
+  for (int g = 0; g < heads; ++g) {
+    floors += quota * count[g] / total;
+    if (g < h && quota * count[g] % total != 0) ++inexact_before;
+  }
+  const long long mine = quota * count[h] / total;
+  const bool inexact = quota * count[h] % total != 0;
+  return static_cast<int>(mine + (inexact && inexact_before < quota - floors ? 1 : 0));
+}
+
+// Counts the uncached blocks of every head of `row` into misses[h] (selected[h] holds the counts),
+// walking the row's lists as one flat range so all heads' loads are in flight together.
+__device__ void count_row_misses(const SplitSelectionParams& p, int row, int* first_of, int* misses) {
+  const int heads = p.kv_heads;
+  if (threadIdx.x == 0) {
+    int flat = 0;
+    for (int h = 0; h < heads; ++h) {
+      first_of[h] = flat;
+      flat += p.selected_count[row * heads + h];
+    }
+    first_of[heads] = flat;
+  }
+  for (int h = threadIdx.x; h < heads; h += blockDim.x) misses[h] = 0;
+  __syncthreads();
+  const int flat = first_of[heads];
+  const std::int32_t* table = p.page_table + p.page_indptr[row];
+  for (int tile = 0; tile < flat; tile += kTile) {
+    int head[kItems];
+    std::int32_t position[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int f = tile + threadIdx.x * kItems + k;
+      int lo = 0, hi = heads - 1;  // the last head whose first entry is <= f
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (first_of[mid] <= f) lo = mid;
+        else hi = mid - 1;
+      }
+      head[k] = lo;
+      position[k] = f < flat ? p.selected[p.selected_offset[row * heads + lo] + (f - first_of[lo])] : -1;
+    }
+    std::int32_t page[kItems];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) page[k] = position[k] >= 0 ? table[position[k]] : -1;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * heads + head[k]] < 0) atomicAdd(&misses[head[k]], 1);
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_constant__ SplitSelectionParams p) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   using Scan = cub::BlockScan<int, kThreads>;
@@ -49,36 +108,55 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     typename Reduce::TempStorage reduce;
     typename Scan::TempStorage scan;
   } tmp;
-  __shared__ int shared_misses;
 
   const int segment = blockIdx.x;
   const int row = segment / p.kv_heads;
   const Segment s{p.selected + p.selected_offset[segment], p.page_table + p.page_indptr[row],
                   p.selected_count[segment], segment % p.kv_heads};
 
-  int local = 0;
-  for (int tile = 0; tile < s.n; tile += kTile) {
-    std::int32_t position[kItems];
-    bool is_cached[kItems];
-    load_items(p, s, tile + threadIdx.x * kItems, position, is_cached);
+  if (p.cpu_share == nullptr) {  // only the GPU's cached blocks to count
+    int local = 0;
+    for (int tile = 0; tile < s.n; tile += kTile) {
+      std::int32_t position[kItems];
+      bool is_cached[kItems];
+      load_items(p, s, tile + threadIdx.x * kItems, position, is_cached);
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) local += position[k] >= 0 && !is_cached[k];
-  }
-  const int total = Reduce(tmp.reduce).Sum(local);
-  if (threadIdx.x == 0) shared_misses = total;
-  __syncthreads();
-  const int misses = shared_misses;
-  const int hits = s.n - misses;
-  const float share = p.cpu_share != nullptr ? p.cpu_share[row] : 0.0f;
-  const int quota = min(s.n, max(0, __float2int_rn(share * static_cast<float>(s.n))));
-  const int cpu_misses = min(quota, misses), cpu_hits = quota - cpu_misses;
-  if (p.cpu_share == nullptr) {
+      for (int k = 0; k < kItems; ++k) local += position[k] >= 0 && is_cached[k];
+    }
+    const int hits = Reduce(tmp.reduce).Sum(local);
     if (threadIdx.x == 0) {
       p.gpu_hits[segment] = hits;
       if (p.gpu_blocks != nullptr) p.gpu_blocks[segment] = s.n;
     }
     return;
   }
+
+  // The row's quota, and this head's part of it: uncached blocks first, spread over the heads by
+  // their uncached counts, then cached ones by their cached counts. Heads differ widely in misses (a
+  // clustered head that changed topic misses most of its pages, a local head none), so a quota per
+  // head would leave the GPU reading many misses across PCIe while the CPU computed cached blocks.
+  __shared__ int first_of[kMaxKvHeads + 1], row_misses[kMaxKvHeads], row_hits[kMaxKvHeads];
+  if (p.slot_of != nullptr) {
+    count_row_misses(p, row, first_of, row_misses);
+  } else {
+    for (int h = threadIdx.x; h < p.kv_heads; h += blockDim.x) row_misses[h] = p.selected_count[row * p.kv_heads + h];
+    __syncthreads();
+  }
+  long long total = 0, misses_total = 0;
+  for (int h = 0; h < p.kv_heads; ++h) {
+    const int n = p.selected_count[row * p.kv_heads + h];
+    total += n;
+    misses_total += row_misses[h];
+    if (threadIdx.x == 0) row_hits[h] = n - row_misses[h];
+  }
+  __syncthreads();
+  const float share = p.cpu_share[row];
+  const long long quota =
+      min(total, max(0LL, static_cast<long long>(__float2int_rn(share * static_cast<float>(total)))));
+  const long long quota_misses = min(quota, misses_total);
+  const int h = s.head;
+  const int cpu_misses = proportional_part(quota_misses, row_misses, p.kv_heads, h, misses_total);
+  const int cpu_hits = proportional_part(quota - quota_misses, row_hits, p.kv_heads, h, total - misses_total);
 
   std::int32_t* gpu_out = p.gpu_selected + p.selected_offset[segment];
   std::int32_t* cpu_out = p.cpu_selected + p.selected_offset[segment];
@@ -135,6 +213,8 @@ void launch_split_selection(const SplitSelectionParams& p, Stream stream) {
                          "launch_split_selection", "pointers", "null", "selection, table and gpu_hits set");
   hattn::detail::require(p.cpu_share == nullptr || (p.gpu_selected && p.gpu_count && p.cpu_selected && p.cpu_count),
                          "launch_split_selection", "output lists", "null", "all set with cpu_share");
+  hattn::detail::require(p.kv_heads <= kMaxKvHeads, "launch_split_selection", "kv_heads", p.kv_heads, "<= ",
+                         kMaxKvHeads);
   SplitSelectionKernel<<<segments, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }

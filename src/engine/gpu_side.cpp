@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <condition_variable>
@@ -16,6 +17,7 @@
 #include "engine_clock.hpp"
 #include "hattn/core/cuda_check.hpp"
 #include "hattn/kernels/cuda_decode.hpp"
+#include "hattn/kernels/cuda_host_wait.hpp"
 #include "hattn/kernels/cuda_score.hpp"
 #include "hattn/kernels/cuda_select.hpp"
 #include "hattn/kernels/cuda_split.hpp"
@@ -117,7 +119,7 @@ struct GpuSide::Impl {
     // cpu_inputs: q and the CPU's part of the selection reached the host, so the CPU job may start.
     cudaEvent_t begin = nullptr, end = nullptr, cpu_inputs = nullptr;
     cudaEvent_t upload = nullptr;  // before the metadata copy (Config::time_phases only)
-    // After score, select (and split), the cache wait, decode and the CPU gate. kSelected and
+    // After score, select (and split), the cache wait, decode and the wait for the CPU's partials. kSelected and
     // kDecoded are always recorded (the schedulers' feedback and the stats need them), the
     // others only with Config::time_phases.
     std::array<cudaEvent_t, 5> phase{};
@@ -135,6 +137,10 @@ struct GpuSide::Impl {
     DeviceArray<std::byte> select_workspace;
     DeviceArray<std::uint32_t> decode_arrivals;  // the merge folded into the decode (no CPU partial)
     PinnedArray<float> q_host, cpu_out, cpu_lse;
+    // The CPU job's ticket: the driver writes `ticket` here once the partials are in place, and the
+    // merge's stream waits on the GPU for it (launch_wait_host_value).
+    PinnedArray<std::uint32_t> cpu_published;
+    std::uint32_t ticket = 0;
     PinnedArray<std::int32_t> gpu_counts;  // [2][batch * kv_heads]: GPU blocks, then those cached in HBM
     std::vector<int> cpu_counts;
     std::vector<std::int32_t> selected_offset;  // [batch * kv_heads], host copy for the CPU job
@@ -213,6 +219,8 @@ struct GpuSide::Impl {
       HATTN_CUDA_CHECK(cudaEventCreateWithFlags(&slot.cpu_inputs, cudaEventDisableTiming));
       HATTN_CUDA_CHECK(cudaEventCreate(&slot.upload));
       for (cudaEvent_t& e : slot.phase) HATTN_CUDA_CHECK(cudaEventCreate(&e));
+      slot.cpu_published.reserve(1);
+      *slot.cpu_published.host() = slot.ticket;
     }
     stats.resize(static_cast<std::size_t>(config.shape.layers));
     last_slot.assign(static_cast<std::size_t>(config.shape.layers), -1);
@@ -416,6 +424,8 @@ struct GpuSide::Impl {
         std::fill(slot->cpu_lse.host(), slot->cpu_lse.host() + rows, -std::numeric_limits<float>::infinity());
         std::fill(slot->cpu_out.host(), slot->cpu_out.host() + rows * config.shape.head_dim, 0.0f);
       }
+      // The partials (or the empty ones) are written: the GPU's merge may read them.
+      std::atomic_ref<std::uint32_t>(*slot->cpu_published.host()).store(slot->ticket, std::memory_order_release);
       {
         std::lock_guard lock(slot->mutex);
         slot->cpu_error = std::move(error);
@@ -423,13 +433,6 @@ struct GpuSide::Impl {
       }
       slot->cv.notify_all();
     }
-  }
-
-  // Stream-side gate: the merge after it reads the CPU partials.
-  static void CUDART_CB gate(void* p) {
-    Slot* slot = static_cast<Slot*>(p);
-    std::unique_lock lock(slot->mutex);
-    slot->cv.wait(lock, [&] { return slot->cpu_done; });
   }
 
   void wait_cpu(Slot& slot) {
@@ -592,6 +595,7 @@ struct GpuSide::Impl {
     slot.rules.assign(work.rules.begin(), work.rules.end());
     slot.shares.assign(work.cpu_share.begin(), work.cpu_share.end());
     slot.layer = work.layer;
+    ++slot.ticket;
     {
       std::lock_guard lock(slot.mutex);
       slot.cpu_done = false;
@@ -935,7 +939,7 @@ struct GpuSide::Impl {
     cuda::launch_sparse_decode(dp, s);
     if (staged) cache->admit_staged(s);
     mark_phase(slot, kDecoded, stream);
-    if (has_cpu) HATTN_CUDA_CHECK(cudaLaunchHostFunc(stream, &Impl::gate, &slot));
+    if (has_cpu) cuda::launch_wait_host_value(slot.cpu_published.host(), slot.ticket, s);
     mark_phase(slot, kGated, stream);
     if (!merge_in_decode) {  // the CPU's partials, where it has a share, join the GPU's splits
       cuda::MergeParams mp;

@@ -1,7 +1,7 @@
 #pragma once
 // The GPU half of the engine (built with CUDA only): device metadata and workspaces, the summary
 // mirror, scoring, selection, sparse decode and merge on the caller's stream, and the hand-off with
-// the CPU side through mapped pinned memory and a host-function gate.
+// the CPU side through mapped pinned memory and a GPU-side wait for the CPU job's ticket.
 #include <memory>
 #include <span>
 #include <string>

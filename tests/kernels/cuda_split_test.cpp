@@ -1,6 +1,8 @@
-// The CPU/GPU split of a selection against a host model of its rule: per segment the CPU takes
-// round(share x count) blocks, uncached ones first (ascending), then cached ones; the GPU keeps the
-// rest, ascending; the GPU's cached blocks are counted. Lists span several of the kernel's tiles.
+// The CPU/GPU split of a selection against a host model of its rule: per row the CPU takes
+// round(share x the row's selected blocks), uncached ones first, spread over the heads in proportion
+// to their uncached blocks (largest-floor rule: floors, then one more for the first inexact heads),
+// then cached ones likewise; within a head uncached then cached, ascending; the GPU keeps the rest,
+// ascending; the GPU's cached blocks are counted. Lists span several of the kernel's tiles.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +23,7 @@ struct SplitCase {
   std::vector<int> pages_per_row;   // [batch]
   std::vector<float> shares;        // [batch]
   double cached_share = 0.5;        // of the pool's (page, head) blocks
+  std::vector<double> cached_share_of_head;  // [kv_heads], overrides cached_share where given
   double selected_share = 0.3;
   bool with_cache = true;
   bool with_share = true;
@@ -44,9 +47,13 @@ void run_case(const SplitCase& c) {
   for (int i = 0; i < pool_pages; ++i) ids[i] = i;
   std::shuffle(ids.begin(), ids.end(), rng);
   table.assign(ids.begin(), ids.begin() + indptr.back());
-  std::bernoulli_distribution is_cached(c.cached_share), is_selected(c.selected_share);
+  std::bernoulli_distribution is_selected(c.selected_share);
   std::vector<std::int32_t> slot_of(static_cast<std::size_t>(pool_pages) * heads);
-  for (std::size_t i = 0; i < slot_of.size(); ++i) slot_of[i] = is_cached(rng) ? static_cast<std::int32_t>(i) : -1;
+  for (std::size_t i = 0; i < slot_of.size(); ++i) {
+    const std::size_t h = i % static_cast<std::size_t>(heads);
+    std::bernoulli_distribution is_cached(c.cached_share_of_head.empty() ? c.cached_share : c.cached_share_of_head[h]);
+    slot_of[i] = is_cached(rng) ? static_cast<std::int32_t>(i) : -1;
+  }
 
   std::vector<std::int32_t> offset, count, selected;
   for (int b = 0; b < batch; ++b)
@@ -60,18 +67,51 @@ void run_case(const SplitCase& c) {
       selected.resize(offset.back() + static_cast<std::size_t>(n), -5);  // room for the whole row, as the engine has
     }
 
+  auto resident = [&](int b, int h, std::int32_t pos) {
+    return c.with_cache && slot_of[static_cast<std::size_t>(table[indptr[b] + pos]) * heads + h] >= 0;
+  };
+  // Per row: every head's uncached and cached counts, and each head's part of the row's quota.
+  std::vector<int> cpu_misses_of(static_cast<std::size_t>(batch) * heads), cpu_hits_of(cpu_misses_of.size());
+  for (int b = 0; b < batch; ++b) {
+    std::vector<long long> miss(heads), hit(heads);
+    long long total = 0;
+    for (int h = 0; h < heads; ++h) {
+      const int s = b * heads + h;
+      for (int i = 0; i < count[s]; ++i) (resident(b, h, selected[offset[s] + i]) ? hit : miss)[h]++;
+      total += count[s];
+    }
+    const float share = c.with_share ? c.shares[b] : 0.0f;
+    const long long quota =
+        std::clamp(static_cast<long long>(std::nearbyint(share * static_cast<float>(total))), 0LL, total);
+    auto spread = [&](long long q, const std::vector<long long>& of, std::vector<int>& out) {
+      long long sum = 0;
+      for (long long v : of) sum += v;
+      if (q >= sum) {
+        for (int h = 0; h < heads; ++h) out[b * heads + h] = static_cast<int>(of[h]);
+        return;
+      }
+      long long left = q;
+      for (int h = 0; h < heads; ++h) left -= q * of[h] / sum;
+      for (int h = 0; h < heads; ++h) {
+        const bool extra = left > 0 && (q * of[h]) % sum != 0;
+        left -= extra;
+        out[b * heads + h] = static_cast<int>(q * of[h] / sum + extra);
+      }
+    };
+    long long misses = 0;
+    for (long long v : miss) misses += v;
+    spread(std::min(quota, misses), miss, cpu_misses_of);
+    spread(quota - std::min(quota, misses), hit, cpu_hits_of);
+  }
+
   HostSplit want;
   for (int s = 0; s < batch * heads; ++s) {
     const int b = s / heads, h = s % heads;
     const int n = count[s];
-    const float share = c.with_share ? c.shares[b] : 0.0f;
-    const int quota = std::clamp(static_cast<int>(std::nearbyint(share * static_cast<float>(n))), 0, n);
     auto resident = [&](std::int32_t pos) {
       return c.with_cache && slot_of[static_cast<std::size_t>(table[indptr[b] + pos]) * heads + h] >= 0;
     };
-    int misses = 0;
-    for (int i = 0; i < n; ++i) misses += !resident(selected[offset[s] + i]);
-    const int cpu_misses = std::min(quota, misses), cpu_hits = quota - cpu_misses;
+    const int cpu_misses = cpu_misses_of[s], cpu_hits = cpu_hits_of[s];
     std::vector<std::int32_t> g, cp;
     int seen_miss = 0, seen_hit = 0, hits_gpu = 0;
     for (int i = 0; i < n; ++i) {
@@ -133,6 +173,23 @@ TEST(CudaSplit, CpuTakesUncachedBlocksFirstAcrossTiles) {
     c.shares = {0.4f, 1.0f, 0.5f, 0.05f};
     c.cached_share = cached;
     c.seed = static_cast<unsigned>(cached * 100) + 3;
+    run_case(c);
+  }
+}
+
+// Heads whose caches hold very different shares of their blocks, as a decode step sees them (local
+// heads hit, a clustered head that changed topic misses): the row's uncached blocks go to the CPU
+// wherever they are, so with a quota above the row's misses the GPU keeps none.
+TEST(CudaSplit, TheRowsQuotaFollowsTheUncachedBlocksAcrossHeads) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  for (float share : {0.02f, 0.1f, 0.3f, 0.9f}) {
+    SplitCase c;
+    c.kv_heads = 8;
+    c.pages_per_row = {8192, 2048, 5};
+    c.shares = {share, share, 1.0f};
+    c.selected_share = 0.05;
+    c.cached_share_of_head = {1.0, 0.99, 0.95, 0.9, 0.6, 0.2, 0.97, 1.0};
+    c.seed = static_cast<unsigned>(share * 1000);
     run_case(c);
   }
 }

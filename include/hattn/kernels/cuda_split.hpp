@@ -1,10 +1,13 @@
 #pragma once
 // The CPU/GPU split of one selection. The GPU selects every segment's pages over the whole sequence;
-// then each segment's CPU quota (its row's share of the segment's selected blocks) is filled with the
-// blocks the HBM cache lacks first, in ascending order, and only then with cached ones. A block the
-// CPU computes is read from host DRAM at its full bandwidth; the GPU keeps what it can read from HBM
-// and reads the rest of the misses across PCIe. The selection does not depend on the split, so
-// neither does the result.
+// then each row's CPU quota (its share of the row's selected blocks, all KV heads together) is filled
+// with the blocks the HBM cache lacks first and only then with cached ones. The uncached part of the
+// quota is spread over the row's heads in proportion to their uncached blocks, the cached part in
+// proportion to their cached blocks (the floor of each head's exact part, plus one for each of the
+// first heads, in head order, whose part is not whole, until the quota is met); within a head the CPU
+// takes its uncached, then its cached blocks in ascending order. A block the CPU computes is read
+// from host DRAM at its full bandwidth; the GPU keeps what it can read from HBM and reads the rest of
+// the misses across PCIe. The selection does not depend on the split, so neither does the result.
 #include <cstdint>
 
 #include "hattn/kernels/cuda_stream.hpp"
@@ -21,8 +24,8 @@ struct SplitSelectionParams {
   const std::int32_t* page_indptr = nullptr;      ///< [batch + 1]
   /// [pool_pages * kv_heads] HBM slot of (page, head) or -1; null: no cache, every block is a miss.
   const std::int32_t* slot_of = nullptr;
-  /// [batch] share in [0, 1] of each segment's selected blocks the CPU computes (rounded to blocks; the
-  /// CPU gets fewer when blocks it was to take changed state mid-split, see gpu_hits);
+  /// [batch] share in [0, 1] of each row's selected blocks the CPU computes (rounded to blocks; the
+  /// CPU gets fewer when blocks it was to take changed state mid-split, see gpu_hits); kv_heads <= 256;
   /// null: none (the kernel then only counts the cached blocks).
   const float* cpu_share = nullptr;
   int batch = 0, kv_heads = 0;
