@@ -855,6 +855,10 @@ struct GpuSide::Impl {
         split.gpu_count = slot.gpu_count.get();
         split.cpu_selected = slot.cpu_selected_host.host();  // mapped
         split.cpu_count = slot.cpu_count_host.host();
+        split.q = q;
+        split.q_copy = slot.q_host.host();  // mapped
+        split.q_heads = shape.q_heads;
+        split.head_dim = shape.head_dim;
         gpu_selected = slot.gpu_selected.get();
         gpu_count = slot.gpu_count.get();
       }
@@ -868,9 +872,6 @@ struct GpuSide::Impl {
         counting_aside = true;
       }
     }
-    if (has_cpu)
-      HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.q_host.host(), q, qrows * shape.head_dim * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream));
     mark_phase(slot, kSelected, stream);
     if (has_cpu) enqueue_cpu_job(slot, work, sel_offset, stream);
 

@@ -131,6 +131,11 @@ void run_case(const SplitCase& c) {
       d_slot(slot_of), d_gpu(selected.size()), d_gpu_count(segments), d_cpu(selected.size()),
       d_cpu_count(segments), d_hits(segments), d_blocks(segments);
   DeviceBuffer<float> d_share(c.shares);
+  // q of two query heads per KV head, dim 8: the split copies each segment's group rows for the CPU.
+  const int q_heads = 2 * heads, dim = 8;
+  std::vector<float> q(static_cast<std::size_t>(batch) * q_heads * dim);
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(i) * 0.5f - 3.0f;
+  DeviceBuffer<float> d_q(q), d_q_copy(q.size());
   cuda::SplitSelectionParams p;
   p.selected = d_sel.get();
   p.selected_offset = d_off.get();
@@ -148,12 +153,17 @@ void run_case(const SplitCase& c) {
     p.gpu_count = d_gpu_count.get();
     p.cpu_selected = d_cpu.get();
     p.cpu_count = d_cpu_count.get();
+    p.q = d_q.get();
+    p.q_copy = d_q_copy.get();
+    p.q_heads = q_heads;
+    p.head_dim = dim;
   }
   cuda::launch_split_selection(p, nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto gpu = d_gpu.download(), cpu = d_cpu.download();
   const auto gpu_count = d_gpu_count.download(), cpu_count = d_cpu_count.download(), hits = d_hits.download();
   const auto blocks = d_blocks.download();
+  if (c.with_share && !q.empty()) EXPECT_EQ(d_q_copy.download(), q);
   for (std::size_t s = 0; s < segments; ++s) {
     EXPECT_EQ(hits[s], want.gpu_hits[s]) << "segment " << s;
     EXPECT_EQ(blocks[s], c.with_share ? static_cast<int>(want.gpu[s].size()) : count[s]) << "segment " << s;

@@ -42,6 +42,12 @@ struct SplitSelectionParams {
   /// Optional [batch * kv_heads] copy of the GPU's block counts (gpu_count, or selected_count without
   /// cpu_share), typically in mapped host memory: the host reads the step's counts without a copy.
   std::int32_t* gpu_blocks = nullptr;
+  /// Optional, with cpu_share: q [batch * q_heads * head_dim] (fp32) copied to q_copy, typically mapped
+  /// host memory for the CPU's part; each segment's block writes its group's rows, which saves the
+  /// step a device-to-host copy behind the split.
+  const float* q = nullptr;
+  float* q_copy = nullptr;
+  int q_heads = 0, head_dim = 0;
 };
 
 void launch_split_selection(const SplitSelectionParams& p, Stream stream);
