@@ -693,12 +693,15 @@ struct GpuSide::Impl {
       const int n = pages[b];
       cpu_share[b] = static_cast<float>(std::clamp(work.cpu_share[b], 0.0, 1.0));
       const int forced = forced_pages(n, config.sink_pages, config.local_pages);
+      // A CPU job only where some quota can be non-zero: the split rounds share x the row's selected
+      // blocks (at most min(n, cap) pages a head) to blocks, in float as here; an empty job would
+      // still hold the merge.
+      float most = 0;
+      for (int h = 0; h < heads; ++h)
+        most += static_cast<float>(std::min(n, work.rules[static_cast<std::size_t>(b) * heads + h].budget_pages));
+      has_cpu = has_cpu || std::nearbyint(cpu_share[b] * most) > 0.0f;
       for (int h = 0; h < heads; ++h) {
         const SegmentRule& rule = work.rules[static_cast<std::size_t>(b) * heads + h];
-        // A CPU job only where some quota can be non-zero: the split rounds share x selected (at most
-        // min(n, cap) pages) to blocks, in float as here; an empty job would still hold the merge.
-        const float most = static_cast<float>(std::min(n, rule.budget_pages));
-        has_cpu = has_cpu || std::nearbyint(cpu_share[b] * most) > 0.0f;
         // The GPU selects over the whole sequence with the whole rule; the CPU share only decides who
         // computes which selected page. Top-k counts the forced pages inside k; the mass rule's cap
         // counts only pages beyond them (the kernels' convention, the same as cpu_select_mass).
