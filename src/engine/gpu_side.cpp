@@ -941,7 +941,11 @@ struct GpuSide::Impl {
       cuda::launch_stage_blocks(cuda::stage_params_for(dp, max_pages), s);
     }
     cuda::launch_sparse_decode(dp, s);
-    if (staged) cache->admit_staged(s);
+    // With a CPU share the admission waits for the merge: its gather reads the CPU's misses from the
+    // host, and those reads would queue ahead of the wait's polls and the merge's reads of the CPU
+    // partials across PCIe (H100, 128K x 1, 2026-12-07: wait + merge 80 us beside the gather).
+    const bool admit_after_merge = has_cpu;
+    if (staged && !admit_after_merge) cache->admit_staged(s);
     mark_phase(slot, kDecoded, stream);
     if (has_cpu) cuda::launch_wait_host_value(slot.cpu_published.host(), slot.ticket, s);
     mark_phase(slot, kGated, stream);
@@ -957,6 +961,7 @@ struct GpuSide::Impl {
       mp.out = out;
       cuda::launch_merge_partials(mp, s);
     }
+    if (staged && admit_after_merge) cache->admit_staged(s);
     if (!has_cpu && !cache)  // the split, which writes the counts to the host, did not run
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
                                        static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),
