@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <ctime>
@@ -369,35 +370,49 @@ BENCHMARK(BM_Maintenance100K)->Iterations(300)->UseManualTime()->Unit(benchmark:
 
 // The gather as the cache launches it (default persistent grid) on 16384 8 KB blocks from mapped
 // pinned memory, against a bulk pinned H2D copy of the same bytes in the same process.
-void BM_GatherDefaultGrid(benchmark::State& state) {
-  if (!have_device()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
-  const PageLayout layout{.page_size = 16, .kv_heads = 8, .head_dim = 128, .dtype = DType::kBFloat16};
-  constexpr int kPages = 2048;
-  HostKVPool pool(layout, static_cast<std::size_t>(kPages) * (layout.page_bytes() + layout.summary_bytes()));
-  const auto ids = pool.allocate(kPages);
+// 16384 (page, KV head) blocks of a Llama-3-8B layout (8 KB each with K and V) in the mapped pool,
+// and the HBM they gather into.
+struct GatherBench {
+  static constexpr int kPages = 2048;
+  PageLayout layout{.page_size = 16, .kv_heads = 8, .head_dim = 128, .dtype = DType::kBFloat16};
+  HostKVPool pool{layout, static_cast<std::size_t>(kPages) * (layout.page_bytes() + layout.summary_bytes())};
   std::vector<std::int32_t> pages, heads, slots;
-  for (int i = 0; i < kPages; ++i)
-    for (int h = 0; h < layout.kv_heads; ++h) {
-      pages.push_back(ids[i]);
-      heads.push_back(h);
-      slots.push_back(static_cast<std::int32_t>(slots.size()));
-    }
-  const std::size_t block = 2 * layout.head_block_elems() * dtype_bytes(layout.dtype);
-  const std::size_t bytes = block * slots.size();
-  DeviceBuffer d_pages(pages), d_heads(heads), d_slots(slots);
+  std::size_t bytes = 0;
   void* hbm = nullptr;
-  HATTN_CUDA_CHECK(cudaMalloc(&hbm, bytes));
-  const cuda::GatherParams g{.host_pages = pool.pages_base(), .hbm_slots = hbm, .page_ids = d_pages.p,
-                             .heads = d_heads.p, .slots = d_slots.p, .n = static_cast<int>(slots.size()),
-                             .kv_heads = layout.kv_heads, .page_size = layout.page_size, .head_dim = layout.head_dim,
-                             .dtype = layout.dtype};
   cudaEvent_t e0 = nullptr, e1 = nullptr;
-  HATTN_CUDA_CHECK(cudaEventCreate(&e0));
-  HATTN_CUDA_CHECK(cudaEventCreate(&e1));
-  auto time_us = [&](auto&& fn) {
+  cuda::GatherParams g{};
+
+  GatherBench() {
+    const auto ids = pool.allocate(kPages);
+    for (int i = 0; i < kPages; ++i)
+      for (int h = 0; h < layout.kv_heads; ++h) {
+        pages.push_back(ids[i]);
+        heads.push_back(h);
+        slots.push_back(static_cast<std::int32_t>(slots.size()));
+      }
+    bytes = 2 * layout.head_block_elems() * dtype_bytes(layout.dtype) * slots.size();
+    HATTN_CUDA_CHECK(cudaMalloc(&hbm, bytes));
+    HATTN_CUDA_CHECK(cudaEventCreate(&e0));
+    HATTN_CUDA_CHECK(cudaEventCreate(&e1));
+  }
+  ~GatherBench() {
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(hbm);
+  }
+  GatherBench(const GatherBench&) = delete;
+  GatherBench& operator=(const GatherBench&) = delete;
+
+  cuda::GatherParams params(const DeviceBuffer& d_pages, const DeviceBuffer& d_heads, const DeviceBuffer& d_slots,
+                            int max_blocks) const {
+    return cuda::GatherParams{.host_pages = pool.pages_base(), .hbm_slots = hbm, .page_ids = d_pages.p,
+                              .heads = d_heads.p, .slots = d_slots.p, .n = static_cast<int>(slots.size()),
+                              .kv_heads = layout.kv_heads, .page_size = layout.page_size,
+                              .head_dim = layout.head_dim, .dtype = layout.dtype, .max_blocks = max_blocks};
+  }
+  // Microseconds per call of fn, over 10 calls after one untimed, on the legacy stream.
+  template <class Fn>
+  double time_us(Fn&& fn) {
     fn();
     HATTN_CUDA_CHECK(cudaEventRecord(e0));
     for (int i = 0; i < 10; ++i) fn();
@@ -406,21 +421,82 @@ void BM_GatherDefaultGrid(benchmark::State& state) {
     float ms = 0;
     HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
     return 100.0 * ms;
-  };
+  }
+};
+
+void BM_GatherDefaultGrid(benchmark::State& state) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  GatherBench b;
+  DeviceBuffer d_pages(b.pages), d_heads(b.heads), d_slots(b.slots);
+  const cuda::GatherParams g = b.params(d_pages, d_heads, d_slots, 0);
   for (auto _ : state) {
-    const double gather_us = time_us([&] { cuda::launch_gather_pages(g, nullptr); });
-    const double h2d_us = time_us(
-        [&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(hbm, pool.pages_base(), bytes, cudaMemcpyHostToDevice)); });
-    g_maint.gather_gbps = static_cast<double>(bytes) / gather_us * 1e-3;
-    g_maint.h2d_gbps = static_cast<double>(bytes) / h2d_us * 1e-3;
+    const double gather_us = b.time_us([&] { cuda::launch_gather_pages(g, nullptr); });
+    const double h2d_us = b.time_us(
+        [&] { HATTN_CUDA_CHECK(cudaMemcpyAsync(b.hbm, b.pool.pages_base(), b.bytes, cudaMemcpyHostToDevice)); });
+    g_maint.gather_gbps = static_cast<double>(b.bytes) / gather_us * 1e-3;
+    g_maint.h2d_gbps = static_cast<double>(b.bytes) / h2d_us * 1e-3;
     state.SetIterationTime(gather_us * 1e-6);
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  cudaFree(hbm);
   state.counters["gather_GBps"] = g_maint.gather_gbps;
   state.counters["h2d_GBps"] = g_maint.h2d_gbps;
 }
+
+// A gather of admissions runs beside latency-bound host reads of the same step (the next layer's
+// metadata copy, the CPU's partials): how long a 32 KB pinned host-to-device copy on another stream
+// takes while a gather of the given grid streams, against the gather's own bandwidth. Arg: blocks.
+void BM_GatherBeside(benchmark::State& state) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  GatherBench b;
+  DeviceBuffer d_pages(b.pages), d_heads(b.heads), d_slots(b.slots);
+  const cuda::GatherParams g = b.params(d_pages, d_heads, d_slots, static_cast<int>(state.range(0)));
+  constexpr std::size_t kProbeBytes = 32 << 10;
+  cudaStream_t probe = nullptr, bulk = nullptr;
+  HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking));
+  HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&bulk, cudaStreamNonBlocking));
+  std::array<cudaEvent_t, 21> marks{};
+  for (cudaEvent_t& e : marks) HATTN_CUDA_CHECK(cudaEventCreate(&e));
+  // Medians of 20 probe copies, each between two events on the probe stream.
+  auto probe_us = [&] {
+    HATTN_CUDA_CHECK(cudaEventRecord(marks[0], probe));
+    for (int i = 1; i < 21; ++i) {
+      HATTN_CUDA_CHECK(cudaMemcpyAsync(b.hbm, b.pool.pages_base(), kProbeBytes, cudaMemcpyHostToDevice, probe));
+      HATTN_CUDA_CHECK(cudaEventRecord(marks[i], probe));
+    }
+    HATTN_CUDA_CHECK(cudaEventSynchronize(marks[20]));
+    std::vector<double> us;
+    for (int i = 1; i < 21; ++i) {
+      float ms = 0;
+      HATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, marks[i - 1], marks[i]));
+      us.push_back(1e3 * ms);
+    }
+    std::nth_element(us.begin(), us.begin() + 10, us.end());
+    return us[10];
+  };
+  double gather_us = 0, alone_us = 0, beside_us = 0;
+  for (auto _ : state) {
+    gather_us = b.time_us([&] { cuda::launch_gather_pages(g, nullptr); });
+    alone_us = probe_us();
+    for (int i = 0; i < 4; ++i) cuda::launch_gather_pages(g, reinterpret_cast<cuda::Stream>(bulk));  // ~10 ms
+    std::this_thread::sleep_for(std::chrono::microseconds(200));  // the gather is streaming
+    beside_us = probe_us();
+    HATTN_CUDA_CHECK(cudaStreamSynchronize(bulk));
+    state.SetIterationTime(gather_us * 1e-6);
+  }
+  for (cudaEvent_t e : marks) cudaEventDestroy(e);
+  cudaStreamDestroy(probe);
+  cudaStreamDestroy(bulk);
+  state.counters["gather_GBps"] = static_cast<double>(b.bytes) / gather_us * 1e-3;
+  state.counters["probe_alone_us"] = alone_us;
+  state.counters["probe_beside_us"] = beside_us;
+}
+BENCHMARK(BM_GatherBeside)->Arg(4)->Arg(8)->Arg(16)->Arg(32)->Iterations(1)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
 BENCHMARK(BM_GatherDefaultGrid)->Iterations(1)->UseManualTime()->Unit(benchmark::kMicrosecond);
 #endif
 

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 
 #include "detail/dispatch.cuh"
@@ -29,8 +28,11 @@ constexpr int kThreads = 256;
 // (a lane-major layout was 4-way conflicted, 16 loads per head and item). In candidate mode (two-level
 // scoring) a block's items are (KV head, candidate) pairs instead, a head's candidates being the pages
 // of its kept groups.
-template <class T, int D, int MinBlocks>
-__global__ void __launch_bounds__(kThreads, MinBlocks) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
+//
+// Two resident blocks of 256 threads (126 registers): cutting the budget for three or four spills and
+// was slower (H100, 2026-12-07, 128K bound + estimate rows: 25.5 us at two, 36.2 at three, 50.0 at four).
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
   using Lanes = detail::SummaryLanes<T, D>;
   constexpr int kElems = Lanes::kElems, kDimsPerLane = Lanes::kDimsPerLane, kLoads = Lanes::kLoads;
   constexpr int kQuads = Lanes::kQuads;
@@ -187,15 +189,7 @@ void launch_score_pages(const ScoreParams& p, Stream stream) {
   HATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   auto launch = [&]<class T>() {
     detail::dispatch_head_dim(p.head_dim, kWhere, [&]<int D>() {
-      // EXPERIMENT (HATTN_SCORE_MIN_BLOCKS, 2-4): resident blocks the register budget is cut for.
-      static const int min_blocks = [] {
-        const char* env = std::getenv("HATTN_SCORE_MIN_BLOCKS");
-        return env != nullptr ? std::clamp(std::atoi(env), 2, 4) : 2;
-      }();
-      const auto kernel = D > 128 ? ScorePagesKernel<T, D, 1>
-                          : min_blocks == 4 ? ScorePagesKernel<T, D, 4>
-                          : min_blocks == 3 ? ScorePagesKernel<T, D, 3>
-                                            : ScorePagesKernel<T, D, 2>;
+      const auto kernel = ScorePagesKernel<T, D>;
       if (smem > 48 * 1024)
         HATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
