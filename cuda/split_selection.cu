@@ -19,6 +19,7 @@ constexpr int kThreads = 256;
 constexpr int kItems = 8;  // consecutive list entries per thread and tile (blocked, as the scan needs)
 constexpr int kTile = kThreads * kItems;
 constexpr int kMaxKvHeads = 256;  // the row's per-head counts live in shared memory
+constexpr int kCountItems = 16;   // entries per thread and tile of the row-wide count
 // A tile's cached and uncached counts travel in one int: cached in the high half (kTile < 2^16).
 constexpr int kCachedShift = 16;
 static_assert(kTile < (1 << kCachedShift));
@@ -60,28 +61,32 @@ __device__ int proportional_part(long long quota, const int* count, int heads, i
   return static_cast<int>(mine + (inexact && inexact_before < quota - floors ? 1 : 0));
 }
 
-// Counts the uncached blocks of every head of `row` into misses[h] (selected[h] holds the counts),
-// walking the row's lists as one flat range so all heads' loads are in flight together.
-__device__ void count_row_misses(const SplitSelectionParams& p, int row, int* first_of, int* misses) {
+// Counts the uncached blocks of every head of `row` into misses[h], walking the row's lists as one
+// flat range (kCountItems entries a thread per tile, strided so a warp's list loads coalesce) so all
+// heads' loads are in flight together: three dependent rounds (list, table, map) per 4096 entries,
+// which at 128K x 5% x 8 heads is one tile. first_of and offset_of are shared scratch of
+// kMaxKvHeads + 1 and kMaxKvHeads ints.
+__device__ void count_row_misses(const SplitSelectionParams& p, int row, int* first_of, int* offset_of, int* misses) {
   const int heads = p.kv_heads;
-  if (threadIdx.x == 0) {
-    int flat = 0;
-    for (int h = 0; h < heads; ++h) {
-      first_of[h] = flat;
-      flat += p.selected_count[row * heads + h];
-    }
-    first_of[heads] = flat;
+  for (int h = threadIdx.x; h < heads; h += blockDim.x) {
+    first_of[h + 1] = p.selected_count[row * heads + h];
+    offset_of[h] = p.selected_offset[row * heads + h];
+    misses[h] = 0;
   }
-  for (int h = threadIdx.x; h < heads; h += blockDim.x) misses[h] = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    first_of[0] = 0;
+    for (int h = 0; h < heads; ++h) first_of[h + 1] += first_of[h];
+  }
   __syncthreads();
   const int flat = first_of[heads];
   const std::int32_t* table = p.page_table + p.page_indptr[row];
-  for (int tile = 0; tile < flat; tile += kTile) {
-    int head[kItems];
-    std::int32_t position[kItems];
+  for (int tile = 0; tile < flat; tile += kCountItems * kThreads) {
+    int head[kCountItems];
+    std::int32_t position[kCountItems];
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int f = tile + threadIdx.x * kItems + k;
+    for (int k = 0; k < kCountItems; ++k) {
+      const int f = tile + k * kThreads + static_cast<int>(threadIdx.x);
       int lo = 0, hi = heads - 1;  // the last head whose first entry is <= f
       while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
@@ -89,13 +94,13 @@ __device__ void count_row_misses(const SplitSelectionParams& p, int row, int* fi
         else hi = mid - 1;
       }
       head[k] = lo;
-      position[k] = f < flat ? p.selected[p.selected_offset[row * heads + lo] + (f - first_of[lo])] : -1;
+      position[k] = f < flat ? p.selected[offset_of[lo] + (f - first_of[lo])] : -1;
     }
-    std::int32_t page[kItems];
+    std::int32_t page[kCountItems];
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) page[k] = position[k] >= 0 ? table[position[k]] : -1;
+    for (int k = 0; k < kCountItems; ++k) page[k] = position[k] >= 0 ? table[position[k]] : -1;
 #pragma unroll
-    for (int k = 0; k < kItems; ++k)
+    for (int k = 0; k < kCountItems; ++k)
       if (page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * heads + head[k]] < 0) atomicAdd(&misses[head[k]], 1);
   }
   __syncthreads();
@@ -135,9 +140,10 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   // their uncached counts, then cached ones by their cached counts. Heads differ widely in misses (a
   // clustered head that changed topic misses most of its pages, a local head none), so a quota per
   // head would leave the GPU reading many misses across PCIe while the CPU computed cached blocks.
-  __shared__ int first_of[kMaxKvHeads + 1], row_misses[kMaxKvHeads], row_hits[kMaxKvHeads];
+  __shared__ int first_of[kMaxKvHeads + 1], offset_of[kMaxKvHeads];
+  __shared__ int row_misses[kMaxKvHeads], row_hits[kMaxKvHeads];
   if (p.slot_of != nullptr) {
-    count_row_misses(p, row, first_of, row_misses);
+    count_row_misses(p, row, first_of, offset_of, row_misses);
   } else {
     for (int h = threadIdx.x; h < p.kv_heads; h += blockDim.x) row_misses[h] = p.selected_count[row * p.kv_heads + h];
     __syncthreads();

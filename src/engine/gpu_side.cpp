@@ -941,11 +941,11 @@ struct GpuSide::Impl {
       cuda::launch_stage_blocks(cuda::stage_params_for(dp, max_pages), s);
     }
     cuda::launch_sparse_decode(dp, s);
-    // With a CPU share the admission waits for the merge: its gather reads the CPU's misses from the
-    // host, and those reads would queue ahead of the wait's polls and the merge's reads of the CPU
-    // partials across PCIe (H100, 128K x 1, 2026-12-07: wait + merge 80 us beside the gather).
-    const bool admit_after_merge = has_cpu;
-    if (staged && !admit_after_merge) cache->admit_staged(s);
+    // The admission's gather starts here, beside the wait for the CPU's partials and the merge. With a
+    // CPU share its host reads (the CPU's misses) queue ahead of their reads across PCIe; started after
+    // the merge they queued ahead of the next layer's metadata copy instead (H100, 2026-12-07, fixed5:
+    // wait + merge 57 -> 16 us, upload 10 -> 34 us, the step no faster; docs/performance.md).
+    if (staged) cache->admit_staged(s);
     mark_phase(slot, kDecoded, stream);
     if (has_cpu) cuda::launch_wait_host_value(slot.cpu_published.host(), slot.ticket, s);
     mark_phase(slot, kGated, stream);
@@ -961,7 +961,6 @@ struct GpuSide::Impl {
       mp.out = out;
       cuda::launch_merge_partials(mp, s);
     }
-    if (staged && admit_after_merge) cache->admit_staged(s);
     if (!has_cpu && !cache)  // the split, which writes the counts to the host, did not run
       HATTN_CUDA_CHECK(cudaMemcpyAsync(slot.gpu_counts.host(), gpu_count,
                                        static_cast<std::size_t>(batch) * heads * sizeof(std::int32_t),

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -475,19 +474,6 @@ void DeviceKVCache::step(const CacheStepParams& p, cuda::Stream compute, cuda::S
   }
 }
 
-namespace {
-// The staged admission's gather runs off the step's path, beside its latency-bound host reads (the
-// next layer's metadata copy, a CPU share's partials), which wait behind the reads it has in flight
-// (32 KB per block). EXPERIMENT: HATTN_ADMISSION_GATHER_BLOCKS overrides the grid for the A/B.
-int background_gather_blocks() {
-  static const int blocks = [] {
-    const char* env = std::getenv("HATTN_ADMISSION_GATHER_BLOCKS");
-    return env != nullptr ? std::max(1, std::atoi(env)) : 8;
-  }();
-  return blocks;
-}
-}  // namespace
-
 void DeviceKVCache::launch_gather(cuda::Stream side, std::int32_t capacity, bool staged) {
   const auto& layout = pool_.layout();
   cuda::GatherParams g{.host_pages = pool_.pages_base(), .hbm_slots = hbm_slots_, .page_ids = view_.gather_page,
@@ -495,10 +481,7 @@ void DeviceKVCache::launch_gather(cuda::Stream side, std::int32_t capacity, bool
                        .n = capacity, .kv_heads = layout.kv_heads, .page_size = layout.page_size,
                        .head_dim = layout.head_dim, .dtype = layout.dtype, .slot_of = view_.slot_of,
                        .keys = view_.gather_key};
-  if (staged) {
-    g.staging = staging_;
-    g.max_blocks = background_gather_blocks();
-  }
+  if (staged) g.staging = staging_;
   // timed_, not timing_: a deferred gather belongs to the step() that set it.
   if (timed_) HATTN_CUDA_CHECK(cudaEventRecord(timing_events_[4], side));
   cuda::launch_gather_pages(g, side);
