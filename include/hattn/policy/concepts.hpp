@@ -93,10 +93,11 @@ struct ScheduleInputs {
   std::span<const SegmentRule> rules;        ///< [batch * kv_heads]
 };
 struct ScheduleOutputs {
-  /// [batch] share in [0, 1] of each request's selected blocks (per segment, rounded to blocks) that
-  /// the CPU computes. The engine fills it with blocks the HBM cache lacks first (the CPU reads them
-  /// from DRAM faster than the GPU can across PCIe) and only then with cached ones; without a cache,
-  /// with the earliest positions. The CPU backend computes everything whatever the share.
+  /// [batch] share in [0, 1] of each request's selected blocks (all its KV heads together, rounded to
+  /// blocks) that the CPU computes. The engine fills it with blocks the HBM cache lacks first, from
+  /// every head in proportion to its missing blocks (the CPU reads them from DRAM faster than the GPU
+  /// can across PCIe), and only then with cached ones; without a cache, with each head's earliest
+  /// positions, in proportion to its selected blocks. The CPU backend computes everything whatever the share.
   std::span<double> cpu_share;
 };
 
