@@ -101,7 +101,8 @@ __device__ void count_row_misses(const SplitSelectionParams& p, int row, int* fi
     for (int k = 0; k < kCountItems; ++k) page[k] = position[k] >= 0 ? table[position[k]] : -1;
 #pragma unroll
     for (int k = 0; k < kCountItems; ++k)
-      if (page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * heads + head[k]] < 0) atomicAdd(&misses[head[k]], 1);
+      if (page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * heads + head[k]] < 0)
+        atomicAdd(&misses[head[k]], 1);
   }
   __syncthreads();
 }
@@ -145,7 +146,8 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   if (p.slot_of != nullptr) {
     count_row_misses(p, row, first_of, offset_of, row_misses);
   } else {
-    for (int h = threadIdx.x; h < p.kv_heads; h += blockDim.x) row_misses[h] = p.selected_count[row * p.kv_heads + h];
+    for (int h = threadIdx.x; h < p.kv_heads; h += blockDim.x)
+      row_misses[h] = p.selected_count[row * p.kv_heads + h];  // without a cache every block is a miss
     __syncthreads();
   }
   long long total = 0, misses_total = 0;
