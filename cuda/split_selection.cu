@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
       min(total, max(0LL, static_cast<long long>(__float2int_rn(share * static_cast<float>(total)))));
   if (p.q_copy != nullptr) {
     const int group = p.q_heads / p.kv_heads;
-    const long long first = (static_cast<long long>(row) * p.q_heads + static_cast<long long>(s.head) * group) * p.head_dim;
+    const long long first =
+        (static_cast<long long>(row) * p.q_heads + static_cast<long long>(s.head) * group) * p.head_dim;
     for (int i = threadIdx.x; i < group * p.head_dim; i += blockDim.x) p.q_copy[first + i] = p.q[first + i];
   }
   const long long quota_misses = min(quota, misses_total);
@@ -228,7 +229,8 @@ void launch_split_selection(const SplitSelectionParams& p, Stream stream) {
                          "launch_split_selection", "output lists", "null", "all set with cpu_share");
   hattn::detail::require(p.q_copy == nullptr || (p.cpu_share && p.q && p.q_heads > 0 && p.q_heads % p.kv_heads == 0 &&
                                                   p.head_dim > 0),
-                         "launch_split_selection", "q_copy", "set", "with cpu_share, q, q_heads (a multiple of kv_heads) and head_dim");
+                         "launch_split_selection", "q_copy", "set",
+                         "with cpu_share, q, q_heads (a multiple of kv_heads) and head_dim");
   hattn::detail::require(p.kv_heads <= kMaxKvHeads, "launch_split_selection", "kv_heads", p.kv_heads, "<= ",
                          kMaxKvHeads);
   SplitSelectionKernel<<<segments, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);

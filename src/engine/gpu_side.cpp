@@ -119,9 +119,9 @@ struct GpuSide::Impl {
     // cpu_inputs: q and the CPU's part of the selection reached the host, so the CPU job may start.
     cudaEvent_t begin = nullptr, end = nullptr, cpu_inputs = nullptr;
     cudaEvent_t upload = nullptr;  // before the metadata copy (Config::time_phases only)
-    // After score, select (and split), the cache wait, decode and the wait for the CPU's partials. kSelected and
-    // kDecoded are always recorded (the schedulers' feedback and the stats need them), the
-    // others only with Config::time_phases.
+    // After score, select (and split), the cache wait, decode and the wait for the CPU's partials.
+    // kSelected and kDecoded are always recorded (the schedulers' feedback and the stats need them),
+    // the others only with Config::time_phases.
     std::array<cudaEvent_t, 5> phase{};
     PinnedArray<std::int32_t> meta_host;
     DeviceArray<std::int32_t> meta;
