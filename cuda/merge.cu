@@ -159,8 +159,8 @@ void launch_merge_partials(const MergeParams& p, Stream stream) {
   if (p.rows == 0) return;
   hattn::detail::require(p.out != nullptr && (p.splits == 0 || (p.partial_out && p.partial_lse)), kWhere,
                          "pointers", "null", "out and the partials set");
-  // Set up while the decode before it finishes (detail/pdl.cuh); after the engine's CPU gate (a
-  // host function or copy) the stream orders it as usual.
+  // Set up while the kernel before it finishes (detail/pdl.cuh): the decode, or the engine's wait for
+  // the CPU partials (launch_wait_host_value), which waits for the decode itself first.
   detail::launch_programmatic(MergePartialsKernel, dim3(static_cast<unsigned>(p.rows)), dim3(kThreads), 0, stream, p);
 }
 
