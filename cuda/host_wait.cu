@@ -1,7 +1,6 @@
 // The stream-side wait for a host-written counter (hattn/kernels/cuda_host_wait.hpp).
 #include <cuda_runtime.h>
 
-#include "detail/launch_check.cuh"
 #include "detail/pdl.cuh"
 #include "hattn/core/error.hpp"
 #include "hattn/kernels/cuda_host_wait.hpp"
