@@ -231,8 +231,8 @@ void launch_split_selection(const SplitSelectionParams& p, Stream stream) {
                                                   p.head_dim > 0),
                          "launch_split_selection", "q_copy", "set",
                          "with cpu_share, q, q_heads (a multiple of kv_heads) and head_dim");
-  hattn::detail::require(p.kv_heads <= kMaxKvHeads, "launch_split_selection", "kv_heads", p.kv_heads, "<= ",
-                         kMaxKvHeads);
+  hattn::detail::require(p.cpu_share == nullptr || p.kv_heads <= kMaxKvHeads, "launch_split_selection", "kv_heads",
+                         p.kv_heads, "<= ", kMaxKvHeads, " with cpu_share (the row's per-head counts in shared memory)");
   SplitSelectionKernel<<<segments, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
   HATTN_CUDA_CHECK_LAUNCH();
 }

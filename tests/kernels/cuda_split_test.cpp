@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_test_support.hpp"
+#include "hattn/core/error.hpp"
 #include "hattn/kernels/cuda_split.hpp"
 
 namespace hattn {
@@ -199,6 +201,26 @@ TEST(CudaSplit, TheRowsQuotaFollowsTheUncachedBlocksAcrossHeads) {
     c.cached_share_of_head = {1.0, 0.99, 0.95, 0.9, 0.6, 0.2, 0.97, 1.0};
     c.seed = static_cast<unsigned>(share * 1000);
     run_case(c);
+  }
+}
+
+// The launcher's checks run before any device work, so this one needs no GPU: a CPU share with more
+// KV heads than the kernel's shared per-head counts hold is named, not launched.
+TEST(CudaSplit, NamesMoreKvHeadsThanTheRowCountsHoldWithAShare) {
+  std::int32_t ints[4] = {};
+  float share = 0.5f;
+  cuda::SplitSelectionParams p;
+  p.selected = p.selected_offset = p.selected_count = p.page_table = p.page_indptr = ints;
+  p.gpu_hits = p.gpu_selected = p.gpu_count = p.cpu_selected = p.cpu_count = ints;
+  p.cpu_share = &share;
+  p.batch = 1;
+  p.kv_heads = 257;
+  try {
+    cuda::launch_split_selection(p, nullptr);
+    FAIL() << "no error for kv_heads 257 with a CPU share";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("kv_heads"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("257"), std::string::npos) << e.what();
   }
 }
 

@@ -25,7 +25,7 @@ struct SplitSelectionParams {
   /// [pool_pages * kv_heads] HBM slot of (page, head) or -1; null: no cache, every block is a miss.
   const std::int32_t* slot_of = nullptr;
   /// [batch] share in [0, 1] of each row's selected blocks the CPU computes (rounded to blocks; the
-  /// CPU gets fewer when blocks it was to take changed state mid-split, see gpu_hits); kv_heads <= 256;
+  /// CPU gets fewer when blocks it was to take changed state mid-split, see gpu_hits); kv_heads <= 256 with it;
   /// null: none (the kernel then only counts the cached blocks).
   const float* cpu_share = nullptr;
   int batch = 0, kv_heads = 0;
