@@ -520,14 +520,6 @@ TEST(CudaSparseDecodeMerge, RejectsUnsupportedValues) {
 
 // Host-side checks of the staging arguments (no GPU needed): each names what is wrong.
 TEST(CudaStaging, RejectsIncompleteAreasAndParams) {
-  auto expect_named = [](auto&& call, const char* name) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted a bad " << name;
-    } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
-    }
-  };
   std::int32_t i32[2] = {};
   float f32[4] = {};
   cuda::StageParams sp{.page_table = i32, .page_indptr = i32, .seq_len = i32, .selected = i32,
@@ -552,25 +544,6 @@ TEST(CudaStaging, RejectsIncompleteAreasAndParams) {
   g.page_ids = i32;  // without heads
   expect_named([&] { cuda::launch_gather_pages(g, nullptr); }, "page_ids and heads");
 }
-
-/// Pinned host memory mapped into the device's address space, as the CPU side's partials are.
-template <class T>
-class MappedBuffer {
- public:
-  explicit MappedBuffer(const std::vector<T>& host) : n_(host.size()) {
-    HATTN_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(1, n_) * sizeof(T),
-                                   cudaHostAllocMapped | cudaHostAllocPortable));
-    std::copy(host.begin(), host.end(), ptr_);
-  }
-  ~MappedBuffer() { cudaFreeHost(ptr_); }
-  MappedBuffer(const MappedBuffer&) = delete;
-  MappedBuffer& operator=(const MappedBuffer&) = delete;
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_ = nullptr;
-  std::size_t n_ = 0;
-};
 
 using MergeCase = std::tuple<int /*splits*/, int /*head_dim*/, bool /*extra*/>;
 class CudaMergePartials : public ::testing::TestWithParam<MergeCase> {};

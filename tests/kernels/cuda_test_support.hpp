@@ -4,14 +4,17 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <random>
 #include <utility>
 #include <vector>
 
 #include "hattn/core/cuda_check.hpp"
+#include "hattn/core/error.hpp"
 #include "hattn/kv/paged_kv_store.hpp"
 
 namespace hattn::test {
@@ -56,6 +59,37 @@ class DeviceBuffer {
   T* ptr_ = nullptr;
   std::size_t n_ = 0;
 };
+
+/// Pinned host memory mapped into the device's address space, as the CPU side's partials are.
+template <class T>
+class MappedBuffer {
+ public:
+  explicit MappedBuffer(const std::vector<T>& host) : n_(host.size()) {
+    HATTN_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&ptr_), std::max<std::size_t>(1, n_) * sizeof(T),
+                                   cudaHostAllocMapped | cudaHostAllocPortable));
+    std::copy(host.begin(), host.end(), ptr_);
+  }
+  ~MappedBuffer() { cudaFreeHost(ptr_); }
+  MappedBuffer(const MappedBuffer&) = delete;
+  MappedBuffer& operator=(const MappedBuffer&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+/// Calls `call`, which must throw InvalidArgument whose message holds every one of `names`.
+template <class Call, class... Names>
+void expect_named(Call&& call, const Names&... names) {
+  try {
+    call();
+    ADD_FAILURE() << "accepted a bad argument (" << ((std::string(names) + " ") + ...) << ")";
+  } catch (const InvalidArgument& e) {
+    const std::string what = e.what();
+    ([&] { EXPECT_NE(what.find(names), std::string::npos) << what; }(), ...);
+  }
+}
 
 /// A layer of several sequences whose keys have the structure real heads show: attention sinks
 /// (the first 4 tokens aligned with the queries), a local window of mildly aligned recent tokens,
