@@ -15,6 +15,7 @@
 #include <iostream>
 #include <iterator>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -376,20 +377,25 @@ struct GatherBench {
   static constexpr int kPages = 2048;
   PageLayout layout{.page_size = 16, .kv_heads = 8, .head_dim = 128, .dtype = DType::kBFloat16};
   HostKVPool pool{layout, static_cast<std::size_t>(kPages) * (layout.page_bytes() + layout.summary_bytes())};
-  std::vector<std::int32_t> pages, heads, slots;
+  int blocks = 0;
+  std::optional<DeviceBuffer> d_pages, d_heads, d_slots;  // block i is (page, head) -> slot i
   std::size_t bytes = 0;
   void* hbm = nullptr;
   cudaEvent_t e0 = nullptr, e1 = nullptr;
-  cuda::GatherParams g{};
 
   GatherBench() {
     const auto ids = pool.allocate(kPages);
+    std::vector<std::int32_t> pages, heads, slots;
     for (int i = 0; i < kPages; ++i)
       for (int h = 0; h < layout.kv_heads; ++h) {
         pages.push_back(ids[i]);
         heads.push_back(h);
         slots.push_back(static_cast<std::int32_t>(slots.size()));
       }
+    d_pages.emplace(pages);
+    d_heads.emplace(heads);
+    d_slots.emplace(slots);
+    blocks = static_cast<int>(slots.size());
     bytes = 2 * layout.head_block_elems() * dtype_bytes(layout.dtype) * slots.size();
     HATTN_CUDA_CHECK(cudaMalloc(&hbm, bytes));
     HATTN_CUDA_CHECK(cudaEventCreate(&e0));
@@ -403,10 +409,10 @@ struct GatherBench {
   GatherBench(const GatherBench&) = delete;
   GatherBench& operator=(const GatherBench&) = delete;
 
-  cuda::GatherParams params(const DeviceBuffer& d_pages, const DeviceBuffer& d_heads, const DeviceBuffer& d_slots,
-                            int max_blocks) const {
-    return cuda::GatherParams{.host_pages = pool.pages_base(), .hbm_slots = hbm, .page_ids = d_pages.p,
-                              .heads = d_heads.p, .slots = d_slots.p, .n = static_cast<int>(slots.size()),
+  // Every block, on a grid of at most max_blocks (0: the cache's default).
+  cuda::GatherParams params(int max_blocks) const {
+    return cuda::GatherParams{.host_pages = pool.pages_base(), .hbm_slots = hbm, .page_ids = d_pages->p,
+                              .heads = d_heads->p, .slots = d_slots->p, .n = blocks,
                               .kv_heads = layout.kv_heads, .page_size = layout.page_size,
                               .head_dim = layout.head_dim, .dtype = layout.dtype, .max_blocks = max_blocks};
   }
@@ -430,8 +436,7 @@ void BM_GatherDefaultGrid(benchmark::State& state) {
     return;
   }
   GatherBench b;
-  DeviceBuffer d_pages(b.pages), d_heads(b.heads), d_slots(b.slots);
-  const cuda::GatherParams g = b.params(d_pages, d_heads, d_slots, 0);
+  const cuda::GatherParams g = b.params(0);
   for (auto _ : state) {
     const double gather_us = b.time_us([&] { cuda::launch_gather_pages(g, nullptr); });
     const double h2d_us = b.time_us(
@@ -453,8 +458,7 @@ void BM_GatherBeside(benchmark::State& state) {
     return;
   }
   GatherBench b;
-  DeviceBuffer d_pages(b.pages), d_heads(b.heads), d_slots(b.slots);
-  const cuda::GatherParams g = b.params(d_pages, d_heads, d_slots, static_cast<int>(state.range(0)));
+  const cuda::GatherParams g = b.params(static_cast<int>(state.range(0)));
   constexpr std::size_t kProbeBytes = 32 << 10;
   cudaStream_t probe = nullptr, bulk = nullptr;
   HATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking));
