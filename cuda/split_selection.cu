@@ -45,20 +45,31 @@ __device__ void load_items(const SplitSelectionParams& p, const Segment& s, int 
     is_cached[k] = page[k] >= 0 && p.slot_of[static_cast<long long>(page[k]) * p.kv_heads + s.head] >= 0;
 }
 
-// Head h's part of `quota` blocks spread over the row's heads in proportion to count[]: the floor of
-// its exact share, plus one for each of the first (quota - sum of the floors) heads, in head order,
-// whose exact share is not whole. Never more than count[h]; the parts sum to min(quota, total).
-__device__ int proportional_part(long long quota, const int* count, int heads, int h, long long total) {
-  if (quota >= total) return count[h];
-  long long floors = 0;
-  int inexact_before = 0;
-  for (int g = 0; g < heads; ++g) {
-    floors += quota * count[g] / total;
-    if (g < h && quota * count[g] % total != 0) ++inexact_before;
+// Each head's part of `quota` blocks spread over the row's heads in proportion to count[], into
+// part[]: the floor of its exact share, plus one for each of the first (quota - sum of the floors)
+// heads, in head order, whose exact share is not whole. Never more than count[h]; the parts sum to
+// min(quota, total). One thread per head: the 64-bit divisions are software routines of ~100
+// dependent instructions, so one thread looping over the heads would take microseconds.
+// floor_of is shared scratch of kMaxKvHeads ints (-1 - floor marks an inexact share).
+__device__ void spread_quota(long long quota, const int* count, int heads, long long total, int* floor_of, int* part) {
+  for (int h = threadIdx.x; h < heads; h += blockDim.x) {
+    const long long exact = quota * count[h];
+    const int floor = quota >= total ? count[h] : static_cast<int>(exact / total);
+    floor_of[h] = quota < total && exact % total != 0 ? -1 - floor : floor;
   }
-  const long long mine = quota * count[h] / total;
-  const bool inexact = quota * count[h] % total != 0;
-  return static_cast<int>(mine + (inexact && inexact_before < quota - floors ? 1 : 0));
+  __syncthreads();
+  for (int h = threadIdx.x; h < heads; h += blockDim.x) {
+    long long floors = 0;
+    int inexact_before = 0;
+    for (int g = 0; g < heads; ++g) {
+      const int f = floor_of[g];
+      floors += f < 0 ? -1 - f : f;
+      inexact_before += g < h && f < 0;
+    }
+    const int f = floor_of[h];
+    part[h] = f < 0 ? -1 - f + (inexact_before < quota - floors ? 1 : 0) : f;
+  }
+  __syncthreads();
 }
 
 // Counts the uncached blocks of every head of `row` into misses[h], walking the row's lists as one
@@ -150,14 +161,14 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
       row_misses[h] = p.selected_count[row * p.kv_heads + h];  // without a cache every block is a miss
     __syncthreads();
   }
+  for (int h = threadIdx.x; h < p.kv_heads; h += blockDim.x)
+    row_hits[h] = p.selected_count[row * p.kv_heads + h] - row_misses[h];
+  __syncthreads();
   long long total = 0, misses_total = 0;
   for (int h = 0; h < p.kv_heads; ++h) {
-    const int n = p.selected_count[row * p.kv_heads + h];
-    total += n;
     misses_total += row_misses[h];
-    if (threadIdx.x == 0) row_hits[h] = n - row_misses[h];
+    total += row_misses[h] + row_hits[h];
   }
-  __syncthreads();
   const float share = p.cpu_share[row];
   const long long quota =
       min(total, max(0LL, static_cast<long long>(__float2int_rn(share * static_cast<float>(total)))));
@@ -168,12 +179,19 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     for (int i = threadIdx.x; i < group * p.head_dim; i += blockDim.x) p.q_copy[first + i] = p.q[first + i];
   }
   const long long quota_misses = min(quota, misses_total);
-  const int h = s.head;
-  const int cpu_misses = proportional_part(quota_misses, row_misses, p.kv_heads, h, misses_total);
-  const int cpu_hits = proportional_part(quota - quota_misses, row_hits, p.kv_heads, h, total - misses_total);
+  // first_of and offset_of are free again: they hold the two spreads' floors and parts.
+  spread_quota(quota_misses, row_misses, p.kv_heads, misses_total, first_of, offset_of);
+  const int cpu_misses = offset_of[s.head];
+  __syncthreads();
+  spread_quota(quota - quota_misses, row_hits, p.kv_heads, total - misses_total, first_of, offset_of);
+  const int cpu_hits = offset_of[s.head];
 
   std::int32_t* gpu_out = p.gpu_selected + p.selected_offset[segment];
   std::int32_t* cpu_out = p.cpu_selected + p.selected_offset[segment];
+  // cpu_out is typically mapped host memory, where every store a warp scatters is a PCIe write of its
+  // own (~20 us per step for a few thousand blocks): a tile's CPU blocks gather in shared memory and
+  // leave in runs of consecutive ints, one transaction per warp.
+  __shared__ std::int32_t cpu_tile[kTile];
   int misses_before = 0, hits_before = 0;  // in earlier tiles
   for (int tile = 0; tile < s.n; tile += kTile) {
     const int first = tile + threadIdx.x * kItems;
@@ -187,6 +205,7 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     int prefix = 0, tile_total = 0;
     __syncthreads();  // tmp is reused across tiles
     Scan(tmp.scan).ExclusiveSum(packed, prefix, tile_total);
+    const int cpu_start = min(misses_before, cpu_misses) + min(hits_before, cpu_hits);
     int miss_rank = misses_before + (prefix & ((1 << kCachedShift) - 1));
     int hit_rank = hits_before + (prefix >> kCachedShift);
     for (int k = 0; k < kItems; ++k) {
@@ -195,13 +214,16 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
       // CPU blocks before i: the first cpu_misses uncached and the first cpu_hits cached ones.
       const int cpu_before = min(miss_rank, cpu_misses) + min(hit_rank, cpu_hits);
       const bool to_cpu = is_cached[k] ? hit_rank < cpu_hits : miss_rank < cpu_misses;
-      if (to_cpu) cpu_out[cpu_before] = position[k];
+      if (to_cpu) cpu_tile[cpu_before - cpu_start] = position[k];
       else gpu_out[i - cpu_before] = position[k];
       if (is_cached[k]) ++hit_rank;
       else ++miss_rank;
     }
     misses_before += tile_total & ((1 << kCachedShift) - 1);
     hits_before += tile_total >> kCachedShift;
+    const int cpu_end = min(misses_before, cpu_misses) + min(hits_before, cpu_hits);
+    __syncthreads();  // the next tile's first __syncthreads keeps cpu_tile until every thread wrote it out
+    for (int i = threadIdx.x; i < cpu_end - cpu_start; i += kThreads) cpu_out[cpu_start + i] = cpu_tile[i];
   }
   // The counts follow this pass's reading of the cache map, not the first pass's: an eviction or
   // admission of an earlier call may still run on the cache's side stream and change a block's state
