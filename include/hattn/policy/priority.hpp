@@ -25,8 +25,8 @@ class Priority {
     /// (docs/results/cpu_kernel.json, 2026-11-23); DRAM itself reads ~100 GB/s.
     double cpu_bytes_per_us = 4.3e4;
     /// Fixed costs of a side per layer beyond the GPU's scoring and selection, which both sides wait
-    /// for. The CPU side waits for q and the selection to cross PCIe and wakes its workers, and the
-    /// GPU merge waits behind a host-function gate; the GPU side launches its decode and the merge.
+    /// for. The CPU side waits for the split's lists in mapped memory and wakes its workers, and the
+    /// GPU merge polls for the CPU's published ticket; the GPU side launches its decode and the merge.
     /// Starting points: the measured-time corrections below adjust both sides' totals.
     double cpu_fixed_us = 40.0;
     double gpu_fixed_us = 10.0;
