@@ -188,9 +188,9 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
 
   std::int32_t* gpu_out = p.gpu_selected + p.selected_offset[segment];
   std::int32_t* cpu_out = p.cpu_selected + p.selected_offset[segment];
-  // cpu_out is typically mapped host memory, where every store a warp scatters is a PCIe write of its
-  // own (~20 us per step for a few thousand blocks): a tile's CPU blocks gather in shared memory and
-  // leave in runs of consecutive ints, one transaction per warp.
+  // cpu_out is typically mapped host memory, where each 4-byte store a warp scatters becomes a PCIe
+  // write of its own: a tile's CPU blocks gather in shared memory and leave in runs of consecutive
+  // ints, one or two transactions per warp.
   __shared__ std::int32_t cpu_tile[kTile];
   int misses_before = 0, hits_before = 0;  // in earlier tiles
   for (int tile = 0; tile < s.n; tile += kTile) {

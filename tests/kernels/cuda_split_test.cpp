@@ -202,6 +202,29 @@ TEST(CudaSplit, TheRowsQuotaFollowsTheUncachedBlocksAcrossHeads) {
   }
 }
 
+// The kernel's bounds: a CPU part that ends exactly where a tile of the segment ends (it leaves each
+// tile through shared memory), one just past it, and the most KV heads a share allows (one thread
+// per head spreads the quota).
+TEST(CudaSplit, TileBoundariesAndTheMostKvHeads) {
+  HATTN_REQUIRE_CUDA_DEVICE();
+  for (float share : {0.5f, 0.5f + 1.0f / 4096}) {
+    SplitCase c;
+    c.kv_heads = 1;
+    c.pages_per_row = {4096};
+    c.shares = {share};
+    c.selected_share = 1.0;
+    c.with_cache = false;
+    run_case(c);
+  }
+  SplitCase c;
+  c.kv_heads = 256;
+  c.pages_per_row = {300, 41};
+  c.shares = {0.37f, 0.9f};
+  c.cached_share = 0.6;
+  c.seed = 11;
+  run_case(c);
+}
+
 // The launcher's checks run before any device work, so this one needs no GPU: a CPU share with more
 // KV heads than the kernel's shared per-head counts hold is named, not launched.
 TEST(CudaSplit, NamesMoreKvHeadsThanTheRowCountsHoldWithAShare) {
