@@ -105,18 +105,6 @@ bool fused_step() {
   return on;
 }
 
-// An experiment, off unless HATTN_ADMIT_CPU_BLOCKS=0: with a CPU share in the layer the cache admits
-// only the GPU's part, so the blocks the CPU computed (its misses, first) never cross PCIe for the
-// cache's gather; the CPU computes them again while they stay selected. The cache's hit rate then
-// counts the GPU's part only, which the scheduler reads: hattn-bench A/Bs it with the share forced.
-bool admit_cpu_blocks() {
-  static const bool on = [] {
-    const char* env = std::getenv("HATTN_ADMIT_CPU_BLOCKS");
-    return env == nullptr || env[0] != '0';
-  }();
-  return on;
-}
-
 // Runs in flight before run() waits for the oldest one (a host wait only when the GPU lags this far).
 constexpr int kRing = 8;
 
@@ -899,10 +887,9 @@ struct GpuSide::Impl {
       cp.page_table = d_table;
       cp.page_indptr = d_indptr;
       // The whole selection: blocks the CPU computes this step are admitted too, for the GPU's next.
-      const bool whole_selection = !has_cpu || admit_cpu_blocks();
-      cp.selected = whole_selection ? slot.selected.get() : gpu_selected;
+      cp.selected = slot.selected.get();
       cp.selected_offset = d_sel_offset;
-      cp.selected_count = whole_selection ? slot.selected_count.get() : gpu_count;
+      cp.selected_count = slot.selected_count.get();
       cp.request_of_row = d_request_row;
       cp.batch = batch;
       cp.kv_heads = heads;
