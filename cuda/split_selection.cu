@@ -48,14 +48,14 @@ __device__ void load_items(const SplitSelectionParams& p, const Segment& s, int 
 // Each head's part of `quota` blocks spread over the row's heads in proportion to count[], into
 // part[]: the floor of its exact share, plus one for each of the first (quota - sum of the floors)
 // heads, in head order, whose exact share is not whole. Never more than count[h]; the parts sum to
-// min(quota, total). One thread per head: the 64-bit divisions are software routines of ~100
-// dependent instructions, so one thread looping over the heads would take microseconds.
+// min(quota, total). One thread per head, so each 64-bit division (a software routine on the GPU) runs
+// once per head and block, not once per head in every thread.
 // floor_of is shared scratch of kMaxKvHeads ints (-1 - floor marks an inexact share).
 __device__ void spread_quota(long long quota, const int* count, int heads, long long total, int* floor_of, int* part) {
   for (int h = threadIdx.x; h < heads; h += blockDim.x) {
     const long long exact = quota * count[h];
-    const int floor = quota >= total ? count[h] : static_cast<int>(exact / total);
-    floor_of[h] = quota < total && exact % total != 0 ? -1 - floor : floor;
+    const int whole = quota >= total ? count[h] : static_cast<int>(exact / total);
+    floor_of[h] = quota < total && exact % total != 0 ? -1 - whole : whole;
   }
   __syncthreads();
   for (int h = threadIdx.x; h < heads; h += blockDim.x) {
