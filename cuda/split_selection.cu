@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
   // head would leave the GPU reading many misses across PCIe while the CPU computed cached blocks.
   __shared__ int first_of[kMaxKvHeads + 1], offset_of[kMaxKvHeads];
   __shared__ int row_misses[kMaxKvHeads], row_hits[kMaxKvHeads];
+  __shared__ int quota_floor[kMaxKvHeads], quota_part[kMaxKvHeads];  // spread_quota's scratch and result
   if (p.slot_of != nullptr) {
     count_row_misses(p, row, first_of, offset_of, row_misses);
   } else {
@@ -179,12 +180,11 @@ __global__ void __launch_bounds__(kThreads) SplitSelectionKernel(const __grid_co
     for (int i = threadIdx.x; i < group * p.head_dim; i += blockDim.x) p.q_copy[first + i] = p.q[first + i];
   }
   const long long quota_misses = min(quota, misses_total);
-  // first_of and offset_of are free again: they hold the two spreads' floors and parts.
-  spread_quota(quota_misses, row_misses, p.kv_heads, misses_total, first_of, offset_of);
-  const int cpu_misses = offset_of[s.head];
+  spread_quota(quota_misses, row_misses, p.kv_heads, misses_total, quota_floor, quota_part);
+  const int cpu_misses = quota_part[s.head];
   __syncthreads();
-  spread_quota(quota - quota_misses, row_hits, p.kv_heads, total - misses_total, first_of, offset_of);
-  const int cpu_hits = offset_of[s.head];
+  spread_quota(quota - quota_misses, row_hits, p.kv_heads, total - misses_total, quota_floor, quota_part);
+  const int cpu_hits = quota_part[s.head];
 
   std::int32_t* gpu_out = p.gpu_selected + p.selected_offset[segment];
   std::int32_t* cpu_out = p.cpu_selected + p.selected_offset[segment];
