@@ -8,8 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
