@@ -19,7 +19,6 @@
 #include <random>
 #include <string>
 #include <thread>
-#include <unordered_set>
 #include <vector>
 
 #include "hattn/kv/cache_replay.hpp"
@@ -131,31 +130,21 @@ std::vector<ZooReplay> g_zoo;
 
 #if HATTN_WITH_ZOO
 // Which heads reach pages they never read before: per head kind, the measured lookups of a trace
-// and how many of them are first touches.
-void print_first_touches_by_kind(const zoo::ZooTraceConfig& tc, int warmup, const std::string& name) {
-  zoo::ZooSelectionTrace trace(tc);
-  std::vector<std::int64_t> lookups(zoo::kHeadKinds), first(zoo::kHeadKinds);
-  std::unordered_set<std::int64_t> seen;
-  for (int t = 0; t < tc.max_steps; ++t) {
-    for (int l = 0; l < trace.layers(); ++l)
-      for (int h = 0; h < trace.kv_heads(); ++h) {
-        const auto k = static_cast<std::size_t>(trace.kind(l, h));
-        for (int pos : trace.selected(0, l, h)) {
-          const bool fresh = seen.insert((static_cast<std::int64_t>(l) * trace.kv_heads() + h) << 32 | pos).second;
-          if (t < warmup) continue;
-          ++lookups[k];
-          first[k] += fresh;
-        }
-      }
-    if (t + 1 < tc.max_steps) trace.advance();
+// and how many of them are first touches (counted during the exact-LRU replay of that trace).
+struct FirstTouchesByKind {
+  std::vector<std::int64_t> lookups = std::vector<std::int64_t>(zoo::kHeadKinds);
+  std::vector<std::int64_t> first = std::vector<std::int64_t>(zoo::kHeadKinds);
+
+  void print(const std::string& name) const {
+    const std::int64_t all_first =
+        std::max<std::int64_t>(std::accumulate(first.begin(), first.end(), std::int64_t{0}), 1);
+    for (std::size_t k = 0; k < lookups.size(); ++k)
+      if (lookups[k] > 0)
+        std::cout << "zoo trace " << name << ", " << zoo::to_string(static_cast<zoo::HeadKind>(k)) << " heads: "
+                  << lookups[k] << " lookups, first touches " << static_cast<double>(first[k]) / lookups[k]
+                  << " of them, " << 100.0 * first[k] / all_first << "% of all first touches\n";
   }
-  const std::int64_t all_first = std::max<std::int64_t>(std::accumulate(first.begin(), first.end(), std::int64_t{0}), 1);
-  for (std::size_t k = 0; k < lookups.size(); ++k)
-    if (lookups[k] > 0)
-      std::cout << "zoo trace " << name << ", " << zoo::to_string(static_cast<zoo::HeadKind>(k)) << " heads: "
-                << lookups[k] << " lookups, first touches " << static_cast<double>(first[k]) / lookups[k]
-                << " of them, " << 100.0 * first[k] / all_first << "% of all first touches\n";
-}
+};
 
 void BM_ZooTraceLru(benchmark::State& state) {
   for (auto _ : state) {
@@ -181,17 +170,25 @@ void BM_ZooTraceLru(benchmark::State& state) {
       tc.max_steps = c.steps;
       return tc;
     };
+    FirstTouchesByKind by_kind;  // of the first case, from its exact-LRU replay
     std::vector<std::thread> workers;
     for (auto& c : cases)
       for (const CacheReplacement rule : {CacheReplacement::kExactLru, CacheReplacement::kBucketedLru})
-        workers.emplace_back([&c, rule, &config_of] {
+        workers.emplace_back([&c, rule, &config_of, &by_kind, by_kind_case = &c == &cases.front()] {
           zoo::ZooSelectionTrace trace(config_of(c));
           const int max_pages = trace.pages(0) + c.steps / 16 + 2;
-          auto r = replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages);
+          auto r = by_kind_case && rule == CacheReplacement::kExactLru
+                       ? replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages,
+                                [&](const ReplayLookup& at) {
+                                  const auto k = static_cast<std::size_t>(trace.kind(at.layer, at.head));
+                                  ++by_kind.lookups[k];
+                                  by_kind.first[k] += at.first_touch;
+                                })
+                       : replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages);
           (rule == CacheReplacement::kExactLru ? c.exact : c.bucketed) = r;
         });
     for (auto& w : workers) w.join();
-    print_first_touches_by_kind(config_of(cases.front()), cases.front().warmup, cases.front().name);
+    by_kind.print(cases.front().name);
     for (const auto& c : cases) {
       ZooReplay z{c.name, c.context, c.multiple, c.exact.counters.hit_rate(), c.bucketed.counters.hit_rate(),
                   c.exact.first_touch_share(), c.exact.blocks_per_step};

@@ -46,12 +46,23 @@ concept ReplayableTrace = requires(T& t, const T& c, int i) {
   t.advance();
 };
 
+/// What replay() passes its observer for every measured lookup (after the warm-up steps).
+struct ReplayLookup {
+  int request, layer, head, position;
+  bool first_touch;  // no earlier step (warm-up included) selected this block
+};
+
+struct NoReplayObserver {
+  void operator()(const ReplayLookup&) const noexcept {}
+};
+
 /// Runs `steps` steps of `trace` from where it stands (the first `warmup` not counted), with every
 /// request's budget set to `budget_multiple` x its selected blocks per step at the first step; no
-/// sequence may grow past `max_pages` pages during the replay.
-template <ReplayableTrace Trace>
+/// sequence may grow past `max_pages` pages during the replay. `observe(const ReplayLookup&)`, if
+/// given, sees every measured lookup, so a caller can break the counts down without a second replay.
+template <ReplayableTrace Trace, class Observer = NoReplayObserver>
 CacheReplayResult replay(Trace& trace, CacheReplacement replacement, int steps, int warmup, double budget_multiple,
-                         int max_pages) {
+                         int max_pages, Observer observe = {}) {
   const int requests = trace.requests(), layers = trace.layers(), kv_heads = trace.kv_heads();
   double blocks = 0;
   for (int r = 0; r < requests; ++r)
@@ -85,7 +96,10 @@ CacheReplayResult replay(Trace& trace, CacheReplacement replacement, int steps, 
             }
             const BlockKey key = replay_key(layers, kv_heads, max_pages, r, l, pos, h);
             row.keys.push_back(key);
-            if (seen.insert(key).second && t >= warmup) ++out.first_touches;
+            const bool first_touch = seen.insert(key).second;
+            if (t < warmup) continue;
+            out.first_touches += first_touch;
+            observe(ReplayLookup{r, l, h, pos, first_touch});
           }
       }
       model.step(static_cast<std::uint32_t>(t), l, rows);
