@@ -34,7 +34,7 @@ constexpr int kThreads = 256;
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
   using Lanes = detail::SummaryLanes<T, D>;
-  constexpr int kElems = Lanes::kElems, kDimsPerLane = Lanes::kDimsPerLane, kLoads = Lanes::kLoads;
+  constexpr int kElems = Lanes::kElems, kLoads = Lanes::kLoads;
   constexpr int kQuads = Lanes::kQuads;
   detail::pdl_launch_dependents();
   // Where the caller vouches for its inputs (inputs_ready, detail/pdl.cuh), the tables and q are
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int group_first = by_candidate ? p.group_indptr[b] : 0;
   const int groups = by_candidate ? p.group_indptr[b + 1] - group_first : 0;
   extern __shared__ float4 q_smem[];  // [q_heads][kQuads][kLanesPerPage]
-  detail::stage_q<D>(p.q + static_cast<long long>(b) * p.q_heads * D, p.q_heads, q_smem);
+  detail::stage_q<T, D>(p.q + static_cast<long long>(b) * p.q_heads * D, p.q_heads, q_smem);
   detail::pdl_wait();
   // More kept groups than candidate room would drop the last ones (the forced local groups).
   if (by_candidate && threadIdx.x < p.kv_heads &&
@@ -88,15 +88,15 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
     if (page < 0) return;
     const int h = head_of(w);
     const uint4* s = reinterpret_cast<const uint4*>(static_cast<const T*>(p.summaries) +
-                                                    (static_cast<long long>(page) * p.kv_heads + h) * 3 * D +
-                                                    lane * kDimsPerLane);
+                                                    (static_cast<long long>(page) * p.kv_heads + h) * 3 * D);
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
+      const int c = Lanes::chunk(l, lane);
       if (want_upper) {
-        raw[0][l] = s[l];
-        raw[1][l] = s[D / kElems + l];
+        raw[0][l] = s[c];
+        raw[1][l] = s[D / kElems + c];
       }
-      if (want_estimate) raw[2][l] = s[2 * D / kElems + l];
+      if (want_estimate) raw[2][l] = s[2 * D / kElems + c];
     }
   };
   int w = blockIdx.x * items_per_block + static_cast<int>(threadIdx.x) / kLanesPerPage;
