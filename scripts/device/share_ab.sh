@@ -23,7 +23,8 @@ for run in $(seq "${AB_RUNS:-3}"); do
 done
 if [[ "${AB_NCU:-1}" != 0 ]]; then
   echo "-- ncu: SplitSelectionKernel with the share forced"
-  timeout 120 ncu --kernel-name regex:SplitSelection --launch-skip 40 --launch-count 3 --set full \
+  # --launch-skip counts matching launches only: 10 steps x 4 layers give 40 splits, so skip few.
+  timeout 120 ncu --kernel-name regex:SplitSelection --launch-skip 8 --launch-count 3 --set full \
     "${bench[@]}" --warmup 4 --iters 6 --gpu_only_hit_rate 2 > "$OUT/share_ab_ncu.txt" 2>&1 || status=1
   grep -E 'Duration|Registers Per Thread|Achieved Occupancy' "$OUT/share_ab_ncu.txt"
 fi
