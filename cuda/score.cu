@@ -34,7 +34,7 @@ constexpr int kThreads = 256;
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(const __grid_constant__ ScoreParams p) {
   using Lanes = detail::SummaryLanes<T, D>;
-  constexpr int kElems = Lanes::kElems, kLoads = Lanes::kLoads;
+  constexpr int kLoads = Lanes::kLoads;
   constexpr int kQuads = Lanes::kQuads;
   detail::pdl_launch_dependents();
   // Where the caller vouches for its inputs (inputs_ready, detail/pdl.cuh), the tables and q are
@@ -86,18 +86,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   };
   auto load = [&](int w, int page) {
     if (page < 0) return;
-    const int h = head_of(w);
-    const uint4* s = reinterpret_cast<const uint4*>(static_cast<const T*>(p.summaries) +
-                                                    (static_cast<long long>(page) * p.kv_heads + h) * 3 * D);
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const int c = Lanes::chunk(l, lane);
-      if (want_upper) {
-        raw[0][l] = s[c];
-        raw[1][l] = s[D / kElems + c];
-      }
-      if (want_estimate) raw[2][l] = s[2 * D / kElems + c];
-    }
+    const T* rows = static_cast<const T*>(p.summaries) + (static_cast<long long>(page) * p.kv_heads + head_of(w)) * 3 * D;
+    detail::load_summary_rows<T, D>(rows, lane, want_upper, want_estimate, raw);
   };
   int w = blockIdx.x * items_per_block + static_cast<int>(threadIdx.x) / kLanesPerPage;
   const int first_w = w - static_cast<int>(threadIdx.x) / kLanesPerPage;

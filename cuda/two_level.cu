@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   keep_rule.local_begin = max(groups - max(p.keep.local_pages, 0), 0);
   const bool blended = f.blended != nullptr && f.blended[s] != 0;
   detail::stage_q<T, D>(f.q + (static_cast<long long>(b) * f.q_heads + static_cast<long long>(h) * group) * D, group,
-                     q_smem);
+                        q_smem);
   detail::pdl_wait();
   // max_groups understated the longest group segment.
   if (groups > p.max_groups) __trap();
@@ -109,17 +109,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   uint4 raw[3][Lanes::kLoads] = {};
   auto load = [&](int page) {
     if (page < 0) return;
-    const uint4* row = reinterpret_cast<const uint4*>(static_cast<const T*>(f.summaries) +
-                                                      (static_cast<long long>(page) * f.kv_heads + h) * 3 * D);
-#pragma unroll
-    for (int l = 0; l < Lanes::kLoads; ++l) {
-      const int c = Lanes::chunk(l, lane);
-      if (want_upper) {
-        raw[0][l] = row[c];
-        raw[1][l] = row[D / Lanes::kElems + c];
-      }
-      if (want_estimate) raw[2][l] = row[2 * D / Lanes::kElems + c];
-    }
+    const T* rows = static_cast<const T*>(f.summaries) + (static_cast<long long>(page) * f.kv_heads + h) * 3 * D;
+    detail::load_summary_rows<T, D>(rows, lane, want_upper, want_estimate, raw);
   };
   int j = blockIdx.x * kItemsPerBlock + static_cast<int>(threadIdx.x) / kLanes;
   const int first_j = j - static_cast<int>(threadIdx.x) / kLanes;

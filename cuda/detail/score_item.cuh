@@ -27,10 +27,10 @@ struct SummaryLanes {
 
   /// The 16-byte chunk of a row that `lane` reads in its load l; its elements are the lane's
   /// elements l * kElems .. l * kElems + kElems - 1. Interleaved so that each load of an item's eight
-  /// lanes reads 128 contiguous bytes. With each lane's dims contiguous instead, every load used half
-  /// of each 32-byte sector it touched (ncu, H100, 2026-12-07: 49% of the L2 sectors excess); the L1
-  /// caught the other half, so the kernel's time did not change (35.4 -> 35.8 us alone), only the
-  /// L1 traffic did.
+  /// lanes reads 128 contiguous bytes. With each lane's dims contiguous instead, a lane's loads were
+  /// 32 bytes apart for bf16 at D = 128, and ncu counted 49% of the L2 sectors excess (H100,
+  /// 2026-12-07); the kernel's time did not change with this layout (35.4 and 35.8 us alone, on two
+  /// machines of the pool): the L1 had been serving the other half of each sector.
   static __device__ __forceinline__ int chunk(int l, int lane) { return l * kLanesPerItem + lane; }
 };
 
@@ -58,6 +58,25 @@ __device__ __forceinline__ void stage_q(const float* q_heads_base, int heads, fl
     const int lane = idx % kLanesPerItem, j = idx / kLanesPerItem % L::kQuads, head = idx / kLanesPerItem / L::kQuads;
     const int dim_quad = L::chunk(j / kQuadsPerChunk, lane) * kQuadsPerChunk + j % kQuadsPerChunk;
     q_smem[idx] = q[head * (D / 4) + dim_quad];
+  }
+}
+
+/// Loads one item's summary rows (`rows`: its [3][D] elements of T, min, max, mean) into `raw`, this
+/// lane's chunks of each: the min and max rows if want_upper, the mean row if want_estimate (a row
+/// not loaded keeps what `raw` held).
+template <class T, int D>
+__device__ __forceinline__ void load_summary_rows(const T* rows, int lane, bool want_upper, bool want_estimate,
+                                                  uint4 (&raw)[3][SummaryLanes<T, D>::kLoads]) {
+  using L = SummaryLanes<T, D>;
+  const uint4* row = reinterpret_cast<const uint4*>(rows);
+#pragma unroll
+  for (int l = 0; l < L::kLoads; ++l) {
+    const int c = L::chunk(l, lane);
+    if (want_upper) {
+      raw[0][l] = row[c];
+      raw[1][l] = row[D / L::kElems + c];
+    }
+    if (want_estimate) raw[2][l] = row[2 * D / L::kElems + c];
   }
 }
 

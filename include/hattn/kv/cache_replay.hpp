@@ -52,6 +52,7 @@ struct ReplayLookup {
   bool first_touch;  // no earlier step (warm-up included) selected this block
 };
 
+/// replay()'s default observer: counts stay in CacheReplayResult only.
 struct NoReplayObserver {
   void operator()(const ReplayLookup&) const noexcept {}
 };
@@ -60,7 +61,7 @@ struct NoReplayObserver {
 /// request's budget set to `budget_multiple` x its selected blocks per step at the first step; no
 /// sequence may grow past `max_pages` pages during the replay. `observe(const ReplayLookup&)`, if
 /// given, sees every measured lookup, so a caller can break the counts down without a second replay.
-template <ReplayableTrace Trace, class Observer = NoReplayObserver>
+template <ReplayableTrace Trace, std::invocable<const ReplayLookup&> Observer = NoReplayObserver>
 CacheReplayResult replay(Trace& trace, CacheReplacement replacement, int steps, int warmup, double budget_multiple,
                          int max_pages, Observer observe = {}) {
   const int requests = trace.requests(), layers = trace.layers(), kv_heads = trace.kv_heads();
