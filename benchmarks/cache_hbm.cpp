@@ -174,17 +174,16 @@ void BM_ZooTraceLru(benchmark::State& state) {
     std::vector<std::thread> workers;
     for (auto& c : cases)
       for (const CacheReplacement rule : {CacheReplacement::kExactLru, CacheReplacement::kBucketedLru})
-        workers.emplace_back([&c, rule, &config_of, &by_kind, by_kind_case = &c == &cases.front()] {
+        workers.emplace_back([&c, rule, &config_of, &by_kind,
+                              counts_kinds = &c == &cases.front() && rule == CacheReplacement::kExactLru] {
           zoo::ZooSelectionTrace trace(config_of(c));
           const int max_pages = trace.pages(0) + c.steps / 16 + 2;
-          auto r = by_kind_case && rule == CacheReplacement::kExactLru
-                       ? replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages,
-                                [&](const ReplayLookup& at) {
-                                  const auto k = static_cast<std::size_t>(trace.kind(at.layer, at.head));
-                                  ++by_kind.lookups[k];
-                                  by_kind.first[k] += at.first_touch;
-                                })
-                       : replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages);
+          auto r = replay(trace, rule, c.steps, c.warmup, c.multiple, max_pages, [&](const ReplayLookup& at) {
+            if (!counts_kinds) return;  // one replay writes by_kind: no other thread touches it
+            const auto k = static_cast<std::size_t>(trace.kind(at.layer, at.head));
+            ++by_kind.lookups[k];
+            by_kind.first[k] += at.first_touch;
+          });
           (rule == CacheReplacement::kExactLru ? c.exact : c.bucketed) = r;
         });
     for (auto& w : workers) w.join();

@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   };
   auto load = [&](int w, int page) {
     if (page < 0) return;
-    const T* rows = static_cast<const T*>(p.summaries) + (static_cast<long long>(page) * p.kv_heads + head_of(w)) * 3 * D;
+    const T* rows =
+        static_cast<const T*>(p.summaries) + (static_cast<long long>(page) * p.kv_heads + head_of(w)) * 3 * D;
     detail::load_summary_rows<T, D>(rows, lane, want_upper, want_estimate, raw);
   };
   int w = blockIdx.x * items_per_block + static_cast<int>(threadIdx.x) / kLanesPerPage;
