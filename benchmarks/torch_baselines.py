@@ -128,10 +128,12 @@ def main():
     ap.add_argument("--cpu-threads", type=int, default=16)
     ap.add_argument("--kernel-shapes-only", action="store_true",
                     help="only the GPU shapes of docs/results/cuda_kernels.json (no offload, no CPU): ~1 minute")
+    ap.add_argument("--cpu-only", action="store_true",
+                    help="only the CPU SDPA of docs/results/cpu_kernel.json (scripts/device/cpu.sh): seconds")
     args = ap.parse_args()
     log = []
     gpu, chosen = {}, {}
-    shapes = KERNEL_SHAPES if args.kernel_shapes_only else GPU_SHAPES
+    shapes = [] if args.cpu_only else KERNEL_SHAPES if args.kernel_shapes_only else GPU_SHAPES
     for tokens, batch in shapes:
         us, best = best_gpu_sdpa(tokens, batch, log)
         gpu[f"{tokens}x{batch}"] = us
@@ -149,7 +151,7 @@ def main():
         return run
 
     offload, cpu = {}, {}
-    for tokens, batch in [] if args.kernel_shapes_only else OFFLOAD_SHAPES:
+    for tokens, batch in [] if args.kernel_shapes_only or args.cpu_only else OFFLOAD_SHAPES:
         key = f"{tokens}x{batch}"
         offload[key] = full_offload_us(tokens, batch, best_fn_for(key))
         print(f"full offload {key}: {offload[key]:.1f} us", flush=True)
@@ -157,7 +159,7 @@ def main():
         cpu["131072x1"] = cpu_sdpa_us(131072, 1, args.cpu_threads)
         print(f"cpu sdpa 131072x1: {cpu['131072x1']:.1f} us", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "dtype": "bf16"},
         "gpu_sdpa_us": gpu,

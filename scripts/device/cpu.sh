@@ -8,7 +8,7 @@
 set -euo pipefail
 : "${BUILD:?BUILD must name a built tree}" "${OUT:?OUT must name a folder}"
 export HATTN_COMMIT=${HATTN_COMMIT:-unknown}
-torch_json=${TORCH_JSON:-$OUT/torch_baselines.json}
+torch_json=${TORCH_JSON:-$OUT/torch_baselines.json}  # or torch_baselines.py --cpu-only
 mkdir -p "$OUT" docs/results
 log="$OUT/cpu_bench.log"
 : > "$log"
