@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "detail/dispatch.cuh"
+#include "detail/fast_divmod.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/launch_checks.hpp"
 #include "detail/pdl.cuh"
@@ -67,11 +68,14 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   // Raw rows of the next item are loaded before the current one is scored (software pipelining),
   // so each lane keeps two items of loads in flight.
   uint4 raw[3][kLoads] = {};
-  auto head_of = [&](int w) { return by_candidate ? w / p.candidates : w % p.kv_heads; };
+  // Item w is (page w / kv_heads, head w % kv_heads), or (head w / candidates, entry w % candidates)
+  // in candidate mode: one FastDivmod instead of several run-time divisions per item.
+  const detail::FastDivmod per(by_candidate ? p.candidates : p.kv_heads);
+  auto head_of = [&](int w) { return by_candidate ? per.div(w) : per.mod(w); };
   // Page position of item w, -1 for a candidate entry past the kept groups' pages.
   auto position_of = [&](int w) {
-    if (!by_candidate) return w / p.kv_heads;
-    const int h = w / p.candidates, j = w % p.candidates;
+    if (!by_candidate) return per.div(w);
+    const int h = per.div(w), j = w - h * p.candidates;
     const int kept = j / kPagesPerSummaryGroup;
     if (kept >= p.kept_count[b * p.kv_heads + h]) return -1;
     const long long at = static_cast<long long>(group_first) * p.kv_heads + static_cast<long long>(h) * groups + kept;
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
                              best_upper, est_max, est_sum);
     if (live && lane == 0) {
       const int i = position_of(w);
-      const long long at = by_candidate ? static_cast<long long>(b * p.kv_heads + h) * p.candidates + w % p.candidates
+      const long long at = by_candidate ? static_cast<long long>(b * p.kv_heads + h) * p.candidates + (w - h * p.candidates)
                                         : out_base + static_cast<long long>(h) * n + i;
       if (by_candidate) {
         p.position_of[at] = i;

@@ -91,22 +91,16 @@ __device__ __forceinline__ void score_item(const uint4 (&raw)[3][SummaryLanes<T,
                                            float& est_max, float& est_sum) {
   using L = SummaryLanes<T, D>;
   const int lane = threadIdx.x % kLanesPerItem;
-  // max(q kmin, q kmax) = (q (kmax + kmin) + |q| (kmax - kmin)) / 2 for kmax >= kmin: per dimension
-  // and head two FMAs, |q| being a free operand modifier, where the select by the sign of q cost a
-  // compare, a select and an FMA; the sum and difference are formed once per dimension for all the
-  // heads of the group. Rounding moves the bound by about one fp32 ulp, as the summing order does.
-  // Rows are finite: summaries of empty pages and groups hold 0 (kmin + kmax of +-inf would be NaN).
-  float lo_plus_hi[L::kDimsPerLane], hi_minus_lo[L::kDimsPerLane], mean[L::kDimsPerLane];
+  float lo[L::kDimsPerLane], hi[L::kDimsPerLane], mean[L::kDimsPerLane];
 #pragma unroll
   for (int l = 0; l < L::kLoads; ++l) {
-    float lo[L::kElems], hi[L::kElems], f[L::kElems];
-    unpack_row<T>(raw[0][l], lo);
-    unpack_row<T>(raw[1][l], hi);
+    float f[L::kElems];
+    unpack_row<T>(raw[0][l], f);
 #pragma unroll
-    for (int e = 0; e < L::kElems; ++e) {
-      lo_plus_hi[l * L::kElems + e] = hi[e] + lo[e];
-      hi_minus_lo[l * L::kElems + e] = hi[e] - lo[e];
-    }
+    for (int e = 0; e < L::kElems; ++e) lo[l * L::kElems + e] = f[e];
+    unpack_row<T>(raw[1][l], f);
+#pragma unroll
+    for (int e = 0; e < L::kElems; ++e) hi[l * L::kElems + e] = f[e];
     unpack_row<T>(raw[2][l], f);
 #pragma unroll
     for (int e = 0; e < L::kElems; ++e) mean[l * L::kElems + e] = f[e];
@@ -132,8 +126,15 @@ __device__ __forceinline__ void score_item(const uint4 (&raw)[3][SummaryLanes<T,
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int e = 4 * j + c;
-          up[k] = fmaf(qv[c], lo_plus_hi[e], up[k]);
-          up[k] = fmaf(fabsf(qv[c]), hi_minus_lo[e], up[k]);
+          // max(q kmin, q kmax) = (q (kmax + kmin) + |q| (kmax - kmin)) / 2 for kmax >= kmin: two
+          // FMAs (|q| is a free operand modifier) where the select by the sign of q took a compare,
+          // a select and an FMA; the compiler forms the sum and difference once for all the heads.
+          // Rows are finite (summaries of empty pages and groups hold 0; +-inf would give NaN here),
+          // and rounding moves the bound by about an fp32 ulp, as the summing order does. ptxas:
+          // bf16/fp16 kernels 126 -> 127 registers at D = 128, no spills; the fp32 D = 128 kernel
+          // (coarse group pass) now spills 20 bytes at its 128-register cap.
+          up[k] = fmaf(qv[c], hi[e] + lo[e], up[k]);
+          up[k] = fmaf(fabsf(qv[c]), hi[e] - lo[e], up[k]);
           if (want_estimate) dot[k] = fmaf(qv[c], mean[e], dot[k]);
         }
       }
