@@ -96,6 +96,14 @@ __device__ __forceinline__ int eviction_class(std::uint32_t age, BlockKey key, s
   return bucket * kCacheSubBuckets + static_cast<int>((static_cast<std::uint32_t>(key) * 0x9E3779B1u) >> 28);
 }
 
+// Position `offset` past `base` in the free ring of `slots` entries, for base < slots and offset
+// <= slots (a call pushes or pops each slot at most once): a compare and a subtract where a 64-bit
+// `%` by a run-time value is a long dependent sequence at the end of every pushing thread's chain.
+__device__ __forceinline__ int ring_at(int base, int offset, int slots) {
+  const int i = base + offset;  // < 2 slots <= 2^31 (CacheShape::validate bounds slots by 2^30)
+  return i >= slots ? i - slots : i;
+}
+
 __device__ __forceinline__ bool open_request(const CacheDeviceView& v, int r) {
   return r >= 0 && r < v.max_requests && v.budget[r] >= 0;
 }
@@ -450,8 +458,8 @@ __device__ void plan_call(const CacheDeviceView& v, const CacheCallArgs& a, int*
     sc.gather_count = admitted;
     sc.pops = taken;
     sc.pop_head = head;
-    sc.push_tail = static_cast<int>((static_cast<long long>(head) + free_count) % v.slots);
-    sc.free_head = static_cast<int>((static_cast<long long>(head) + taken) % v.slots);
+    sc.push_tail = ring_at(head, free_count, v.slots);
+    sc.free_head = ring_at(head, taken, v.slots);
     sc.free_count = free_count - taken;
     sc.pushed = 0;
     sc.uncommitted_rows = batch;
@@ -663,7 +671,7 @@ __global__ void __launch_bounds__(kThreads) CacheEvictAdmitKernel(const __grid_c
     int at = 0;
     if (lane == leader) at = atomicAdd(&v.scalars->pushed, __popc(pushing));
     at = __shfl_sync(kAllLanes, at, leader) + __popc(pushing & lanes_below());
-    if (push) v.free_ring[static_cast<int>((static_cast<long long>(push_tail) + at) % v.slots)] = slot[k];
+    if (push) v.free_ring[ring_at(push_tail, at, v.slots)] = slot[k];
   }
   mark_phase(a, kPhaseEvictDone);
   const int stride = static_cast<int>(gridDim.x * blockDim.x);
@@ -676,7 +684,7 @@ __global__ void __launch_bounds__(kThreads) CacheEvictAdmitKernel(const __grid_c
     }
     const CacheRowPlan& plan = sh_plan[lo];
     const int t = plan.evicted + (i - plan.pop_base);
-    const int free_slot = v.free_ring[static_cast<int>((static_cast<long long>(pop_head) + i) % v.slots)];
+    const int free_slot = v.free_ring[ring_at(pop_head, i, v.slots)];
     claim(v, a, plan, t, free_slot, miss_of_rank(v, a, starts, bases, lo, t));
   }
   // Stage 1 of the next call accumulates into zeroed histograms and counters.

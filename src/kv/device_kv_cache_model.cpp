@@ -13,7 +13,8 @@ constexpr std::uint32_t kNoStep = std::numeric_limits<std::uint32_t>::max();
 }  // namespace
 
 void CacheShape::validate() const {
-  detail::require(slots > 0, "CacheShape", "slots", slots, "> 0");
+  // <= 2^30: the device's free-ring positions are formed as a sum of two values below `slots`.
+  detail::require(slots > 0 && slots <= (1 << 30), "CacheShape", "slots", slots, "in [1, 2^30]");
   detail::require(max_requests > 0, "CacheShape", "max_requests", max_requests, "> 0");
   detail::require(pool_pages > 0, "CacheShape", "pool_pages", pool_pages, "> 0");
   detail::require(kv_heads > 0, "CacheShape", "kv_heads", kv_heads, "> 0");
