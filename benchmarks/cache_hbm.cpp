@@ -514,10 +514,15 @@ void write_json(const std::string& dir) {
   const std::string path = dir + "/hbm_cache.json";
   const char* commit = std::getenv("HATTN_COMMIT");
   std::ofstream os(path);
+  // A figure whose benchmark was filtered out is null, never a 0 from an empty accumulator.
+  const bool have_gap = g_gap.configs > 0 && !g_zoo.empty(), have_gather = g_maint.h2d_gbps > 0;
+  auto value = [](bool measured, double v) { return measured ? std::to_string(v) : std::string("null"); };
   os << "{\n  \"device\": \"" << g_maint.device << "\",\n  \"date\": \"" << today_utc() << "\",\n  \"commit\": \""
      << (commit && *commit ? commit : "unknown") << "\",\n  \"figures\": {\n"
-     << "    \"hit_rate_gap_vs_exact_lru_points\": {\"value\": " << worst
-     << ", \"unit\": \"points\", \"how\": \"worst case over " << g_gap.configs
+     << "    \"hit_rate_gap_vs_exact_lru_points\": {\"value\": " << value(have_gap, worst)
+     << ", \"unit\": \"points\", \"how\": \""
+     << (have_gap ? "" : "not measured in this run (BM_BucketedVsExactLru and BM_ZooTraceLru must both run); ")
+     << "worst case over " << g_gap.configs
      << " synthetic selection traces (drifting hot sets, recurring needles, sinks and local window; budgets 1.2x, "
         "2.5x, 4.5x the per-step working set) and " << g_zoo.size()
      << " head-zoo traces (top-k 5% by the Quest bound):"
@@ -551,8 +556,10 @@ void write_json(const std::string& dir) {
   for (std::size_t k = 0; k < g_maint.phase_us.size(); ++k) os << " " << kPhaseNames[k] << " " << g_maint.phase_us[k];
 #endif
   os << "\"},\n"
-     << "    \"gather_default_grid_vs_h2d\": {\"value\": " << (g_maint.h2d_gbps > 0 ? g_maint.gather_gbps / g_maint.h2d_gbps : 0)
-     << ", \"unit\": \"ratio\", \"how\": \"persistent gather with the cache's default grid ("
+     << "    \"gather_default_grid_vs_h2d\": {\"value\": "
+     << value(have_gather, have_gather ? g_maint.gather_gbps / g_maint.h2d_gbps : 0)
+     << ", \"unit\": \"ratio\", \"how\": \"" << (have_gather ? "" : "not measured in this run (BM_GatherDefaultGrid was filtered out); ")
+     << "persistent gather with the cache's default grid ("
 #if HATTN_WITH_CUDA
      << cuda::kGatherDefaultBlocks
 #endif
