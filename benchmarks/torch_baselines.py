@@ -122,14 +122,26 @@ def full_offload_us(tokens, batch, best_fn):
     return cuda_median_us(step, reps=20, warmup=3)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu-threads", type=int, default=16)
-    ap.add_argument("--kernel-shapes-only", action="store_true",
-                    help="only the GPU shapes of docs/results/cuda_kernels.json (no offload, no CPU): ~1 minute")
-    ap.add_argument("--cpu-only", action="store_true",
-                    help="only the CPU SDPA of docs/results/cpu_kernel.json (scripts/device/cpu.sh): seconds")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--kernel-shapes-only", action="store_true",
+                      help="only the GPU shapes of docs/results/cuda_kernels.json (no offload, no CPU): ~1 minute")
+    only.add_argument("--cpu-only", action="store_true",
+                      help="only the CPU SDPA of docs/results/cpu_kernel.json (scripts/device/cpu.sh): seconds")
     args = ap.parse_args()
     log = []
     gpu, chosen = {}, {}
@@ -159,7 +171,7 @@ def main():
         cpu["131072x1"] = cpu_sdpa_us(131072, 1, args.cpu_threads)
         print(f"cpu sdpa 131072x1: {cpu['131072x1']:.1f} us", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": cpu_name() if args.cpu_only or not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "dtype": "bf16"},
         "gpu_sdpa_us": gpu,

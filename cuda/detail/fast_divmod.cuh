@@ -9,10 +9,11 @@
 // sum cannot wrap because umulhi(n, m) <= n < 2^31).
 #include <cstdint>
 
+// A name of its own: cache_policy.hpp defines HATTN_HOST_DEVICE, which an #undef here would remove.
 #if defined(__CUDACC__)
-#define HATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#define HATTN_FAST_DIVMOD_FN __host__ __device__ __forceinline__
 #else
-#define HATTN_HOST_DEVICE inline
+#define HATTN_FAST_DIVMOD_FN inline
 #endif
 
 namespace hattn::cuda::detail {
@@ -22,13 +23,13 @@ struct FastDivmod {
 
   FastDivmod() = default;
   /// d >= 1 (the caller's argument checks guarantee it).
-  HATTN_HOST_DEVICE explicit FastDivmod(int d) : divisor(static_cast<std::uint32_t>(d)) {
+  HATTN_FAST_DIVMOD_FN explicit FastDivmod(int d) : divisor(static_cast<std::uint32_t>(d)) {
     while ((std::uint64_t{1} << shift) < divisor) ++shift;
     magic = static_cast<std::uint32_t>((((std::uint64_t{1} << shift) - divisor) << 32) / divisor + 1);
   }
 
   /// n / divisor for 0 <= n < 2^31.
-  HATTN_HOST_DEVICE int div(int n) const {
+  HATTN_FAST_DIVMOD_FN int div(int n) const {
     const auto u = static_cast<std::uint32_t>(n);
 #if defined(__CUDA_ARCH__)
     const std::uint32_t hi = __umulhi(u, magic);
@@ -38,9 +39,9 @@ struct FastDivmod {
     return static_cast<int>((hi + u) >> shift);
   }
   /// n % divisor for 0 <= n < 2^31.
-  HATTN_HOST_DEVICE int mod(int n) const { return n - div(n) * static_cast<int>(divisor); }
+  HATTN_FAST_DIVMOD_FN int mod(int n) const { return n - div(n) * static_cast<int>(divisor); }
 };
 
 }  // namespace hattn::cuda::detail
 
-#undef HATTN_HOST_DEVICE
+#undef HATTN_FAST_DIVMOD_FN

@@ -129,10 +129,8 @@ __device__ __forceinline__ void score_item(const uint4 (&raw)[3][SummaryLanes<T,
           // max(q kmin, q kmax) = (q (kmax + kmin) + |q| (kmax - kmin)) / 2 for kmax >= kmin: two
           // FMAs (|q| is a free operand modifier) where the select by the sign of q took a compare,
           // a select and an FMA; the compiler forms the sum and difference once for all the heads.
-          // Rows are finite (summaries of empty pages and groups hold 0; +-inf would give NaN here),
-          // and rounding moves the bound by about an fp32 ulp, as the summing order does. ptxas:
-          // bf16/fp16 kernels 126 -> 127 registers at D = 128, no spills; the fp32 D = 128 kernel
-          // (coarse group pass) now spills 20 bytes at its 128-register cap.
+          // Rounding moves the bound by about an fp32 ulp, as the summing order does. An infinite
+          // summary element (keys that overflowed fp16) makes the sum NaN, not +-inf: see below.
           up[k] = fmaf(qv[c], hi[e] + lo[e], up[k]);
           up[k] = fmaf(fabsf(qv[c]), hi[e] - lo[e], up[k]);
           if (want_estimate) dot[k] = fmaf(qv[c], mean[e], dot[k]);
@@ -149,7 +147,10 @@ __device__ __forceinline__ void score_item(const uint4 (&raw)[3][SummaryLanes<T,
 #pragma unroll
     for (int k = 0; k < kHeadsAtOnce; ++k) {
       if (g0 + k >= group) break;
-      best_upper = fmaxf(best_upper, 0.5f * scale * up[k]);
+      // NaN comes only from non-finite summary rows; +inf keeps it an upper bound (the select-by-sign
+      // form gave +inf or a finite bound there), where fmaxf would drop the head.
+      const float bound = 0.5f * scale * up[k];
+      best_upper = fmaxf(best_upper, bound == bound ? bound : INFINITY);
       // log-mean-exp over the group, kept stable with a running max.
       const float x = scale * dot[k];
       if (x > est_max) {

@@ -46,6 +46,7 @@ fi
 #    issue to docs/results/cpu_kernel.json (and a copy in $OUT).
 if [ ! -f "$torch_json" ]; then  # PyTorch's CPU SDPA alone takes seconds (the GPU sweep does not run)
   torch_json=$OUT/torch_cpu.json
+  rm -f "$torch_json"  # never a stale file from an earlier run in the same OUT
   python3 benchmarks/torch_baselines.py --cpu-only --out "$torch_json" >> "$log" 2>&1 ||
     say "note: torch_baselines.py --cpu-only failed: cpu_vs_torch_sdpa_128k will be null"
 fi

@@ -13,7 +13,8 @@ constexpr std::uint32_t kNoStep = std::numeric_limits<std::uint32_t>::max();
 }  // namespace
 
 void CacheShape::validate() const {
-  // <= 2^30: the device's free-ring positions are formed as a sum of two values below `slots`.
+  // <= 2^30: the device forms free-ring positions as a position below `slots` plus an offset of at
+  // most `slots` (cuda/cache_kernels.cu, ring_at), which must not wrap an int.
   detail::require(slots > 0 && slots <= (1 << 30), "CacheShape", "slots", slots, "in [1, 2^30]");
   detail::require(max_requests > 0, "CacheShape", "max_requests", max_requests, "> 0");
   detail::require(pool_pages > 0, "CacheShape", "pool_pages", pool_pages, "> 0");
