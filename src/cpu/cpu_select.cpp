@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "hattn/core/error.hpp"
 #include "hattn/kv/page_summary.hpp"
@@ -58,15 +59,27 @@ namespace {
 
 // Bound and log estimated mass of one summary (rows lo, hi, mean of head_dim fp32 values) for the
 // query heads of a GQA group: the formulas of cpu_score_pages, shared with cpu_score_groups.
+// Each sum runs in kLanes partial sums, added at the end: independent lanes the compiler turns into
+// vector registers, where one running sum is a serial chain it may not reorder (no -ffast-math).
 void score_summary(const float* lo, const float* hi, const float* mean, int dim, std::span<const float> q,
                    int group_size, float scale, float log_tokens, float log_group, float& upper, float& estimate) {
+  constexpr int kLanes = 16;
+  const int vec_dim = dim / kLanes * kLanes;
   float best = kNegInf;
   float est_max = kNegInf;
   float est_sum = 0.0f;
   for (int g = 0; g < group_size; ++g) {
     const float* qg = q.data() + static_cast<std::size_t>(g) * dim;
+    float bound_lanes[kLanes] = {}, dot_lanes[kLanes] = {};
+    for (int d0 = 0; d0 < vec_dim; d0 += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const int d = d0 + j;
+        bound_lanes[j] += std::max(qg[d] * lo[d], qg[d] * hi[d]);
+        dot_lanes[j] += qg[d] * mean[d];
+      }
     float bound = 0.0f, dot = 0.0f;
-    for (int d = 0; d < dim; ++d) {
+    for (int j = 0; j < kLanes; ++j) bound += bound_lanes[j], dot += dot_lanes[j];
+    for (int d = vec_dim; d < dim; ++d) {
       bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
       dot += qg[d] * mean[d];
     }
@@ -82,6 +95,16 @@ void score_summary(const float* lo, const float* hi, const float* mean, int dim,
   }
   upper = best;
   estimate = log_tokens + est_max + std::log(est_sum) - log_group;
+}
+
+// A summary row of T widened to fp32; the dtype is fixed per call, so the loop has no switch in it.
+template <class T>
+void widen_row(const std::byte* summary, std::size_t offset, int dim, float* out) {
+  const T* row = reinterpret_cast<const T*>(summary) + offset;
+  for (int d = 0; d < dim; ++d) {
+    if constexpr (std::is_same_v<T, float>) out[d] = row[d];
+    else out[d] = to_float(row[d]);
+  }
 }
 
 void check_score_args(const char* where, const PageLayout& layout, int kv_head, std::span<const float> q,
@@ -116,15 +139,20 @@ void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float>
   float* mean = hi + dim;
   const float log_full = std::log(static_cast<float>(layout.page_size));
   const float log_group = std::log(static_cast<float>(group_size));
-  for (std::size_t i = 0; i < pages.size(); ++i) {
-    const std::byte* s = pool.summary(pages[i]);
-    for (int d = 0; d < dim; ++d) {
-      lo[d] = load_as_float(s, layout.summary_offset(kv_head, 0) + d, layout.dtype);
-      hi[d] = load_as_float(s, layout.summary_offset(kv_head, 1) + d, layout.dtype);
-      mean[d] = load_as_float(s, layout.summary_offset(kv_head, 2) + d, layout.dtype);
+  auto score_all = [&]<class T>() {
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      const std::byte* s = pool.summary(pages[i]);
+      widen_row<T>(s, layout.summary_offset(kv_head, 0), dim, lo);
+      widen_row<T>(s, layout.summary_offset(kv_head, 1), dim, hi);
+      widen_row<T>(s, layout.summary_offset(kv_head, 2), dim, mean);
+      const float log_tokens = i + 1 == pages.size() ? std::log(static_cast<float>(last_page_tokens)) : log_full;
+      score_summary(lo, hi, mean, dim, q, group_size, scale, log_tokens, log_group, upper[i], estimate[i]);
     }
-    const float log_tokens = i + 1 == pages.size() ? std::log(static_cast<float>(last_page_tokens)) : log_full;
-    score_summary(lo, hi, mean, dim, q, group_size, scale, log_tokens, log_group, upper[i], estimate[i]);
+  };
+  switch (layout.dtype) {
+    case DType::kFloat32: score_all.template operator()<float>(); break;
+    case DType::kFloat16: score_all.template operator()<half_t>(); break;
+    case DType::kBFloat16: score_all.template operator()<bfloat16_t>(); break;
   }
 }
 
