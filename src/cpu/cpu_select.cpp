@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 
 #include "hattn/core/error.hpp"
 #include "hattn/kv/page_summary.hpp"
@@ -101,10 +100,7 @@ void score_summary(const float* lo, const float* hi, const float* mean, int dim,
 template <class T>
 void widen_row(const std::byte* summary, std::size_t offset, int dim, float* out) {
   const T* row = reinterpret_cast<const T*>(summary) + offset;
-  for (int d = 0; d < dim; ++d) {
-    if constexpr (std::is_same_v<T, float>) out[d] = row[d];
-    else out[d] = to_float(row[d]);
-  }
+  for (int d = 0; d < dim; ++d) out[d] = to_float(row[d]);
 }
 
 void check_score_args(const char* where, const PageLayout& layout, int kv_head, std::span<const float> q,

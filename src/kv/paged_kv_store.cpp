@@ -133,10 +133,6 @@ void PagedKVStore::append(SeqId seq, int layer, const TensorView& keys, const Te
 
 namespace {
 
-inline float widen(float v) noexcept { return v; }
-inline float widen(half_t v) noexcept { return to_float(v); }
-inline float widen(bfloat16_t v) noexcept { return to_float(v); }
-
 template <class T>
 T narrow(float v) noexcept {
   if constexpr (std::is_same_v<T, float>) return v;
@@ -151,7 +147,7 @@ template <class T>
 void accumulate(const T* __restrict key, int dim, float* __restrict pmin, float* __restrict pmax,
                 float* __restrict psum, float* __restrict glo, float* __restrict ghi, double* __restrict gsum) {
   for (int d = 0; d < dim; ++d) {
-    const float k = widen(key[d]);
+    const float k = to_float(key[d]);
     pmin[d] = std::min(pmin[d], k);
     pmax[d] = std::max(pmax[d], k);
     psum[d] += k;

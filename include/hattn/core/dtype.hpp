@@ -38,6 +38,9 @@ struct bfloat16_t {
   friend constexpr bool operator==(bfloat16_t, bfloat16_t) = default;
 };
 
+/// The identity, so that code templated on the KV element type widens fp32, fp16 and bf16 alike.
+constexpr float to_float(float v) noexcept { return v; }
+
 constexpr float to_float(bfloat16_t v) noexcept {
   return std::bit_cast<float>(static_cast<std::uint32_t>(v.bits) << 16);
 }
