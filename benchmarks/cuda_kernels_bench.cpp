@@ -773,15 +773,73 @@ int write_figures(const std::string& out_path, const std::string& torch_path) {
   return out ? 0 : 1;
 }
 
+/// Where the fused two-level step's time goes (--timeline): chains of its launches in graphs, and the
+/// kernels' own phase marks (%globaltimer, hc::TwoLevelMark / hc::DecodeMark) over steps each launched
+/// after the previous one finished, relative to the fused kernel's first block. Printed, not a figure.
+int print_timeline() {
+  SparseStep two(131072, 0.05, 4);
+  two.bound_like_the_engine(true);
+  const hc::TwoLevelStages stage = hc::two_level_stages(two.two_level);
+  const double coarse = graph_us_per_launch([&](cudaStream_t st) { hc::launch_score_pages(stage.coarse, st); }, 20, 30);
+  const double scored = graph_us_per_launch(
+      [&](cudaStream_t st) { hc::launch_select_two_level(two.two_level, two.candidate_select, st); }, 20, 30);
+  const double whole = graph_us_per_launch([&](cudaStream_t st) { two.run(st); }, 20, 30);
+  std::printf("chains in graphs of 20 (us per step): coarse %.1f; coarse + fused select %.1f; + decode %.1f "
+              "(splits %d)\n", coarse, scored, whole, two.layer.decode.splits);
+  for (int splits : {two.layer.decode.splits / 2, two.layer.decode.splits * 2}) {
+    SparseStep t(131072, 0.05, 4);
+    t.bound_like_the_engine(true);
+    t.layer.decode.splits = t.layer.merge.splits = std::max(splits, 1);
+    std::printf("  decode splits %d: %.1f us\n", t.layer.decode.splits,
+                graph_us_per_launch([&](cudaStream_t st) { t.run(st); }, 20, 30));
+  }
+  for (const char* blocks : {"4", "8", "16"}) {
+    setenv("HATTN_FUSED_BLOCKS", blocks, 1);
+    std::printf("  fused blocks per segment %s: %.1f us\n", blocks,
+                graph_us_per_launch([&](cudaStream_t st) { two.run(st); }, 20, 30));
+  }
+  unsetenv("HATTN_FUSED_BLOCKS");
+  constexpr int kMarks = int{hc::kTwoLevelMarks} + int{hc::kDecodeMarks};
+  Arena arena;
+  std::uint64_t* marks = arena.track(device_alloc<std::uint64_t>(kMarks));
+  std::vector<std::uint64_t> init(kMarks, 0), got(kMarks);
+  init[hc::kTwoLevelEarliestStart] = ~0ull;
+  init[int{hc::kTwoLevelMarks} + int{hc::kDecodeEarliestStart}] = ~0ull;
+  two.two_level.phase_ns = marks;
+  two.layer.decode.phase_ns = marks + hc::kTwoLevelMarks;
+  const char* names[kMarks] = {"fused: first block",    "fused: coarse waited", "fused: groups kept",
+                               "fused: scored",         "fused: select loaded", "fused: selected",
+                               "decode: first block",   "decode: waited",       "decode: partials",
+                               "decode: end (merged)"};
+  std::vector<std::vector<double>> rel(kMarks);
+  for (int rep = 0; rep < 33; ++rep) {
+    HATTN_CUDA_CHECK(cudaMemcpy(marks, init.data(), kMarks * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
+    two.run();
+    HATTN_CUDA_CHECK(cudaDeviceSynchronize());
+    HATTN_CUDA_CHECK(cudaMemcpy(got.data(), marks, kMarks * sizeof(std::uint64_t), cudaMemcpyDeviceToHost));
+    if (rep < 3) continue;
+    for (int i = 0; i < kMarks; ++i)
+      rel[i].push_back((static_cast<double>(got[i]) - static_cast<double>(got[0])) * 1e-3);
+  }
+  std::printf("phase marks, us after the fused kernel's first block (median of 30 steps, each after a sync):\n");
+  for (int i = 0; i < kMarks; ++i) {
+    std::sort(rel[i].begin(), rel[i].end());
+    std::printf("  %-22s %7.2f\n", names[i], rel[i][rel[i].size() / 2]);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string figures, torch;
+  bool timeline = false;
   std::vector<char*> rest{argv[0]};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--figures" && i + 1 < argc) figures = argv[++i];
     else if (a == "--torch" && i + 1 < argc) torch = argv[++i];
+    else if (a == "--timeline") timeline = true;
     else rest.push_back(argv[i]);
   }
   int devices = 0;
@@ -790,6 +848,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   try {
+    if (timeline) return print_timeline();
     if (!figures.empty()) return write_figures(figures, torch);
     g_hbm_gbps = hbm_copy_gbps();
     g_pcie_gbps = pcie_h2d_gbps();

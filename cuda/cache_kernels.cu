@@ -31,6 +31,7 @@
 #include "detail/block_scan.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/pdl.cuh"
+#include "detail/phase_marks.cuh"
 #include "hattn/kv/device_kv_cache_kernels.hpp"
 
 namespace hattn::detail {
@@ -65,8 +66,7 @@ __device__ __forceinline__ void mark_phase(const CacheCallArgs& a, int phase, bo
   if (a.phase_ns == nullptr) return;
   if (sync) __syncthreads();
   if (threadIdx.x != 0) return;
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  const unsigned long long t = cuda::detail::globaltimer_ns();
   if (cache_phase_is_min(phase)) atomicMin(a.phase_ns + phase, t);
   else atomicMax(a.phase_ns + phase, t);
 }

@@ -6,12 +6,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "detail/block_top_k.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/launch_check.cuh"
 #include "detail/launch_checks.hpp"
 #include "detail/pdl.cuh"
+#include "detail/phase_marks.cuh"
 #include "detail/score_item.cuh"
 #include "hattn/core/error.hpp"
 #include "hattn/kernels/cuda_two_level.hpp"
@@ -29,6 +31,7 @@ struct KeepScoreSelectParams {
   SelectParams select;  // the page selection among the candidates
   int max_groups = 0;   // staging room for a request's groups
   std::uint32_t* arrivals = nullptr;  // [batch * kv_heads], zero between launches (select.workspace)
+  std::uint64_t* marks = nullptr;     // TwoLevelScoreParams::phase_ns
 };
 
 // Grid (blocks per segment, segments). Every block of segment s = (request b, KV head h):
@@ -45,6 +48,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   using Lanes = detail::SummaryLanes<T, D>;
   constexpr int kLanes = detail::kLanesPerItem;
   detail::pdl_launch_dependents();
+  detail::mark_earliest(p.marks, kTwoLevelEarliestStart);
   const ScoreParams& f = p.fine;
   // Tables, budgets, exclusions and q are the caller's; read before the wait only on its word.
   if (!f.inputs_ready) detail::pdl_wait();
@@ -72,6 +76,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   detail::stage_q<T, D>(f.q + (static_cast<long long>(b) * f.q_heads + static_cast<long long>(h) * group) * D, group,
                         q_smem);
   detail::pdl_wait();
+  detail::mark_latest(p.marks, kTwoLevelLatestWaited);
   // max_groups understated the longest group segment.
   if (groups > p.max_groups) __trap();
 
@@ -86,6 +91,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   // More kept groups than candidate room would drop the last ones (the forced local groups).
   if (kept_count * kPagesPerSummaryGroup > f.candidates) __trap();
   __syncthreads();  // kept[] complete
+  detail::mark_latest(p.marks, kTwoLevelLatestKept);
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < kept_count; i += kThreads) p.keep.selected[group_offset + i] = kept[i];
     if (threadIdx.x == 0) p.keep.selected_count[s] = kept_count;
@@ -145,6 +151,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
   // itself in, so the last block sees every block's.
   __threadfence();
   __syncthreads();
+  detail::mark_latest(p.marks, kTwoLevelLatestScored);
   if (threadIdx.x == 0) is_last = atomicAdd(&p.arrivals[s], 1u) == gridDim.x - 1;
   __syncthreads();
   if (!is_last) return;
@@ -154,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
     at[i] = __ldcg(f.position_of + out + i);
   }
   __syncthreads();
+  detail::mark_latest(p.marks, kTwoLevelLatestSelectLoaded);
   detail::TopKRule page_rule;
   page_rule.budget = p.select.budget_pages[s];
   page_rule.sink_end = min(max(p.select.sink_pages, 0), n);
@@ -166,6 +174,7 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) KeepScoreSelectKer
     p.select.selected_count[s] = written;
     p.arrivals[s] = 0;  // every block of the segment has counted itself in
   }
+  detail::mark_latest(p.marks, kTwoLevelLatestSelected);
 }
 
 }  // namespace
@@ -284,6 +293,7 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
   k.select = select;
   k.max_groups = p.max_groups;
   k.arrivals = static_cast<std::uint32_t*>(select.workspace);
+  k.marks = p.phase_ns;
   const int group = sp.q_heads / sp.kv_heads;
   const int room = std::max(p.max_groups, p.candidates);
   const std::size_t smem = static_cast<std::size_t>(group) * sp.head_dim * sizeof(float) +
@@ -300,8 +310,11 @@ void launch_select_two_level(const TwoLevelScoreParams& p, const SelectParams& s
       int per_sm = 0;
       HATTN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       const long long wave = static_cast<long long>(std::max(per_sm, 1)) * sms;
-      const int per_segment = static_cast<int>(std::clamp<long long>(
-          wave / segments, 1, (p.candidates + kItemsPerBlock - 1) / kItemsPerBlock));
+      // HATTN_FUSED_BLOCKS (tuning, read per launch): blocks per segment instead of the wave's share.
+      const char* forced = std::getenv("HATTN_FUSED_BLOCKS");
+      const long long want = forced != nullptr && std::atoi(forced) > 0 ? std::atoi(forced) : wave / segments;
+      const int per_segment = static_cast<int>(
+          std::clamp<long long>(want, 1, (p.candidates + kItemsPerBlock - 1) / kItemsPerBlock));
       detail::launch_programmatic(kernel, dim3(per_segment, static_cast<unsigned>(segments)), dim3(kThreads), smem,
                                   stream, k);
     });

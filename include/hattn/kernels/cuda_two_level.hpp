@@ -42,6 +42,20 @@ struct TwoLevelScoreParams {
   /// Entries per candidate segment: at least the largest group budget x kPagesPerSummaryGroup.
   int candidates = 0;
   std::int32_t* position_of = nullptr;  ///< out, [batch * kv_heads * candidates] (ScoreParams::position_of)
+  /// Profiling, fused kernel only (launch_select_two_level): %globaltimer ns at its phases, indexed
+  /// by TwoLevelMark, reduced over blocks (earliest or latest, as named); the caller sets the
+  /// earliest marks to ~0 and the latest to 0 before the launch. nullptr: off.
+  std::uint64_t* phase_ns = nullptr;
+};
+
+enum TwoLevelMark : int {
+  kTwoLevelEarliestStart,        ///< first block running (before its wait on the coarse scores)
+  kTwoLevelLatestWaited,         ///< last block past its wait: the coarse pass done
+  kTwoLevelLatestKept,           ///< last block done keeping groups
+  kTwoLevelLatestScored,         ///< last block done scoring its candidates
+  kTwoLevelLatestSelectLoaded,   ///< last selecting block done loading the scores
+  kTwoLevelLatestSelected,       ///< last selection written
+  kTwoLevelMarks
 };
 
 /// The four launches of two-level scoring, in stream order: the group summaries' rebuild, the coarse

@@ -1,0 +1,30 @@
+#pragma once
+// Profiling marks: %globaltimer (ns) at a kernel's phase boundaries, reduced over blocks into a
+// caller's array with atomicMin (the earliest block to get there) or atomicMax (the latest). A
+// chained step (programmatic launches) cannot be cut by CUDA events without serialising it, so the
+// benchmarks read where its time goes from these. Off where the array is null: one uniform branch.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hattn::cuda::detail {
+
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+/// Thread 0 of the block records; callers place the mark after a barrier where the block's (not one
+/// thread's) progress matters.
+__device__ __forceinline__ void mark_earliest(std::uint64_t* marks, int i) {
+  if (marks != nullptr && threadIdx.x == 0)
+    atomicMin(reinterpret_cast<unsigned long long*>(marks) + i, globaltimer_ns());
+}
+
+__device__ __forceinline__ void mark_latest(std::uint64_t* marks, int i) {
+  if (marks != nullptr && threadIdx.x == 0)
+    atomicMax(reinterpret_cast<unsigned long long*>(marks) + i, globaltimer_ns());
+}
+
+}  // namespace hattn::cuda::detail
