@@ -46,6 +46,9 @@ __global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1) ScorePagesKernel(c
   const int first = p.page_indptr[b];
   const int n = p.page_indptr[b + 1] - first;
   const bool by_candidate = p.kept_groups != nullptr;
+  // A request of more pages than an int counts (page_indptr is the caller's, on the device): the
+  // launcher bounds the candidate mode's count, a request's pages only the kernel can see.
+  if (!by_candidate && static_cast<long long>(n) * p.kv_heads > 0x7fffffffLL) __trap();
   const int items = (by_candidate ? p.candidates : n) * p.kv_heads;
   const int len = p.seq_len[b];
   const int group_first = by_candidate ? p.group_indptr[b] : 0;
