@@ -786,6 +786,25 @@ int print_timeline() {
   const double whole = graph_us_per_launch([&](cudaStream_t st) { two.run(st); }, 20, 30);
   std::printf("chains in graphs of 20 (us per step): coarse %.1f; coarse + fused select %.1f; + decode %.1f "
               "(splits %d)\n", coarse, scored, whole, two.layer.decode.splits);
+  {
+    // The staged launches as growing chains: each one's cost in the chain, not alone.
+    SparseStep staged(131072, 0.05, 4);
+    staged.bound_like_the_engine(false);
+    const hc::TwoLevelStages st = hc::two_level_stages(staged.two_level);
+    auto chain = [&](int stages, cudaStream_t s) {
+      hc::launch_score_pages(st.coarse, s);
+      if (stages > 1) hc::launch_select_pages(st.keep, s);
+      if (stages > 2) hc::launch_score_pages(st.fine, s);
+      if (stages > 3) hc::launch_select_pages(staged.candidate_select, s);
+      if (stages > 4) hc::launch_sparse_decode(staged.layer.decode, s);
+      if (stages > 5) hc::launch_merge_partials(staged.layer.merge, s);
+    };
+    std::printf("staged chains in graphs of 20 (us per step):");
+    const char* names[] = {"coarse", "+keep", "+fine", "+select", "+decode", "+merge"};
+    for (int n = 1; n <= 6; ++n)
+      std::printf(" %s %.1f;", names[n - 1], graph_us_per_launch([&](cudaStream_t s) { chain(n, s); }, 20, 30));
+    std::printf("\n");
+  }
   for (int splits : {two.layer.decode.splits / 2, two.layer.decode.splits * 2}) {
     SparseStep t(131072, 0.05, 4);
     t.bound_like_the_engine(true);
