@@ -55,7 +55,8 @@ struct TopKShared {
 /// Selects among entries [0, n) of `key` (order keys of the rank scores) and `at` (their positions),
 /// both in shared memory and complete before the call (the caller's barrier). Writes the positions
 /// taken, ascending by entry, to out[0 ..) (global or shared) and returns how many, to every thread.
-/// All T threads of the block call it; n <= kBlockTopKMaxEntries and n <= 32 T.
+/// All T threads of the block call it; n <= kBlockTopKMaxEntries and n <= 32 T. It returns without
+/// a barrier: sync before reading a shared `out` or rewriting key and at.
 template <int T>
 __device__ int block_top_k(const std::uint32_t* key, const std::int32_t* at, int n, const TopKRule& rule,
                            TopKShared<T>& sh, std::int32_t* out) {
@@ -198,7 +199,9 @@ __device__ int block_top_k(const std::uint32_t* key, const std::int32_t* at, int
     const bool take_equal = (is_equal >> j & 1u) && equal_rank++ < equal;
     if ((taken >> j & 1u) || take_equal) out[slot++] = at[first + j];
   }
-  __syncthreads();  // warp_sums and the histograms reusable by the caller's next call
+  // No closing barrier: a next call's first writes to this scratch (counts, hist[0]) come before
+  // barriers its later writes (warp_sums) wait behind. A caller that reuses key, at or a shared
+  // `out` syncs itself (the fused kernel does before reading the kept groups).
   return (sum & 0xffff) + min(sum >> 16, equal);
 }
 
