@@ -8,6 +8,7 @@
 
 #include "hattn/core/error.hpp"
 #include "hattn/kv/page_summary.hpp"
+#include "score_kernel.hpp"
 
 namespace hattn {
 namespace {
@@ -56,51 +57,27 @@ void append_forced_and_sort(std::size_t n, int sink_pages, int local_pages, int 
 
 namespace {
 
-// Bound and log estimated mass of one summary (rows lo, hi, mean of head_dim fp32 values) for the
-// query heads of a GQA group: the formulas of cpu_score_pages, shared with cpu_score_groups.
-// Each sum runs in kLanes partial sums, added at the end: independent lanes the compiler turns into
-// vector registers, where one running sum is a serial chain it may not reorder (no -ffast-math).
-void score_summary(const float* lo, const float* hi, const float* mean, int dim, std::span<const float> q,
-                   int group_size, float scale, float log_tokens, float log_group, float& upper, float& estimate) {
-  constexpr int kLanes = 16;
-  const int vec_dim = dim / kLanes * kLanes;
-  float best = kNegInf;
-  float est_max = kNegInf;
-  float est_sum = 0.0f;
-  for (int g = 0; g < group_size; ++g) {
-    const float* qg = q.data() + static_cast<std::size_t>(g) * dim;
-    float bound_lanes[kLanes] = {}, dot_lanes[kLanes] = {};
-    for (int d0 = 0; d0 < vec_dim; d0 += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const int d = d0 + j;
-        bound_lanes[j] += std::max(qg[d] * lo[d], qg[d] * hi[d]);
-        dot_lanes[j] += qg[d] * mean[d];
-      }
-    float bound = 0.0f, dot = 0.0f;
-    for (int j = 0; j < kLanes; ++j) bound += bound_lanes[j], dot += dot_lanes[j];
-    for (int d = vec_dim; d < dim; ++d) {
-      bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
-      dot += qg[d] * mean[d];
-    }
-    best = std::max(best, scale * bound);
-    const float logit = scale * dot;
-    // Running log-sum-exp so no group head overflows exp.
-    if (logit > est_max) {
-      est_sum = est_sum * std::exp(est_max - logit) + 1.0f;
-      est_max = logit;
-    } else {
-      est_sum += std::exp(logit - est_max);
-    }
-  }
-  upper = best;
-  estimate = log_tokens + est_max + std::log(est_sum) - log_group;
+using detail::cpu::SummaryRange;
+using ScoreKernel = void (*)(const SummaryRange&);
+
+template <class Tag>
+void run_score_kernel(const SummaryRange& r) {
+  detail::cpu::ScoreSummaries{}(Tag{}, r);
 }
 
-// A summary row of T widened to fp32; the dtype is fixed per call, so the loop has no switch in it.
-template <class T>
-void widen_row(const std::byte* summary, std::size_t offset, int dim, float* out) {
-  const T* row = reinterpret_cast<const T*>(summary) + offset;
-  for (int d = 0; d < dim; ++d) out[d] = to_float(row[d]);
+// The kernel of `isa`; the BF16 path's dot product is for keys, so scoring takes plain AVX-512 there.
+ScoreKernel score_kernel(const char* where, CpuIsa isa) {
+  detail::require(cpu_supports(isa), where, "isa", to_string(isa), "a path this CPU runs (cpu_supports)");
+  switch (isa) {
+#if HATTN_CPU_HAVE_AVX512
+    case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512: return &run_score_kernel<xsimd::avx512bw>;
+#endif
+#if HATTN_CPU_HAVE_AVX2
+    case CpuIsa::kAvx2: return &run_score_kernel<xsimd::fma3<xsimd::avx2>>;
+#endif
+    default: return &run_score_kernel<xsimd::sse2>;
+  }
 }
 
 void check_score_args(const char* where, const PageLayout& layout, int kv_head, std::span<const float> q,
@@ -114,47 +91,50 @@ void check_score_args(const char* where, const PageLayout& layout, int kv_head, 
                   [&] { return detail::concat(upper.size(), "/", estimate.size()); }, "one per item = ", items);
 }
 
+// What a scoring call of one KV head shares, pages or groups: the head's rows, the group's query,
+// the outputs (one per item, as check_score_args made sure). The caller adds where the summaries are.
+SummaryRange head_rows(const PageLayout& layout, int kv_head, std::span<const float> q, int group_size, float scale,
+                       std::span<float> upper, std::span<float> estimate) {
+  SummaryRange r;
+  r.n = upper.size();
+  r.lo = layout.summary_offset(kv_head, 0);
+  r.hi = layout.summary_offset(kv_head, 1);
+  r.mean = layout.summary_offset(kv_head, 2);
+  r.head_dim = layout.head_dim;
+  r.q = q.data();
+  r.group = group_size;
+  r.scale = scale;
+  r.upper = upper.data();
+  r.estimate = estimate.data();
+  return r;
+}
+
 }  // namespace
 
 void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
                      std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
-                     std::span<float> estimate) {
+                     std::span<float> estimate, CpuIsa isa) {
   const PageLayout& layout = pool.layout();
   constexpr const char* where = "cpu_score_pages";
-  const int dim = layout.head_dim;
   check_score_args(where, layout, kv_head, q, group_size, pages.size(), upper, estimate);
+  const ScoreKernel kernel = score_kernel(where, isa);
   if (pages.empty()) return;
   detail::require(last_page_tokens >= 1 && last_page_tokens <= layout.page_size, where, "last_page_tokens",
                   last_page_tokens, "in [1, ", layout.page_size, "]");
 
-  // Rows widened to fp32 once per page, then plain loops the compiler vectorises. head_dim <= 256
-  // (PageLayout::validate), so the rows fit on the stack: no allocation per call.
-  float rows[3 * 256];
-  float* lo = rows;
-  float* hi = lo + dim;
-  float* mean = hi + dim;
-  const float log_full = std::log(static_cast<float>(layout.page_size));
-  const float log_group = std::log(static_cast<float>(group_size));
-  auto score_all = [&]<class T>() {
-    for (std::size_t i = 0; i < pages.size(); ++i) {
-      const std::byte* s = pool.summary(pages[i]);
-      widen_row<T>(s, layout.summary_offset(kv_head, 0), dim, lo);
-      widen_row<T>(s, layout.summary_offset(kv_head, 1), dim, hi);
-      widen_row<T>(s, layout.summary_offset(kv_head, 2), dim, mean);
-      const float log_tokens = i + 1 == pages.size() ? std::log(static_cast<float>(last_page_tokens)) : log_full;
-      score_summary(lo, hi, mean, dim, q, group_size, scale, log_tokens, log_group, upper[i], estimate[i]);
-    }
-  };
-  switch (layout.dtype) {
-    case DType::kFloat32: score_all.template operator()<float>(); break;
-    case DType::kFloat16: score_all.template operator()<half_t>(); break;
-    case DType::kBFloat16: score_all.template operator()<bfloat16_t>(); break;
-  }
+  SummaryRange r = head_rows(layout, kv_head, q, group_size, scale, upper, estimate);
+  r.base = pool.summary(0);
+  r.stride = layout.summary_bytes();
+  r.ids = pages.data();
+  r.dtype = layout.dtype;
+  r.full_tokens = layout.page_size;
+  r.last_tokens = last_page_tokens;
+  kernel(r);
 }
 
 void cpu_score_groups(const PageLayout& layout, std::span<const float> group_summaries, int kv_head,
                       std::span<const float> q, int group_size, float scale, std::int64_t tokens,
-                      std::span<float> upper, std::span<float> estimate) {
+                      std::span<float> upper, std::span<float> estimate, CpuIsa isa) {
   constexpr const char* where = "cpu_score_groups";
   const std::size_t elems = layout.summary_elems();
   const std::int64_t group_tokens = static_cast<std::int64_t>(layout.page_size) * kPagesPerSummaryGroup;
@@ -163,14 +143,15 @@ void cpu_score_groups(const PageLayout& layout, std::span<const float> group_sum
   detail::require(group_summaries.size() >= groups * elems, where, "group_summaries.size()", group_summaries.size(),
                   ">= groups x summary elements = ", groups * elems);
   check_score_args(where, layout, kv_head, q, group_size, groups, upper, estimate);
-  const float log_group = std::log(static_cast<float>(group_size));
-  for (std::size_t g = 0; g < groups; ++g) {
-    const float* s = group_summaries.data() + g * elems;
-    const std::int64_t in_group = std::min(group_tokens, tokens - static_cast<std::int64_t>(g) * group_tokens);
-    score_summary(s + layout.summary_offset(kv_head, 0), s + layout.summary_offset(kv_head, 1),
-                  s + layout.summary_offset(kv_head, 2), layout.head_dim, q, group_size, scale,
-                  std::log(static_cast<float>(in_group)), log_group, upper[g], estimate[g]);
-  }
+  const ScoreKernel kernel = score_kernel(where, isa);
+  if (groups == 0) return;
+  SummaryRange r = head_rows(layout, kv_head, q, group_size, scale, upper, estimate);
+  r.base = reinterpret_cast<const std::byte*>(group_summaries.data());
+  r.stride = elems * sizeof(float);
+  r.dtype = DType::kFloat32;
+  r.full_tokens = static_cast<int>(group_tokens);
+  r.last_tokens = static_cast<int>(tokens - static_cast<std::int64_t>(groups - 1) * group_tokens);
+  kernel(r);
 }
 
 void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int local_pages, int begin, int end,

@@ -1,7 +1,9 @@
-// The AVX2 + FMA path (with F16C for fp16 keys and values). Compiled with -mavx2 -mfma -mf16c only.
+// The AVX2 + FMA path of the CPU kernels, decode and scoring (with F16C for fp16 keys and values).
+// Compiled with -mavx2 -mfma -mf16c only.
 #include <immintrin.h>
 
 #include "decode_kernel_impl.hpp"
+#include "score_kernel_impl.hpp"
 
 namespace hattn::detail::cpu {
 namespace {
@@ -32,5 +34,6 @@ struct Isa<Avx2> {
 }  // namespace
 
 template void DecodePages::operator()<Avx2>(Avx2, const PageRange&) const;
+template void ScoreSummaries::operator()<Avx2>(Avx2, const SummaryRange&) const;
 
 }  // namespace hattn::detail::cpu

@@ -1,7 +1,9 @@
-// The generic path: SSE2, the x86-64 baseline, compiled with the project's default flags.
+// The generic path of the CPU kernels (decode and scoring): SSE2, the x86-64 baseline, compiled with
+// the project's default flags.
 #include <emmintrin.h>
 
 #include "decode_kernel_impl.hpp"
+#include "score_kernel_impl.hpp"
 
 namespace hattn::detail::cpu {
 namespace {
@@ -33,5 +35,6 @@ struct Isa<xsimd::sse2> {
 }  // namespace
 
 template void DecodePages::operator()<xsimd::sse2>(xsimd::sse2, const PageRange&) const;
+template void ScoreSummaries::operator()<xsimd::sse2>(xsimd::sse2, const SummaryRange&) const;
 
 }  // namespace hattn::detail::cpu

@@ -39,7 +39,8 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
     seg.group_upper.resize(groups);
     seg.group_estimate.resize(groups);
     cpu_score_groups(store_.layout(), store_.group_summaries(seq, work.layer), head, q_group, group,
-                     config_.logit_scale(), store_.length(seq, work.layer), seg.group_upper, seg.group_estimate);
+                     config_.logit_scale(), store_.length(seq, work.layer), seg.group_upper, seg.group_estimate,
+                     isa());
     seg.candidates = kept_group_pages(seg.group_upper, seg.group_estimate, rule, config_.coarse_keep, n,
                                       config_.sink_pages, config_.local_pages);
     seg.pages.clear();
@@ -48,13 +49,13 @@ void CpuSide::select_segment(const LayerWork& work, int row, int head, const flo
     seg.estimate.resize(seg.pages.size());
     const int last = seg.candidates.back() == n - 1 ? tail_tokens : config_.page_size;
     cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), seg.pages, last, seg.upper,
-                    seg.estimate);
+                    seg.estimate, isa());
     select_among_candidates(seg.candidates, seg.upper, seg.estimate, rule, n, config_.sink_pages,
                             config_.local_pages, /*widen=*/true, seg.positions);
     seg.pages.clear();
   } else {
     cpu_score_pages(store_.pool(), head, q_group, group, config_.logit_scale(), table, tail_tokens, seg.upper,
-                    seg.estimate);
+                    seg.estimate, isa());
     select_by_rule(seg.upper, seg.estimate, rule, config_.sink_pages, config_.local_pages, /*widen=*/true,
                    seg.positions);
   }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -165,9 +166,21 @@ TEST(CpuSelectMass, CapAndSubrangeAndFullThreshold) {
   EXPECT_THROW(cpu_select_mass(short_rank, lm, 0.5f, 10, 0, 0, 0, 8, got), InvalidArgument);
 }
 
-// Scores from real summaries: a layer with a planted key per page range.
+// The scoring paths this CPU runs; the others are named on stdout, not silently dropped.
+std::vector<CpuIsa> scoring_paths() {
+  std::vector<CpuIsa> paths;
+  for (CpuIsa isa : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+    if (cpu_supports(isa)) paths.push_back(isa);
+    else std::printf("scoring path %s skipped: not compiled in or not supported by this CPU\n", to_string(isa));
+  }
+  return paths;
+}
+
+// Scores from real summaries: a layer with a planted key per page range, on every scoring path.
 TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
-  for (DType dtype : {DType::kBFloat16, DType::kFloat32}) {
+  for (CpuIsa isa : scoring_paths())
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
+    SCOPED_TRACE(to_string(isa));
     const ModelShape shape{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .kv_dtype = dtype};
     const int P = 16, len = 16 * 20 + 7;
     PagedKVStore store(shape, P, 4 << 20, HostMemoryRequest::kAligned);
@@ -191,7 +204,7 @@ TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
     for (int kvh = 0; kvh < 2; ++kvh) {
       std::vector<float> upper(pages.size()), est(pages.size());
       const int last_tokens = len - (static_cast<int>(pages.size()) - 1) * P;
-      cpu_score_pages(store.pool(), kvh, q, G, scale, pages, last_tokens, upper, est);
+      cpu_score_pages(store.pool(), kvh, q, G, scale, pages, last_tokens, upper, est, isa);
       for (std::size_t p = 0; p < pages.size(); ++p) {
         const std::byte* sum = store.pool().summary(pages[p]);
         const std::byte* page = store.pool().page(pages[p]);
@@ -252,10 +265,13 @@ TEST(CpuScoreGroups, FollowTheFormulasAndBoundTheirPages) {
   std::vector<float> q(static_cast<std::size_t>(G) * 64);
   for (float& x : q) x = static_cast<float>(n(rng));
   const float scale = 0.125f;
+  for (CpuIsa isa : scoring_paths())
   for (int kvh = 0; kvh < 2; ++kvh) {
+    SCOPED_TRACE(to_string(isa));
     std::vector<float> gu(ng), ge(ng), pu(pages.size()), pe(pages.size());
-    cpu_score_groups(layout, groups, kvh, q, G, scale, len, gu, ge);
-    cpu_score_pages(store.pool(), kvh, q, G, scale, pages, len - (static_cast<int>(pages.size()) - 1) * P, pu, pe);
+    cpu_score_groups(layout, groups, kvh, q, G, scale, len, gu, ge, isa);
+    cpu_score_pages(store.pool(), kvh, q, G, scale, pages, len - (static_cast<int>(pages.size()) - 1) * P, pu, pe,
+                    isa);
     for (int g = 0; g < ng; ++g) {
       const float* sum = groups.data() + static_cast<std::size_t>(g) * layout.summary_elems();
       double bound = -INFINITY, mean_exp = 0;

@@ -5,6 +5,7 @@
 #include <span>
 #include <vector>
 
+#include "hattn/kernels/cpu_isa.hpp"
 #include "hattn/kv/host_kv_pool.hpp"
 
 namespace hattn {
@@ -14,16 +15,18 @@ namespace hattn {
 ///   estimate[i] = log(tokens_i) + log(mean over group heads of exp(scale * q . mean_i))
 /// (log of the estimated unnormalised attention mass of the page; natural log).
 /// q: [group][head_dim] fp32. pages: ids in token order; last_page_tokens valid tokens in the last.
+/// isa: the path that computes them (sums differ in rounding between paths); one this CPU supports
+/// (cpu_supports), else InvalidArgument. kAvx512Bf16 scores on the AVX-512 path.
 void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
                      std::span<const PageId> pages, int last_page_tokens, std::span<float> upper,
-                     std::span<float> estimate);
+                     std::span<float> estimate, CpuIsa isa = detect_cpu_isa());
 
 /// The same scores for the coarse groups of a sequence of `tokens` tokens (two-level scoring):
 /// group_summaries as PagedKVStore::group_summaries() holds them (fp32 [groups][kv_heads][3][head_dim]);
 /// a group's tokens are page_size x kPagesPerSummaryGroup, fewer in the last. upper/estimate: one per group.
 void cpu_score_groups(const PageLayout& layout, std::span<const float> group_summaries, int kv_head,
                       std::span<const float> q, int group_size, float scale, std::int64_t tokens,
-                      std::span<float> upper, std::span<float> estimate);
+                      std::span<float> upper, std::span<float> estimate, CpuIsa isa = detect_cpu_isa());
 
 /// Positions (indices into `scores`) of the k highest scores, plus the forced positions
 /// [0, sink_pages) and [n - local_pages, n), all restricted to [begin, end); ascending, no duplicates.

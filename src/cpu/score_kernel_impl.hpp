@@ -1,0 +1,75 @@
+#pragma once
+// Definition of ScoreSummaries for one ISA, included by the per-ISA source files after their Isa<Tag>
+// specialisation (decode_kernel_impl.hpp: `load(const T*)` widens one batch of T to fp32). The same
+// linkage rule as the decode's: everything here depends on Tag or has internal linkage, and the
+// scalar math is the compiler's built-ins, so no copy compiled with wider flags can stand in for the
+// generic path's.
+#include "decode_kernel_impl.hpp"
+#include "score_kernel.hpp"
+
+namespace hattn::detail::cpu {
+namespace {
+
+template <class Tag, class T>
+void score_summaries(const SummaryRange& r) {
+  using B = Batch<Tag>;
+  constexpr int S = static_cast<int>(B::size);
+  const int dim = r.head_dim;  // a multiple of 16, so of S
+  // A summary's three rows are widened once into these, then read once per query head.
+  alignas(64) float rows[3][256];
+  const std::size_t offsets[3] = {r.lo, r.hi, r.mean};
+  const float log_full = __builtin_logf(static_cast<float>(r.full_tokens));
+  const float log_last = __builtin_logf(static_cast<float>(r.last_tokens));
+  const float log_group = __builtin_logf(static_cast<float>(r.group));
+  auto summary = [&](std::size_t i) {
+    return r.base + (r.ids != nullptr ? static_cast<std::size_t>(r.ids[i]) : i) * r.stride;
+  };
+  constexpr std::size_t kAhead = 4;  // summaries prefetched ahead: pages are scattered in the arena
+  for (std::size_t i = 0; i < r.n; ++i) {
+    if (i + kAhead < r.n) {
+      const std::byte* next = summary(i + kAhead);
+      for (int row = 0; row < 3; ++row)
+        prefetch_block(next + offsets[row] * sizeof(T), static_cast<std::size_t>(dim) * sizeof(T));
+    }
+    const std::byte* s = summary(i);
+    for (int row = 0; row < 3; ++row) {
+      const T* src = reinterpret_cast<const T*>(s) + offsets[row];
+      for (int c = 0; c < dim; c += S) Isa<Tag>::load(src + c).store_aligned(rows[row] + c);
+    }
+    float best = kNegInf, est_max = kNegInf, est_sum = 0.0f;
+    for (int g = 0; g < r.group; ++g) {
+      const float* qg = r.q + static_cast<std::size_t>(g) * dim;
+      B bound(0.0f), dot(0.0f);
+      for (int c = 0; c < dim; c += S) {
+        const B qv = B::load_unaligned(qg + c);
+        bound += xsimd::max(qv * B::load_aligned(rows[0] + c), qv * B::load_aligned(rows[1] + c));
+        dot = xsimd::fma(qv, B::load_aligned(rows[2] + c), dot);
+      }
+      const float b = r.scale * xsimd::hadd(bound);
+      best = b > best ? b : best;
+      // Running log-sum-exp so no group head overflows exp.
+      const float logit = r.scale * xsimd::hadd(dot);
+      if (logit > est_max) {
+        est_sum = est_sum * __builtin_expf(est_max - logit) + 1.0f;
+        est_max = logit;
+      } else {
+        est_sum += __builtin_expf(logit - est_max);
+      }
+    }
+    r.upper[i] = best;
+    r.estimate[i] = (i + 1 == r.n ? log_last : log_full) + est_max + __builtin_logf(est_sum) - log_group;
+  }
+}
+
+}  // namespace
+
+template <class Tag>
+void ScoreSummaries::operator()(Tag, const SummaryRange& r) const {
+  switch (r.dtype) {
+    case DType::kFloat32: score_summaries<Tag, float>(r); break;
+    case DType::kFloat16: score_summaries<Tag, half_t>(r); break;
+    case DType::kBFloat16: score_summaries<Tag, bfloat16_t>(r); break;
+  }
+}
+
+}  // namespace hattn::detail::cpu
