@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a short device lease allows, in one call and in order of value, each part cut to the
 # time left (BUDGET seconds, default 560, inside the call's 600 s limit):
-#   build the GPU test and benchmark targets; the CUDA kernel tests; the CUDA kernel figures
+#   build the GPU test and benchmark targets; the CUDA kernel tests; the step's timeline (phase marks);
+#   the CUDA kernel figures
 #   (scripts/device/cuda.sh, PyTorch's quick shapes); compute-sanitizer memcheck and racecheck on the
 #   selection, two-level and merge suites; the engine's and cache's GPU tests, plain and with
 #   HATTN_FUSED_STEP=1; then the end-to-end 128K batch 1 figures (scripts/device/e2e.sh without the
@@ -38,6 +39,13 @@ tail -3 "$L/build.log"
 timeout "$(cap 150)" "$BUILD/tests/hattn_cuda_kernels_test" --gtest_brief=1 > "$L/kernels_test.log" 2>&1
 t "kernel tests rc=$?"
 tail -4 "$L/kernels_test.log"
+# Where the fused two-level step's time goes: its kernels' phase marks and the chains of its launches
+# (bench_cuda_kernels --timeline; notes/cuda.md, tenth session).
+timeout "$(cap 60)" "$BUILD/benchmarks/bench_cuda_kernels" --timeline > "$L/timeline.txt" 2>&1
+t "timeline rc=$?"
+HATTN_PROGRAMMATIC_LAUNCH=0 timeout "$(cap 60)" "$BUILD/benchmarks/bench_cuda_kernels" --timeline \
+  > "$L/timeline_without_pdl.txt" 2>&1
+t "timeline without PDL rc=$?"
 # Registers and spills of the decode's instantiations (the staging and merge variants included).
 cuobjdump -res-usage "$BUILD/CMakeFiles/hattn.dir/cuda/sparse_decode.cu.o" 2>&1 | grep -A1 TensorCoreDecode |
   grep -oE 'Lb[01]ELb[01]E|REG:[0-9]+ STACK:[0-9]+|LOCAL:[0-9]+' | paste -d' ' - - - > "$L/decode_registers.txt"

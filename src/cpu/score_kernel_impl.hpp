@@ -10,6 +10,10 @@
 namespace hattn::detail::cpu {
 namespace {
 
+// Why the prefetch: a head's rows of consecutive summaries are a summary apart (6 KB for 8 KV heads
+// at dim 128, bf16), each in another 4 KB page, where the hardware prefetchers stop; the widened
+// loop then waited on every summary. Dev VM, AVX-512 path, 128K fluxion step: 12.9-15.2 ms without,
+// 6.9-7.3 ms with 8 ahead (2, 4 and 16 within the noise of 8).
 template <class Tag, class T>
 void score_summaries(const SummaryRange& r) {
   using B = Batch<Tag>;
@@ -24,7 +28,7 @@ void score_summaries(const SummaryRange& r) {
   auto summary = [&](std::size_t i) {
     return r.base + (r.ids != nullptr ? static_cast<std::size_t>(r.ids[i]) : i) * r.stride;
   };
-  constexpr std::size_t kAhead = 4;  // summaries prefetched ahead: pages are scattered in the arena
+  constexpr std::size_t kAhead = 8;  // summaries prefetched ahead, into L2 (why: above)
   for (std::size_t i = 0; i < r.n; ++i) {
     if (i + kAhead < r.n) {
       const std::byte* next = summary(i + kAhead);
