@@ -84,7 +84,8 @@ void check_score_args(const char* where, const PageLayout& layout, int kv_head, 
                       int group_size, std::size_t items, std::span<float> upper, std::span<float> estimate) {
   detail::require(kv_head >= 0 && kv_head < layout.kv_heads, where, "kv_head", kv_head,
                   "in [0, ", layout.kv_heads, ")");
-  detail::require(group_size >= 1, where, "group_size", group_size, ">= 1");
+  detail::require(group_size >= 1 && group_size <= detail::cpu::kMaxScoreGroup, where, "group_size", group_size,
+                  "in [1, ", detail::cpu::kMaxScoreGroup, "]");
   detail::require(q.size() == static_cast<std::size_t>(group_size) * layout.head_dim, where, "q.size()", q.size(),
                   "group_size * head_dim = ", group_size * layout.head_dim);
   detail::require(upper.size() == items && estimate.size() == items, where, "upper/estimate size",

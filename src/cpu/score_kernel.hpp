@@ -14,6 +14,10 @@
 
 namespace hattn::detail::cpu {
 
+/// Query heads per KV head a scoring call takes: its log-sum-exp runs across a batch of summaries
+/// (up to 16 on AVX-512) and holds their logits for every head of the group.
+constexpr int kMaxScoreGroup = 256;
+
 /// Summaries i in [0, n): base + ids[i] * stride (page summaries in the pool's arena) or, without
 /// ids, base + i * stride (group summaries, fp32). Each has the head's lo, hi and mean rows at the
 /// element offsets given.

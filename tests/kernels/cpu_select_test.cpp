@@ -197,7 +197,9 @@ TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
                  TensorView::contiguous(vb.data(), dtype, {len, 2, 64}));
     const auto pages = store.pages(s, 0);
     const PageLayout& layout = store.layout();
-    const int G = 4;
+    // A GQA group, and the largest group a call takes.
+    for (const int G : {4, 256}) {
+    SCOPED_TRACE(G);
     std::vector<float> q(static_cast<std::size_t>(G) * 64);
     for (float& x : q) x = static_cast<float>(n(rng));
     const float scale = 0.125f;
@@ -237,7 +239,19 @@ TEST(CpuScorePages, QuestBoundsAndMeanKeyEstimateFollowTheirFormulas) {
     EXPECT_THROW(cpu_score_pages(store.pool(), 0, wrong, G, scale, pages, 7, upper, est), InvalidArgument);
     EXPECT_THROW(cpu_score_pages(store.pool(), 2, q, G, scale, pages, 7, upper, est), InvalidArgument);
     EXPECT_THROW(cpu_score_pages(store.pool(), 0, q, G, scale, pages, 0, upper, est), InvalidArgument);
+    }
   }
+  // More query heads per KV head than one call holds logits for.
+  const ModelShape shape{.layers = 1, .q_heads = 2, .kv_heads = 2, .head_dim = 64, .kv_dtype = DType::kFloat32};
+  PagedKVStore store(shape, 16, 1 << 20, HostMemoryRequest::kAligned);
+  const SeqId s = store.add_sequence();
+  std::vector<float> kv(16 * 2 * 64, 0.5f);
+  store.append(s, 0, TensorView::contiguous(kv.data(), DType::kFloat32, {16, 2, 64}),
+               TensorView::contiguous(kv.data(), DType::kFloat32, {16, 2, 64}));
+  const int too_many = 257;
+  std::vector<float> q(static_cast<std::size_t>(too_many) * 64), upper(1), est(1);
+  EXPECT_THROW(cpu_score_pages(store.pool(), 0, q, too_many, 0.125f, store.pages(s, 0), 16, upper, est),
+               InvalidArgument);
 }
 
 // Group scores (two-level scoring) from the store's coarse summaries: the formulas of the page

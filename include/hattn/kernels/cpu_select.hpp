@@ -14,7 +14,8 @@ namespace hattn {
 ///   upper[i]    = max over group heads of scale * sum_d max(q_d * min_d, q_d * max_d)  (Quest bound)
 ///   estimate[i] = log(tokens_i) + log(mean over group heads of exp(scale * q . mean_i))
 /// (log of the estimated unnormalised attention mass of the page; natural log).
-/// q: [group][head_dim] fp32. pages: ids in token order; last_page_tokens valid tokens in the last.
+/// q: [group][head_dim] fp32, group_size in [1, 256]. pages: ids in token order; last_page_tokens
+/// valid tokens in the last.
 /// isa: the path that computes them (sums differ in rounding between paths); one this CPU supports
 /// (cpu_supports), else InvalidArgument. kAvx512Bf16 scores on the AVX-512 path.
 void cpu_score_pages(const HostKVPool& pool, int kv_head, std::span<const float> q, int group_size, float scale,
