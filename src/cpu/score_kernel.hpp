@@ -10,13 +10,14 @@
 
 #include "arch.hpp"
 #include "hattn/core/dtype.hpp"
+#include "hattn/kernels/cpu_select.hpp"
 #include "hattn/kv/page_layout.hpp"
 
 namespace hattn::detail::cpu {
 
-/// Query heads per KV head a scoring call takes: its log-sum-exp runs across a batch of summaries
-/// (up to 16 on AVX-512) and holds their logits for every head of the group.
-constexpr int kMaxScoreGroup = 256;
+/// Query heads per KV head a scoring call takes (hattn/kernels/cpu_select.hpp): its log-sum-exp runs
+/// across a batch of summaries (up to 16 on AVX-512) and holds their logits for every head.
+constexpr int kMaxScoreGroup = kMaxCpuScoreGroup;
 
 /// Summaries i in [0, n): base + ids[i] * stride (page summaries in the pool's arena) or, without
 /// ids, base + i * stride (group summaries, fp32). Each has the head's lo, hi and mean rows at the

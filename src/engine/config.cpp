@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "hattn/kernels/cpu_select.hpp"
+
 namespace hattn {
 
 float Config::logit_scale() const noexcept {
@@ -10,6 +12,8 @@ float Config::logit_scale() const noexcept {
 
 void Config::validate() const {
   shape.validate();
+  detail::require(shape.group_size() <= kMaxCpuScoreGroup, "Config", "shape.q_heads / shape.kv_heads",
+                  shape.group_size(), "<= ", kMaxCpuScoreGroup, " (query heads per KV head the CPU scoring takes)");
   detail::require(is_supported_page_size(page_size), "Config", "page_size", page_size, "16, 32 or 64");
   detail::require(host_pool_bytes > 0, "Config", "host_pool_bytes", host_pool_bytes, "> 0");
   detail::require(avg_budget > 0 && avg_budget <= 1, "Config", "avg_budget", avg_budget, "in (0, 1]");

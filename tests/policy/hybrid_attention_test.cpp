@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "hattn/hybrid_attention.hpp"
+#include "hattn/kernels/cpu_select.hpp"
 #include "hattn/reference/exact_attention.hpp"
 #include "structured_layer.hpp"
 
@@ -186,6 +187,10 @@ TEST(HybridAttentionCpu, BadInputIsRejectedAndStoredKvStaysIntact) {
   bad = cpu_config();
   bad.page_size = 24;
   expect_message([&] { FluxionAttention a(bad); }, "page_size");
+  bad = cpu_config();
+  bad.shape.kv_heads = 1;
+  bad.shape.q_heads = kMaxCpuScoreGroup + 1;
+  expect_message([&] { FluxionAttention a(bad); }, "shape.q_heads / shape.kv_heads");
 
   FluxionAttention attn(cpu_config());
   const auto layer = test::make_structured_layer(kShape, 200, 3);

@@ -10,11 +10,15 @@
 
 namespace hattn {
 
+/// Query heads per KV head the CPU scoring takes (its log-sum-exp holds a batch of summaries' logits
+/// for every head of the group); Config::validate asks the same of a model.
+inline constexpr int kMaxCpuScoreGroup = 256;
+
 /// Scores of pages for the query heads of one GQA group, from the page summaries:
 ///   upper[i]    = max over group heads of scale * sum_d max(q_d * min_d, q_d * max_d)  (Quest bound)
 ///   estimate[i] = log(tokens_i) + log(mean over group heads of exp(scale * q . mean_i))
 /// (log of the estimated unnormalised attention mass of the page; natural log).
-/// q: [group][head_dim] fp32, group_size in [1, 256]. pages: ids in token order; last_page_tokens
+/// q: [group][head_dim] fp32, group_size in [1, kMaxCpuScoreGroup]. pages: ids in token order; last_page_tokens
 /// valid tokens in the last.
 /// isa: the path that computes them (sums differ in rounding between paths); one this CPU supports
 /// (cpu_supports), else InvalidArgument. kAvx512Bf16 scores on the AVX-512 path.
