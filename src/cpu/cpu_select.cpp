@@ -3,8 +3,12 @@
 #include "hattn/kernels/cpu_select.hpp"
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <functional>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "hattn/core/error.hpp"
 #include "hattn/kv/page_summary.hpp"
@@ -15,16 +19,22 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Descending by value, ties to the lower position; NaN ranks below everything so the order stays a
-// strict weak order whatever the scores hold.
-struct Higher {
-  const float* v;
-  bool operator()(std::int32_t a, std::int32_t b) const noexcept {
-    const float x = std::isnan(v[a]) ? kNegInf : v[a];
-    const float y = std::isnan(v[b]) ? kNegInf : v[b];
-    return x > y || (x == y && a < b);
-  }
-};
+// A candidate of the rank order as one integer: the score's order-preserving bits above the
+// complement of its position, so a larger key ranks higher and equal scores go to the lower
+// position; NaN counts as -inf and -0 as +0 (the rank order the GPU kernels and the tests use).
+// nth_element then compares integers in place: comparing scores through positions, each tested for
+// NaN, had made the mass rule's passes cost about what the decode of the pages they pick does.
+std::uint64_t rank_key(float v, std::int32_t position) noexcept {
+  float x = std::isnan(v) ? kNegInf : v;
+  if (x == 0.0f) x = 0.0f;
+  std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return std::uint64_t{u} << 32 | (0xffffffffu - static_cast<std::uint32_t>(position));
+}
+
+std::int32_t key_position(std::uint64_t key) noexcept {
+  return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(key));
+}
 
 void check_range(const char* where, std::size_t n, int sink_pages, int local_pages, int begin, int end) {
   detail::require(sink_pages >= 0, where, "sink_pages", sink_pages, ">= 0");
@@ -37,13 +47,20 @@ bool is_forced(std::int64_t i, std::int64_t n, int sink_pages, int local_pages) 
   return i < sink_pages || i >= n - local_pages;
 }
 
-// Writes the non-forced positions of [begin, end) to out and returns how many; appends nothing else.
-std::size_t candidates(std::size_t n, int sink_pages, int local_pages, int begin, int end,
-                       std::vector<std::int32_t>& out) {
-  out.clear();
+// The rank keys of the non-forced positions of [begin, end), in keys (cleared first).
+void candidate_keys(std::span<const float> rank, int sink_pages, int local_pages, int begin, int end,
+                    std::vector<std::uint64_t>& keys) {
+  keys.clear();
+  const auto n = static_cast<std::int64_t>(rank.size());
   for (int i = begin; i < end; ++i)
-    if (!is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) out.push_back(i);
-  return out.size();
+    if (!is_forced(i, n, sink_pages, local_pages)) keys.push_back(rank_key(rank[i], i));
+}
+
+// Scratch of the selections, one per thread (the engine selects segments on its pool's threads), so
+// a step allocates nothing once the longest segment has been seen.
+std::vector<std::uint64_t>& key_scratch() {
+  thread_local std::vector<std::uint64_t> keys;
+  return keys;
 }
 
 void append_forced_and_sort(std::size_t n, int sink_pages, int local_pages, int begin, int end,
@@ -163,12 +180,14 @@ void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int 
   const std::size_t n = scores.size();
   std::int64_t forced = 0;
   for (int i = begin; i < end; ++i) forced += is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages);
-  const std::size_t free = candidates(n, sink_pages, local_pages, begin, end, out);
+  std::vector<std::uint64_t>& keys = key_scratch();
+  candidate_keys(scores, sink_pages, local_pages, begin, end, keys);
+  const std::size_t free = keys.size();
   const std::size_t take = std::min<std::size_t>(free, static_cast<std::size_t>(std::max<std::int64_t>(0, k - forced)));
-  if (take < free) {
-    std::nth_element(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(take), out.end(), Higher{scores.data()});
-    out.resize(take);
-  }
+  if (take < free)
+    std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(take), keys.end(), std::greater<>{});
+  out.clear();
+  for (std::size_t j = 0; j < take; ++j) out.push_back(key_position(keys[j]));
   append_forced_and_sort(n, sink_pages, local_pages, begin, end, out);
 }
 
@@ -182,37 +201,42 @@ void cpu_select_mass(std::span<const float> rank, std::span<const float> log_mas
   detail::require(max_pages >= 0, where, "max_pages", max_pages, ">= 0");
   const std::size_t n = log_mass.size();
   const float* lm = log_mass.data();
-  // Masses relative to the largest, in double so a long tail of small pages still adds up.
+  // Masses relative to the largest, in double so a long tail of small pages still adds up; each
+  // exp once, kept by position for the passes below.
   float top = kNegInf;
   for (int i = begin; i < end; ++i)
     if (!std::isnan(lm[i])) top = std::max(top, lm[i]);
-  auto mass = [&](std::int32_t i) {
-    return top == kNegInf || std::isnan(lm[i]) ? 0.0 : std::exp(static_cast<double>(lm[i]) - top);
-  };
+  thread_local std::vector<double> masses;
+  masses.resize(static_cast<std::size_t>(end - begin));
   double total = 0.0, forced_mass = 0.0;
   for (int i = begin; i < end; ++i) {
-    total += mass(i);
-    if (is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) forced_mass += mass(i);
+    const double m = top == kNegInf || std::isnan(lm[i]) ? 0.0 : std::exp(static_cast<double>(lm[i]) - top);
+    masses[static_cast<std::size_t>(i - begin)] = m;
+    total += m;
+    if (is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages)) forced_mass += m;
   }
-  const std::size_t free = candidates(n, sink_pages, local_pages, begin, end, out);
+  auto mass = [&](std::uint64_t key) { return masses[static_cast<std::size_t>(key_position(key) - begin)]; };
+  std::vector<std::uint64_t>& keys = key_scratch();
+  candidate_keys(rank, sink_pages, local_pages, begin, end, keys);
+  const std::size_t free = keys.size();
   // The forced pages are attended anyway, so their mass counts; the rest is the shortest prefix of
   // the rank order whose estimated mass reaches what is missing. Found by repeated halving with
   // nth_element (n + n/2 + ... comparisons), so no sort of all pages.
   double need = static_cast<double>(threshold) * total - forced_mass;
-  // Invariant: out[0, lo) are taken and rank above out[lo, hi), which rank above out[hi, free); the
-  // answer takes between lo and hi positions.
+  // Invariant: keys[0, lo) are taken and rank above keys[lo, hi), which rank above keys[hi, free);
+  // the answer takes between lo and hi of them.
   std::size_t lo = 0, hi = free;
-  const Higher higher{rank.data()};
+  const auto first = keys.begin();
   while (need > 0.0 && lo < hi) {
     if (hi - lo == 1) {
       lo = hi;
       break;
     }
     const std::size_t mid = lo + (hi - lo) / 2;
-    std::nth_element(out.begin() + static_cast<std::ptrdiff_t>(lo), out.begin() + static_cast<std::ptrdiff_t>(mid),
-                     out.begin() + static_cast<std::ptrdiff_t>(hi), higher);
+    std::nth_element(first + static_cast<std::ptrdiff_t>(lo), first + static_cast<std::ptrdiff_t>(mid),
+                     first + static_cast<std::ptrdiff_t>(hi), std::greater<>{});
     double upper_mass = 0.0;  // of the mid - lo highest-ranked of [lo, hi)
-    for (std::size_t j = lo; j < mid; ++j) upper_mass += mass(out[j]);
+    for (std::size_t j = lo; j < mid; ++j) upper_mass += mass(keys[j]);
     if (upper_mass >= need) {
       hi = mid;
     } else {
@@ -222,10 +246,11 @@ void cpu_select_mass(std::span<const float> rank, std::span<const float> log_mas
   }
   std::size_t take = lo;
   if (take > static_cast<std::size_t>(max_pages)) {
-    std::nth_element(out.begin(), out.begin() + max_pages, out.begin() + static_cast<std::ptrdiff_t>(take), higher);
+    std::nth_element(first, first + max_pages, first + static_cast<std::ptrdiff_t>(take), std::greater<>{});
     take = static_cast<std::size_t>(max_pages);
   }
-  out.resize(take);
+  out.clear();
+  for (std::size_t j = 0; j < take; ++j) out.push_back(key_position(keys[j]));
   append_forced_and_sort(n, sink_pages, local_pages, begin, end, out);
 }
 
