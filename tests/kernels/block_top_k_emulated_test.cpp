@@ -117,7 +117,8 @@ std::vector<std::int32_t> emulated(const std::vector<std::uint32_t>& key, const 
                                    const TopKRule& rule) {
   const int n = static_cast<int>(key.size());
   hattn_emulated::Block block(T);
-  TopKShared<T> sh{};
+  TopKShared<T> sh;
+  std::memset(static_cast<void*>(&sh), 0xab, sizeof sh);  // shared memory starts as garbage, not zeros
   std::vector<std::int32_t> out(n + 1, -7);
   std::vector<int> returned(T, -1);
   std::vector<std::thread> threads;
@@ -146,7 +147,7 @@ struct Case {
 // in order or shuffled with padding (-1), as the candidate mode stages them.
 Case random_case(std::mt19937& rng, int max_n) {
   Case c;
-  const int n = std::uniform_int_distribution<int>(1, max_n)(rng);
+  const int n = rng() % 16 == 0 ? 0 : std::uniform_int_distribution<int>(1, max_n)(rng);
   const int kind = std::uniform_int_distribution<int>(0, 3)(rng);
   std::uniform_int_distribution<std::uint32_t> small(0, 300), any(0, 0xffffffffu);
   std::normal_distribution<float> normal(0.f, 3.f);
@@ -166,7 +167,7 @@ Case random_case(std::mt19937& rng, int max_n) {
   for (int i = 0; i < n; ++i) c.at.push_back(shuffled && rng() % 8 == 0 ? -1 : pos[i]);
   const int span = shuffled ? positions : n;
   c.rule.sink_end = std::uniform_int_distribution<int>(0, 3)(rng);
-  c.rule.local_begin = span - std::uniform_int_distribution<int>(0, 4)(rng);
+  c.rule.local_begin = std::max(span - std::uniform_int_distribution<int>(0, 4)(rng), 0);
   if (rng() % 3 == 0) {
     c.rule.exclude_begin = std::uniform_int_distribution<int>(0, span)(rng);
     c.rule.exclude_end = std::uniform_int_distribution<int>(c.rule.exclude_begin, span)(rng);
@@ -194,6 +195,9 @@ void check_random(int cases, int max_n, unsigned seed) {
 
 TEST(BlockTopKEmulated, MatchesTheRuleAt256Threads) { check_random<256>(120, 3000, 11); }
 
+// Up to the 32 entries a thread holds at 256 threads (the fused two-level kernel's candidates).
+TEST(BlockTopKEmulated, MatchesTheRuleWithManyEntriesPerThread) { check_random<256>(12, 8192, 14); }
+
 // The compact select kernel's large configuration, and more entries per thread than 256 threads hold.
 TEST(BlockTopKEmulated, MatchesTheRuleAt1024Threads) { check_random<1024>(12, 16384, 12); }
 
@@ -205,22 +209,25 @@ TEST(BlockTopKEmulated, BackToBackCallsShareTheirScratch) {
   for (int i = 0; i < 20; ++i) {
     const Case a = random_case(rng, 1200), b = random_case(rng, 2500);
     hattn_emulated::Block block(T);
-    TopKShared<T> sh{};
-    std::vector<std::int32_t> out_a(a.key.size()), out_b(b.key.size());
-    int count_a = -1, count_b = -1;
+    TopKShared<T> sh;
+    std::memset(static_cast<void*>(&sh), 0xab, sizeof sh);
+    std::vector<std::int32_t> out_a(a.key.size() + 1, -7), out_b(b.key.size() + 1, -7);
+    std::vector<int> count_a(T, -1), count_b(T, -1);
     std::vector<std::thread> threads;
     for (int t = 0; t < T; ++t)
       threads.emplace_back([&, t] {
         hattn_emulated::block = &block;
         hattn_emulated::thread_index = uint3{static_cast<unsigned>(t), 0, 0};
         hattn_emulated::block_dim = uint3{static_cast<unsigned>(T), 1, 1};
-        const int ca = block_top_k<T>(a.key.data(), a.at.data(), static_cast<int>(a.key.size()), a.rule, sh, out_a.data());
-        const int cb = block_top_k<T>(b.key.data(), b.at.data(), static_cast<int>(b.key.size()), b.rule, sh, out_b.data());
-        if (t == 0) count_a = ca, count_b = cb;
+        count_a[t] = block_top_k<T>(a.key.data(), a.at.data(), static_cast<int>(a.key.size()), a.rule, sh, out_a.data());
+        count_b[t] = block_top_k<T>(b.key.data(), b.at.data(), static_cast<int>(b.key.size()), b.rule, sh, out_b.data());
       });
     for (auto& th : threads) th.join();
-    out_a.resize(count_a);
-    out_b.resize(count_b);
+    for (int t = 1; t < T; ++t) ASSERT_TRUE(count_a[t] == count_a[0] && count_b[t] == count_b[0]) << "thread " << t;
+    EXPECT_EQ(out_a[a.key.size()], -7) << "first call wrote past its entries";
+    EXPECT_EQ(out_b[b.key.size()], -7) << "second call wrote past its entries";
+    out_a.resize(std::max(count_a[0], 0));
+    out_b.resize(std::max(count_b[0], 0));
     ASSERT_EQ(out_a, by_sort(a.key, a.at, a.rule)) << "case " << i << ", first call";
     ASSERT_EQ(out_b, by_sort(b.key, b.at, b.rule)) << "case " << i << ", second call";
   }
