@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <functional>
-#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -21,7 +21,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // A candidate of the rank order as one integer: the score's order-preserving bits above the
 // complement of its position, so a larger key ranks higher and equal scores go to the lower
-// position; NaN counts as -inf and -0 as +0 (the rank order the GPU kernels and the tests use).
+// position; NaN counts as -inf and -0 as +0, as the comparator these keys replaced compared them.
 // nth_element then compares integers in place: comparing scores through positions, each tested for
 // NaN, had made the mass rule's passes cost about what the decode of the pages they pick does.
 std::uint64_t rank_key(float v, std::int32_t position) noexcept {
