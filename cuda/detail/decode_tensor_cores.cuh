@@ -30,7 +30,6 @@
 #include "merge_segment.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
-#include "phase_marks.cuh"
 #include "staging.cuh"
 
 namespace hattn::cuda::detail {
@@ -74,9 +73,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2 = 0.6931471805599453f;
   pdl_launch_dependents();
-  mark_earliest(p.phase_ns, kDecodeEarliestStart);
   pdl_wait();  // the selection and the partial buffers belong to the kernels before until then
-  mark_latest(p.phase_ns, kDecodeLatestWaited);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int gid = lane / 4;  // fragment row (query head) of this lane
@@ -318,9 +315,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
     if (c4 == 0) p.partial_lse[out_row] = ll > 0.f ? (mm + log2f(ll)) * kLn2 : -INFINITY;
   }
-  mark_latest(p.phase_ns, kDecodeLatestPartial);
   if constexpr (kMerge) merge_segment_if_last<D>(p, segment);
-  mark_latest(p.phase_ns, kDecodeLatestEnd);
 }
 
 }  // namespace hattn::cuda::detail

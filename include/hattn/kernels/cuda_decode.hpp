@@ -55,18 +55,6 @@ struct SparseDecodeParams {
   /// reads a block without an HBM slot from the staging area when it is there. The CUDA-core kernel
   /// reads such blocks from the host.
   StagingArea staging;
-  /// Profiling, tensor-core kernel only: %globaltimer ns at its phases, indexed by DecodeMark,
-  /// reduced over blocks (earliest or latest, as named); the caller sets the earliest mark to ~0
-  /// and the latest to 0 before the launch. nullptr: off.
-  std::uint64_t* phase_ns = nullptr;
-};
-
-enum DecodeMark : int {
-  kDecodeEarliestStart,   ///< first block running (before its wait on the selection)
-  kDecodeLatestWaited,    ///< last block past its wait
-  kDecodeLatestPartial,   ///< last partial written
-  kDecodeLatestEnd,       ///< last block done (the folded merge included)
-  kDecodeMarks
 };
 
 /// What launch_stage_blocks needs to stage the misses of the decode `p` into p.staging before `p`
