@@ -822,18 +822,18 @@ int print_timeline() {
   // staged, merge-folded instance (ptxas), which no profiling hook is worth in that kernel.
   constexpr int kMarks = hc::kTwoLevelMarks;
   Arena arena;
-  std::uint64_t* marks = arena.track(device_alloc<std::uint64_t>(kMarks));
-  std::vector<std::uint64_t> init(kMarks, 0), got(kMarks);
+  unsigned long long* marks = arena.track(device_alloc<unsigned long long>(kMarks));
+  std::vector<unsigned long long> init(kMarks, 0), got(kMarks);
   init[hc::kTwoLevelEarliestStart] = ~0ull;
   two.two_level.phase_ns = marks;
   const char* names[kMarks] = {"fused: first block", "fused: coarse waited", "fused: groups kept",
                                "fused: scored",      "fused: select loaded", "fused: selected"};
   std::vector<std::vector<double>> rel(kMarks);
   for (int rep = 0; rep < 33; ++rep) {
-    HATTN_CUDA_CHECK(cudaMemcpy(marks, init.data(), kMarks * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
+    HATTN_CUDA_CHECK(cudaMemcpy(marks, init.data(), kMarks * sizeof(unsigned long long), cudaMemcpyHostToDevice));
     two.run();
     HATTN_CUDA_CHECK(cudaDeviceSynchronize());
-    HATTN_CUDA_CHECK(cudaMemcpy(got.data(), marks, kMarks * sizeof(std::uint64_t), cudaMemcpyDeviceToHost));
+    HATTN_CUDA_CHECK(cudaMemcpy(got.data(), marks, kMarks * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
     if (rep < 3) continue;
     for (int i = 0; i < kMarks; ++i)
       rel[i].push_back((static_cast<double>(got[i]) - static_cast<double>(got[0])) * 1e-3);

@@ -65,10 +65,8 @@ using cuda::detail::pdl_wait;
 __device__ __forceinline__ void mark_phase(const CacheCallArgs& a, int phase, bool sync = true) {
   if (a.phase_ns == nullptr) return;
   if (sync) __syncthreads();
-  if (threadIdx.x != 0) return;
-  const unsigned long long t = cuda::detail::globaltimer_ns();
-  if (cache_phase_is_min(phase)) atomicMin(a.phase_ns + phase, t);
-  else atomicMax(a.phase_ns + phase, t);
+  if (cache_phase_is_min(phase)) cuda::detail::mark_earliest(a.phase_ns, phase);
+  else cuda::detail::mark_latest(a.phase_ns, phase);
 }
 
 __device__ __forceinline__ unsigned lanes_below() {

@@ -31,7 +31,7 @@ struct KeepScoreSelectParams {
   SelectParams select;  // the page selection among the candidates
   int max_groups = 0;   // staging room for a request's groups
   std::uint32_t* arrivals = nullptr;  // [batch * kv_heads], zero between launches (select.workspace)
-  std::uint64_t* marks = nullptr;     // TwoLevelScoreParams::phase_ns
+  unsigned long long* marks = nullptr;  // TwoLevelScoreParams::phase_ns
 };
 
 // Grid (blocks per segment, segments). Every block of segment s = (request b, KV head h):

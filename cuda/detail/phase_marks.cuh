@@ -5,8 +5,6 @@
 // benchmarks read where its time goes from these. Off where the array is null: one uniform branch.
 #include <cuda_runtime.h>
 
-#include <cstdint>
-
 namespace hattn::cuda::detail {
 
 __device__ __forceinline__ unsigned long long globaltimer_ns() {
@@ -17,14 +15,12 @@ __device__ __forceinline__ unsigned long long globaltimer_ns() {
 
 /// Thread 0 of the block records; callers place the mark after a barrier where the block's (not one
 /// thread's) progress matters.
-__device__ __forceinline__ void mark_earliest(std::uint64_t* marks, int i) {
-  if (marks != nullptr && threadIdx.x == 0)
-    atomicMin(reinterpret_cast<unsigned long long*>(marks) + i, globaltimer_ns());
+__device__ __forceinline__ void mark_earliest(unsigned long long* marks, int i) {
+  if (marks != nullptr && threadIdx.x == 0) atomicMin(marks + i, globaltimer_ns());
 }
 
-__device__ __forceinline__ void mark_latest(std::uint64_t* marks, int i) {
-  if (marks != nullptr && threadIdx.x == 0)
-    atomicMax(reinterpret_cast<unsigned long long*>(marks) + i, globaltimer_ns());
+__device__ __forceinline__ void mark_latest(unsigned long long* marks, int i) {
+  if (marks != nullptr && threadIdx.x == 0) atomicMax(marks + i, globaltimer_ns());
 }
 
 }  // namespace hattn::cuda::detail

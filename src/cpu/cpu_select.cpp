@@ -178,11 +178,10 @@ void cpu_select_top_k(std::span<const float> scores, int k, int sink_pages, int 
   check_range(where, scores.size(), sink_pages, local_pages, begin, end);
   detail::require(k >= 0, where, "k", k, ">= 0");
   const std::size_t n = scores.size();
-  std::int64_t forced = 0;
-  for (int i = begin; i < end; ++i) forced += is_forced(i, static_cast<std::int64_t>(n), sink_pages, local_pages);
   std::vector<std::uint64_t>& keys = key_scratch();
   candidate_keys(scores, sink_pages, local_pages, begin, end, keys);
   const std::size_t free = keys.size();
+  const std::int64_t forced = (end - begin) - static_cast<std::int64_t>(free);  // the range's other positions
   const std::size_t take = std::min<std::size_t>(free, static_cast<std::size_t>(std::max<std::int64_t>(0, k - forced)));
   if (take < free)
     std::nth_element(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(take), keys.end(), std::greater<>{});

@@ -110,17 +110,13 @@ std::vector<std::int32_t> by_sort(const std::vector<std::uint32_t>& key, const s
   return out;
 }
 
-/// Runs block_top_k<T> over the entries with T emulated threads; every thread's return value must
-/// agree with the count written.
-template <int T>
-std::vector<std::int32_t> emulated(const std::vector<std::uint32_t>& key, const std::vector<std::int32_t>& at,
-                                   const TopKRule& rule) {
-  const int n = static_cast<int>(key.size());
+/// Runs body(t, sh) on T emulated threads of one block, over a TopKShared that starts as garbage (as
+/// shared memory does, not zeroed).
+template <int T, class Body>
+void run_block(Body body) {
   hattn_emulated::Block block(T);
   TopKShared<T> sh;
-  std::memset(static_cast<void*>(&sh), 0xab, sizeof sh);  // shared memory starts as garbage, not zeros
-  std::vector<std::int32_t> out(n + 1, -7);
-  std::vector<int> returned(T, -1);
+  std::memset(static_cast<void*>(&sh), 0xab, sizeof sh);
   std::vector<std::thread> threads;
   threads.reserve(T);
   for (int t = 0; t < T; ++t)
@@ -128,9 +124,22 @@ std::vector<std::int32_t> emulated(const std::vector<std::uint32_t>& key, const 
       hattn_emulated::block = &block;
       hattn_emulated::thread_index = uint3{static_cast<unsigned>(t), 0, 0};
       hattn_emulated::block_dim = uint3{static_cast<unsigned>(T), 1, 1};
-      returned[t] = block_top_k<T>(key.data(), at.data(), n, rule, sh, out.data());
+      body(t, sh);
     });
   for (auto& th : threads) th.join();
+}
+
+/// Runs block_top_k<T> over the entries with T emulated threads; every thread's return value must
+/// agree with the count written.
+template <int T>
+std::vector<std::int32_t> emulated(const std::vector<std::uint32_t>& key, const std::vector<std::int32_t>& at,
+                                   const TopKRule& rule) {
+  const int n = static_cast<int>(key.size());
+  std::vector<std::int32_t> out(n + 1, -7);
+  std::vector<int> returned(T, -1);
+  run_block<T>([&](int t, TopKShared<T>& sh) {
+    returned[t] = block_top_k<T>(key.data(), at.data(), n, rule, sh, out.data());
+  });
   for (int t = 1; t < T; ++t) EXPECT_EQ(returned[t], returned[0]) << "thread " << t;
   EXPECT_EQ(out[n], -7) << "written past the entries";
   out.resize(std::max(returned[0], 0));
@@ -208,21 +217,12 @@ TEST(BlockTopKEmulated, BackToBackCallsShareTheirScratch) {
   std::mt19937 rng(13);
   for (int i = 0; i < 20; ++i) {
     const Case a = random_case(rng, 1200), b = random_case(rng, 2500);
-    hattn_emulated::Block block(T);
-    TopKShared<T> sh;
-    std::memset(static_cast<void*>(&sh), 0xab, sizeof sh);
     std::vector<std::int32_t> out_a(a.key.size() + 1, -7), out_b(b.key.size() + 1, -7);
     std::vector<int> count_a(T, -1), count_b(T, -1);
-    std::vector<std::thread> threads;
-    for (int t = 0; t < T; ++t)
-      threads.emplace_back([&, t] {
-        hattn_emulated::block = &block;
-        hattn_emulated::thread_index = uint3{static_cast<unsigned>(t), 0, 0};
-        hattn_emulated::block_dim = uint3{static_cast<unsigned>(T), 1, 1};
-        count_a[t] = block_top_k<T>(a.key.data(), a.at.data(), static_cast<int>(a.key.size()), a.rule, sh, out_a.data());
-        count_b[t] = block_top_k<T>(b.key.data(), b.at.data(), static_cast<int>(b.key.size()), b.rule, sh, out_b.data());
-      });
-    for (auto& th : threads) th.join();
+    run_block<T>([&](int t, TopKShared<T>& sh) {
+      count_a[t] = block_top_k<T>(a.key.data(), a.at.data(), static_cast<int>(a.key.size()), a.rule, sh, out_a.data());
+      count_b[t] = block_top_k<T>(b.key.data(), b.at.data(), static_cast<int>(b.key.size()), b.rule, sh, out_b.data());
+    });
     for (int t = 1; t < T; ++t) ASSERT_TRUE(count_a[t] == count_a[0] && count_b[t] == count_b[0]) << "thread " << t;
     EXPECT_EQ(out_a[a.key.size()], -7) << "first call wrote past its entries";
     EXPECT_EQ(out_b[b.key.size()], -7) << "second call wrote past its entries";

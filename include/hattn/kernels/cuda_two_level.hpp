@@ -45,7 +45,7 @@ struct TwoLevelScoreParams {
   /// Profiling, fused kernel only (launch_select_two_level): %globaltimer ns at its phases, indexed
   /// by TwoLevelMark, reduced over blocks (earliest or latest, as named); the caller sets the
   /// earliest marks to ~0 and the latest to 0 before the launch. nullptr: off.
-  std::uint64_t* phase_ns = nullptr;
+  unsigned long long* phase_ns = nullptr;
 };
 
 enum TwoLevelMark : int {
